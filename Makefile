@@ -1,0 +1,43 @@
+# Every target installs what it needs, idempotently, on a fresh Debian 12 box (as root).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+APT_PACKAGES := iptables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
+                iperf3 netcat-openbsd curl procps tcpdump
+STAMP := $(VENV)/.installed
+
+.PHONY: deps venv test unit lab bench clean flush
+
+# apt: only when a package is missing, so repeated runs are fast and offline-safe.
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: deps $(STAMP)
+
+test: venv
+	$(PY) -m pytest tests
+
+unit: venv
+	$(PY) -m pytest tests/unit
+
+lab: venv
+	$(VENV)/bin/nfhooks lab
+
+bench: venv
+	$(PY) -m nfhooks.bench
+
+flush: venv
+	$(VENV)/bin/nfhooks flush
+
+clean:
+	rm -rf $(VENV) build *.egg-info
