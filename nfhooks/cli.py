@@ -1,0 +1,191 @@
+"""The ``nfhooks`` command: parse, call, print. No packet logic lives here.
+
+Errors a user can fix (bad policy, missing kernel feature, not root, queue taken) print one
+paragraph and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .hooks import explain
+from .policy import PolicyError, load_policy, parse_sets
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Write Linux packet policy in Python: NFQUEUE at all five netfilter hooks.")
+out = Console()
+
+POLICY_ARG = typer.Argument(..., help="policy file, e.g. policies/firewall.py")
+SET_OPT = typer.Option([], "--set", "-s", help="set a policy option: key=value (repeatable)")
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as one paragraph, exit status 2."""
+
+
+def say(message: str) -> None:
+    """Plain stderr line (no markup: rule text is full of brackets)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fail(message: str) -> None:
+    say(f"nfhooks: error: {message}")
+    raise typer.Exit(2)
+
+
+def _load(policy: Path, sets: List[str]):  # type: ignore[no-untyped-def]
+    try:
+        return load_policy(policy, parse_sets(sets))
+    except PolicyError as e:
+        _fail(str(e))
+
+
+def _fail_mode(fail_open: bool, fail_closed: bool) -> Optional[str]:
+    if fail_open and fail_closed:
+        _fail("--fail-open and --fail-closed exclude each other")
+    return "open" if fail_open else "closed" if fail_closed else None
+
+
+def _mask(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        _fail(f"--mark-mask {text!r} is not a number (e.g. 0xffff0000)")
+        raise
+
+
+@app.command()
+def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
+          fail_open: bool = typer.Option(False, "--fail-open"),
+          fail_closed: bool = typer.Option(False, "--fail-closed"),
+          queue_base: int = typer.Option(0, "--queue-base"),
+          mark_mask: str = typer.Option("0xffff0000", "--mark-mask")) -> None:
+    """Validate POLICY and print the rules `run` would install (iptables-save format).
+
+    Touches nothing and needs no root.
+    """
+    from .engine import hooks_summary
+    from .rules import compile_policy
+
+    pol = _load(policy, set_)
+    try:
+        rs = compile_policy(pol, queue_base=queue_base, fail=_fail_mode(fail_open, fail_closed),
+                            mark_mask=_mask(mark_mask))
+    except PolicyError as e:
+        _fail(str(e))
+        return
+    say(f"# policy {pol.name} ({pol.file}): {len(pol.handlers)} handler(s), OK")
+    for line in hooks_summary(rs):
+        say(f"#   {line}")
+    say("# mark layout: " + "; ".join(rs.layout.describe()))
+    sys.stdout.write(rs.render())
+
+
+@app.command()
+def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
+        fail_open: bool = typer.Option(False, "--fail-open", help="queue rules use --queue-bypass everywhere"),
+        fail_closed: bool = typer.Option(False, "--fail-closed", help="no engine: queued traffic is dropped"),
+        queue_base: int = typer.Option(0, "--queue-base", help="first NFQUEUE number"),
+        mark_mask: str = typer.Option("0xffff0000", "--mark-mask", help="mark bits nfhooks may use"),
+        metrics_addr: str = typer.Option("127.0.0.1:9477", "--metrics-addr",
+                                         help="HOST:PORT for Prometheus metrics; 'off' disables"),
+        public_metrics: bool = typer.Option(False, "--public-metrics",
+                                            help="allow a non-loopback --metrics-addr"),
+        verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Run POLICY: bind its queues, install its rules, decide packets until Ctrl-C/SIGTERM."""
+    from .engine import Engine, _stderr_logging, hooks_summary
+    from .install import KernelError
+    from .metrics import Metrics
+    from .owner import OwnedElsewhere
+
+    _stderr_logging(logging.DEBUG if verbose else logging.INFO)
+    pol = _load(policy, set_)
+    try:
+        metrics = Metrics()
+        engine = Engine(pol, metrics=metrics, queue_base=queue_base,
+                        fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask))
+    except PolicyError as e:
+        _fail(str(e))
+        return
+    where = "off"
+    try:
+        if metrics_addr != "off":
+            host, port = metrics.serve(metrics_addr, allow_public=public_metrics)
+            where = f"http://{host}:{port}/metrics"
+        engine.start()
+    except (KernelError, OwnedElsewhere, ValueError, OSError) as e:
+        _fail(str(e))
+    try:
+        for line in hooks_summary(engine.ruleset):
+            say(f"  {line}")
+        qs = sorted(engine.ruleset.queues)
+        say(f"nfhooks ready: policy {pol.name}, {len(qs)} handler queue(s) "
+                  f"{qs[0] if qs else '-'}..{qs[-1] if qs else '-'}, metrics {where}")
+        engine.serve()
+    finally:
+        engine.stop()
+        metrics.close()
+        say("nfhooks: stopped, rules removed")
+
+
+@app.command()
+def rules(save: bool = typer.Option(False, "--save", help="print iptables-save text instead of a table")) -> None:
+    """Show the installed nfhooks rules with packet/byte counters (like iptables -L -v)."""
+    from .install import KernelError, check_kernel, installed
+
+    try:
+        check_kernel()
+        text, counted = installed(counters=True)
+    except KernelError as e:
+        _fail(str(e))
+        return
+    if save:
+        sys.stdout.write(text)
+        return
+    if not counted:
+        out.print("no nfhooks rules installed in this network namespace")
+        return
+    t = Table("fam", "table", "pkts", "bytes", "rule", box=None)
+    for c in counted:
+        t.add_row(f"ipv{c.family}", c.table, str(c.packets), str(c.bytes), c.text[3:])
+    out.print(t)
+
+
+@app.command()
+def flush(force: bool = typer.Option(False, "--force", help="flush even while a live engine owns the rules")) -> None:
+    """Remove every nfhooks rule and chain in this network namespace (IPv4 and IPv6, all tables)."""
+    from .install import KernelError, check_kernel, remove_all
+    from .owner import live_owner
+
+    try:
+        check_kernel()
+        owner = live_owner()
+        if owner and not force:
+            _fail(f"a live nfhooks engine (pid {owner[0]}, instance {owner[1]}) owns the rules here; "
+                  f"stop it (kill -TERM {owner[0]}) or use --force")
+        removed = remove_all()
+    except KernelError as e:
+        _fail(str(e))
+        return
+    out.print("\n".join(removed) if removed else "nothing to remove: no nfhooks rules here")
+
+
+@app.command()
+def hooks() -> None:
+    """Explain where each verdict works and how nfhooks carries it out."""
+    out.print(explain())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""Install and remove the rules nfhooks owns, with python-iptables, in this network namespace.
+
+Ownership: every rule nfhooks installs is in a chain named ``NFH-*`` or is a jump tagged with
+the comment ``nfhooks`` at the top of a built-in chain; removal deletes exactly those and never
+flushes anybody else's chain. Commits take the xtables lock (``/run/xtables.lock``, the flock the
+iptables tools take with ``-w``), because python-iptables does not, and a concurrent
+iptables command would otherwise overwrite our commit or we theirs.
+
+One table of one family is one atomic commit. A policy spans several, so install order matters:
+chains first (all tables), jumps last; removal does the reverse (jumps first), so a packet never
+jumps into a half-built chain.
+
+python-iptables is imported lazily: importing it runs system tools and needs root, and
+``nfhooks check`` must work without either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from .hooks import TABLE_HOOKS, TABLE_ORDER
+from .rules import CHAIN_PREFIX, COMMENT, FAMILIES, Rule, RuleSet
+
+XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
+PROTO_NUMBERS = {"tcp": "6", "udp": "17", "icmp": "1", "ipv6-icmp": "58", "icmpv6": "58", "sctp": "132"}
+
+
+class KernelError(RuntimeError):
+    """The kernel or the machine cannot do what nfhooks needs; the text says what to do."""
+
+
+@contextlib.contextmanager
+def xtables_lock(timeout: float = 10.0) -> Iterator[None]:
+    """Hold the lock iptables(8) takes, so our commit and theirs never interleave."""
+    import time
+
+    os.makedirs(os.path.dirname(XTABLES_LOCK), exist_ok=True)
+    fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KernelError(f"another program holds the xtables lock {XTABLES_LOCK} for over "
+                                      f"{timeout:.0f}s (an iptables command?); try again") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _iptc() -> Any:
+    try:
+        import iptc  # noqa: PLC0415 -- lazy on purpose (see module docstring)
+    except Exception as e:  # noqa: BLE001 -- any failure here means the same thing to the user
+        raise KernelError(
+            f"python-iptables cannot load the legacy xtables libraries ({e}). Install Debian's "
+            "iptables package (make deps) and make sure the kernel has legacy xtables (ip_tables)"
+        ) from None
+    return iptc
+
+
+def _table(family: int, name: str) -> Any:
+    iptc = _iptc()
+    t = iptc.Table6(name) if family == 6 else iptc.Table(name)
+    t.autocommit = False
+    t.refresh()
+    return t
+
+
+def _set_match_opt(match: Any, opt: str, value: str, negate: bool) -> None:
+    setattr(match, opt.replace("-", "_"), ("!" if negate else "") + value)
+
+
+def _build_rule(rule: Rule, family: int) -> Any:
+    """python-iptables rule from our Rule (option setters take '!value' for negation)."""
+    iptc = _iptc()
+    r = iptc.Rule6() if family == 6 else iptc.Rule()
+    if rule.src is not None:
+        r.src = ("!" if rule.src.negate else "") + rule.src.text()
+    if rule.dst is not None:
+        r.dst = ("!" if rule.dst.negate else "") + rule.dst.text()
+    if rule.iif is not None:
+        r.in_interface = ("!" if rule.iif.negate else "") + rule.iif.name
+    if rule.oif is not None:
+        r.out_interface = ("!" if rule.oif.negate else "") + rule.oif.name
+    if rule.proto:
+        r.protocol = PROTO_NUMBERS.get(rule.proto, rule.proto)
+    for spec in rule.matches:
+        m = r.create_match(spec.module)
+        for opt, value, neg in spec.opts:
+            _set_match_opt(m, opt, value, neg)
+    t = r.create_target(rule.target, goto=rule.goto)
+    for opt, value in rule.target_opts:
+        setattr(t, opt.replace("-", "_"), value)
+    return r
+
+
+def install(rs: RuleSet) -> None:
+    """Install ``rs``: chains and their rules first, then the jumps into them."""
+    with xtables_lock():
+        for fam, table in rs.tables():
+            t = _table(fam, table)
+            for chain in rs.chains[(fam, table)]:
+                if t.is_chain(chain):
+                    raise KernelError(f"chain {chain} already exists in {table} (IPv{fam}): "
+                                      "remove the stale set first (nfhooks flush)")
+                c = t.create_chain(chain)
+                for rule in (r for r in rs.rules[(fam, table)] if r.chain == chain):
+                    c.append_rule(_build_rule(rule, fam))
+            t.commit()
+            t.refresh()
+        for fam, table in rs.tables():
+            t = _table(fam, table)
+            iptc = _iptc()
+            for j in reversed(rs.jumps[(fam, table)]):
+                iptc.Chain(t, j.chain).insert_rule(_build_rule(j, fam))
+            t.commit()
+            t.refresh()
+
+
+def _is_ours(rule: Any) -> bool:
+    if rule.target is not None and rule.target.name.startswith(CHAIN_PREFIX):
+        return True
+    for m in rule.matches:
+        if m.name == "comment":
+            c = (m.comment or "").strip('"')
+            if c == COMMENT or c.startswith(COMMENT + " "):
+                return True
+    return False
+
+
+def remove_all() -> list[str]:
+    """Remove every nfhooks rule and chain in this namespace (IPv4 and IPv6, all tables).
+
+    Returns what was removed, one line per table. Other rules and chains are left alone.
+    """
+    removed: list[str] = []
+    with xtables_lock():
+        for fam in FAMILIES:
+            for table in TABLE_ORDER:
+                t = _table(fam, table)
+                ours = [c for c in t.chains if c.name.startswith(CHAIN_PREFIX)]
+                n_jumps = 0
+                for builtin in TABLE_HOOKS[table]:
+                    c = _iptc().Chain(t, builtin)
+                    for r in [r for r in c.rules if _is_ours(r)]:
+                        c.delete_rule(r)
+                        n_jumps += 1
+                if not ours and not n_jumps:
+                    continue
+                t.commit()
+                t.refresh()
+                for c in ours:
+                    t.flush_entries(c.name)
+                for c in ours:
+                    t.delete_chain(c.name)
+                t.commit()
+                t.refresh()
+                removed.append(f"ip{'6' if fam == 6 else ''}tables {table}: {n_jumps} jump(s), "
+                               f"{len(ours)} chain(s) {' '.join(sorted(c.name for c in ours))}")
+    return removed
+
+
+@dataclass
+class Counted:
+    family: int
+    table: str
+    packets: int
+    bytes: int
+    text: str  # the rule as iptables-save prints it
+
+
+_COUNTER = re.compile(r"^\[(\d+):(\d+)\] (.*)$")
+
+
+def saved_text(family: int, counters: bool = False) -> str:
+    """``ip(6)tables-legacy-save`` output of this namespace."""
+    tool = "ip6tables-legacy-save" if family == 6 else "iptables-legacy-save"
+    if not shutil.which(tool):
+        raise KernelError(f"{tool} not found: install Debian's iptables package")
+    args = [tool] + (["-c"] if counters else [])
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
+
+
+def installed(counters: bool = False) -> tuple[str, list[Counted]]:
+    """Our part of iptables-save, in the format RuleSet.render() prints, and the counters."""
+    lines: list[str] = []
+    counted: list[Counted] = []
+    for fam in FAMILIES:
+        lines.append(f"# ip{'6' if fam == 6 else ''}tables")
+        table = ""
+        body: list[str] = []
+        for raw in saved_text(fam, counters).splitlines():
+            if raw.startswith("*"):
+                table, body = raw[1:], []
+                continue
+            if raw == "COMMIT":
+                if body:
+                    lines += [f"*{table}", *body, "COMMIT"]
+                continue
+            pk = by = 0
+            text = raw
+            m = _COUNTER.match(raw)
+            if m:
+                pk, by, text = int(m.group(1)), int(m.group(2)), m.group(3)
+            if text.startswith(":" + CHAIN_PREFIX):
+                body.append(text.split(" ")[0] + " - [0:0]")
+            elif text.startswith("-A ") and (text.split(" ")[1].startswith(CHAIN_PREFIX)
+                                              or f"-j {CHAIN_PREFIX}" in text):
+                body.append(text)
+                counted.append(Counted(fam, table, pk, by, text))
+    return "\n".join(lines) + "\n", counted
+
+
+def check_kernel() -> None:
+    """Say clearly what is missing before anything is bound or installed."""
+    if os.geteuid() != 0 and not _has_cap_net_admin():
+        raise KernelError("nfhooks needs root or CAP_NET_ADMIN to bind NFQUEUE and change iptables rules; "
+                          "run it with sudo (or in a namespace/container with --cap-add NET_ADMIN)")
+    if not os.path.exists("/proc/net/netfilter/nfnetlink_queue"):
+        raise KernelError("the kernel has no NFQUEUE support (/proc/net/netfilter/nfnetlink_queue is missing): "
+                          "load nfnetlink_queue (modprobe nfnetlink_queue) or use a kernel with CONFIG_NETFILTER_NETLINK_QUEUE")
+    if not os.path.exists("/proc/net/ip_tables_names") and not _modprobe("ip_tables"):
+        raise KernelError("the kernel has no legacy xtables (ip_tables), which python-iptables needs: "
+                          "modprobe ip_tables, or use a kernel with CONFIG_IP_NF_IPTABLES")
+
+
+def _has_cap_net_admin() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 12))
+    except OSError:
+        pass
+    return False
+
+
+def _modprobe(module: str) -> bool:
+    if not shutil.which("modprobe"):
+        return False
+    return subprocess.run(["modprobe", module], capture_output=True).returncode == 0

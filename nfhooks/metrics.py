@@ -1,0 +1,499 @@
+"""Prometheus metrics for nfhooks: per-hook verdict counters, decision latency, and the
+kernel's own view of each NFQUEUE (backlog and drops) read at scrape time.
+
+Everything hangs off one injected :class:`~prometheus_client.CollectorRegistry`; there is
+no module-level mutable state, so tests and several engines in one process never collide.
+
+The hot path is one ``VerdictCounter.count(nbytes)`` per packet: the engine binds the label
+children once at start (``bind_verdict``), so no label lookup happens per packet, and the
+series exist at 0 from the first scrape -- ``rate()`` in dashboards and alerts then returns
+data even for verdicts never given yet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+__all__ = [
+    "DECISION_BUCKETS",
+    "DEFAULT_HANDLER_LABEL",
+    "DEFAULT_METRICS_ADDR",
+    "DEFAULT_PROC_PATH",
+    "Metrics",
+    "QueueStat",
+    "QueueStatsCollector",
+    "VerdictCounter",
+    "dashboard_queries",
+    "package_version",
+    "parse_listen_addr",
+    "parse_queue_stats",
+]
+
+#: Loopback only by default: the metrics name hooks, handlers and policy versions, which is
+#: nobody else's business. 9477 sits in Prometheus' exporter range (9100-9999); it is not
+#: used by any widespread exporter.
+DEFAULT_METRICS_ADDR: Final = "127.0.0.1:9477"
+
+#: The kernel's per-queue statistics, for the network namespace of the reading process.
+DEFAULT_PROC_PATH: Final = "/proc/net/netfilter/nfnetlink_queue"
+
+#: The label value for a hook's default verdict (no handler matched): an empty label value
+#: is the same as a missing label in PromQL, which would make such series hard to select.
+DEFAULT_HANDLER_LABEL: Final = "(default)"
+
+#: A verdict takes microseconds when the handler is cheap, milliseconds when it is not;
+#: 0.01 is a bucket boundary so the 10 ms p99 alert is exact, not interpolated.
+DECISION_BUCKETS: Final = (
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
+    1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, float("inf"),
+)
+
+
+def package_version() -> str:
+    """The installed nfhooks version, or "dev" when running from a bare source tree."""
+    try:
+        return metadata.version("nfhooks")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+def _handler_label(handler: str) -> str:
+    return handler or DEFAULT_HANDLER_LABEL
+
+
+# --------------------------------------------------------------------------- hot path
+
+
+class VerdictCounter:
+    """The three counters one (hook, table, handler, verdict) moves, bound once.
+
+    ``count`` is called per packet, so it only increments pre-bound children.
+    """
+
+    __slots__ = ("packets", "bytes", "handler_packets")
+
+    def __init__(self, packets: Counter, bytes_: Counter, handler_packets: Counter) -> None:
+        self.packets = packets
+        self.bytes = bytes_
+        self.handler_packets = handler_packets
+
+    def count(self, nbytes: int) -> None:
+        """One packet of ``nbytes`` bytes got this verdict."""
+        self.packets.inc()
+        if nbytes:
+            self.bytes.inc(nbytes)
+        self.handler_packets.inc()
+
+
+# --------------------------------------------------------------------------- kernel queue stats
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStat:
+    """One line of /proc/net/netfilter/nfnetlink_queue (one bound queue).
+
+    ``peer_portid`` is the netlink port id of the socket bound to the queue; for the first
+    netlink socket of a process it is the process id, which is how nfhooks tells the user
+    which process already holds a queue number.
+    """
+
+    queue_number: int
+    peer_portid: int
+    queue_total: int  # packets waiting in the kernel for a verdict
+    copy_mode: int  # 0 none, 1 meta, 2 packet
+    copy_range: int  # bytes of payload copied to userspace
+    queue_dropped: int  # dropped by the kernel: queue full (queue_maxlen reached)
+    user_dropped: int  # dropped: netlink socket receive buffer overrun
+    id_sequence: int  # last packet id handed out
+
+
+_QUEUE_FIELDS: Final = 8
+
+
+def parse_queue_stats(text: str) -> list[QueueStat]:
+    """Parse the kernel's nfnetlink_queue stats file.
+
+    Each line is ``queue_number peer_portid queue_total copy_mode copy_range queue_dropped
+    user_dropped id_sequence 1`` (the trailing 1 is a historical constant). Lines that do
+    not have at least eight integer columns are skipped rather than failing a scrape.
+    """
+    stats: list[QueueStat] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < _QUEUE_FIELDS:
+            continue
+        try:
+            values = [int(f) for f in fields[:_QUEUE_FIELDS]]
+        except ValueError:
+            continue
+        stats.append(QueueStat(*values))
+    return stats
+
+
+class QueueStatsCollector:
+    """Reads the kernel's queue statistics at scrape time, for this engine's queues only.
+
+    The kernel knows things userspace cannot count: packets still waiting for a verdict and
+    packets dropped before they ever reached us (queue full, socket buffer overrun). Queues
+    bound by other programs in the same namespace are skipped: their numbers mean nothing
+    to this engine's operators.
+    """
+
+    def __init__(self, proc_path: str = DEFAULT_PROC_PATH) -> None:
+        self.proc_path = proc_path
+        # queue number -> (hook, handler). Replaced whole, never mutated, so a scrape on
+        # the HTTP thread never sees a half-updated map.
+        self._queues: Mapping[int, tuple[str, str]] = {}
+
+    def set_queues(self, queues: Mapping[int, tuple[str, str]]) -> None:
+        """Make ``queues`` (queue number -> (hook, handler label)) the engine's queues."""
+        self._queues = dict(queues)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
+        labels = ["queue", "hook", "handler"]
+        return (
+            GaugeMetricFamily(
+                "nfhooks_queue_waiting_packets",
+                "Packets waiting in the kernel queue for a verdict from nfhooks.",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                "nfhooks_queue_kernel_dropped_packets_total",
+                "Packets the kernel dropped because the queue was full (nfhooks too slow).",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                "nfhooks_queue_user_dropped_packets_total",
+                "Packets the kernel dropped because the netlink socket buffer overran.",
+                labels=labels,
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        """The names this collector produces, so the registry refuses duplicates."""
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        queues = self._queues
+        if not queues:
+            return
+        try:
+            with open(self.proc_path, encoding="ascii", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            # Module not loaded, no queue bound yet, or another namespace's /proc: no data
+            # is the truth here, and a failing scrape would hide every other metric.
+            return
+        waiting, kernel_dropped, user_dropped = self._families()
+        found = False
+        for st in parse_queue_stats(text):
+            owner = queues.get(st.queue_number)
+            if owner is None:
+                continue
+            found = True
+            labels = [str(st.queue_number), owner[0], owner[1]]
+            waiting.add_metric(labels, st.queue_total)
+            kernel_dropped.add_metric(labels, st.queue_dropped)
+            user_dropped.add_metric(labels, st.user_dropped)
+        if found:
+            yield waiting
+            yield kernel_dropped
+            yield user_dropped
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def parse_listen_addr(addr: str) -> tuple[str, int]:
+    """Split a listen address into (host, port).
+
+    Accepts ``HOST:PORT``, ``[V6ADDR]:PORT``, ``:PORT`` (every interface, like Go's
+    listeners: "0.0.0.0") and a bare ``PORT`` (loopback, 127.0.0.1).
+    """
+    addr = addr.strip()
+    if addr.isdigit():
+        host, port_s = "127.0.0.1", addr
+    elif addr.startswith("["):
+        m = re.fullmatch(r"\[([^\]]+)\]:(\d+)", addr)
+        if not m:
+            raise ValueError(f"bad metrics address {addr!r}: expected [IPV6]:PORT")
+        host, port_s = m.group(1), m.group(2)
+    else:
+        host, sep, port_s = addr.rpartition(":")
+        if not sep or not port_s.isdigit() or ":" in host:
+            raise ValueError(
+                f"bad metrics address {addr!r}: expected HOST:PORT, [IPV6]:PORT, :PORT or PORT"
+            )
+        host = host or "0.0.0.0"
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"bad metrics address {addr!r}: port {port} out of range")
+    return host, port
+
+
+def _is_loopback(host: str) -> bool:
+    """True when every address ``host`` names is a loopback address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    return bool(infos) and all(_is_loopback(str(info[4][0])) for info in infos)
+
+
+# --------------------------------------------------------------------------- the metrics
+
+
+class Metrics:
+    """Every metric nfhooks exports, registered on one registry.
+
+    With ``registry=None`` a fresh registry is made (never the process-global one, so two
+    engines or a reload cannot register twice) and the standard process/platform/GC
+    collectors are added to it, as an operator expects from any exporter.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        proc_path: str = DEFAULT_PROC_PATH,
+    ) -> None:
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
+        r = registry
+
+        self._packets = Counter(
+            "nfhooks_packets", "Packets decided, by hook, table and verdict.",
+            ["hook", "table", "verdict"], registry=r,
+        )
+        self._bytes = Counter(
+            "nfhooks_bytes", "Bytes of the packets decided, by hook, table and verdict.",
+            ["hook", "table", "verdict"], registry=r,
+        )
+        self._handler_packets = Counter(
+            "nfhooks_handler_packets",
+            f"Packets decided per handler ({DEFAULT_HANDLER_LABEL} is the hook's default verdict).",
+            ["hook", "handler", "verdict"], registry=r,
+        )
+        self._decision = Histogram(
+            "nfhooks_decision_seconds",
+            "Time from reading a queued packet to giving its verdict.",
+            ["hook"], buckets=DECISION_BUCKETS, registry=r,
+        )
+        self._handler_errors = Counter(
+            "nfhooks_handler_errors",
+            "Exceptions raised by handlers (the hook's fail-mode verdict was given instead).",
+            ["hook", "handler"], registry=r,
+        )
+        self._malformed = Counter(
+            "nfhooks_malformed_packets",
+            "Queued packets whose headers could not be parsed.",
+            ["hook"], registry=r,
+        )
+        self._truncated = Counter(
+            "nfhooks_truncated_packets",
+            "Queued packets that reached userspace shorter than on the wire (copy range).",
+            ["hook"], registry=r,
+        )
+        self._policy_info = Gauge(
+            "nfhooks_policy_info", "The policy loaded now (always 1).",
+            ["policy", "version"], registry=r,
+        )
+        self._reloads = Counter(
+            "nfhooks_policy_reloads", "Policy reloads that succeeded.", registry=r,
+        )
+        self._reload_errors = Counter(
+            "nfhooks_policy_reload_errors",
+            "Policy reloads that failed (the previous policy stays in force).",
+            registry=r,
+        )
+        self._nat_targets = Gauge(
+            "nfhooks_nat_targets", "NAT targets the loaded policy installed.", registry=r,
+        )
+        self._build_info = Gauge(
+            "nfhooks_build_info", "The nfhooks version running (always 1).",
+            ["version"], registry=r,
+        )
+        self._build_info.labels(package_version()).set(1)
+        self._up = Gauge(
+            "nfhooks_up", "1 while the engine runs; 0 once it shut down cleanly.", registry=r,
+        )
+        self._up.set(1)
+
+        self.queue_stats = QueueStatsCollector(proc_path)
+        r.register(self.queue_stats)
+        self._server: object | None = None
+
+    # -- per packet (bound once) ------------------------------------------------------
+
+    def bind_verdict(self, hook: str, table: str, handler: str, verdict: str) -> VerdictCounter:
+        """Bind the counters one (hook, table, handler, verdict) moves; creates them at 0."""
+        return VerdictCounter(
+            self._packets.labels(hook, table, verdict),
+            self._bytes.labels(hook, table, verdict),
+            self._handler_packets.labels(hook, _handler_label(handler), verdict),
+        )
+
+    def decision_histogram(self, hook: str) -> Histogram:
+        """The latency histogram child for ``hook``; call ``.observe(seconds)``."""
+        return self._decision.labels(hook)
+
+    def handler_errors(self, hook: str, handler: str) -> Counter:
+        """The error counter child for a handler at a hook; call ``.inc()``."""
+        return self._handler_errors.labels(hook, _handler_label(handler))
+
+    def malformed(self, hook: str) -> Counter:
+        return self._malformed.labels(hook)
+
+    def truncated(self, hook: str) -> Counter:
+        return self._truncated.labels(hook)
+
+    # -- policy -----------------------------------------------------------------------
+
+    def set_policy(self, policy: str, version: str, handlers: list[tuple[int, str, str]]) -> None:
+        """Record the loaded policy and its queues.
+
+        ``handlers`` is ``[(queue_num, hook, handler_name)]``: the queue stats are labelled
+        with it, and the per-hook/per-handler error, malformed, truncated and latency series
+        are created at 0 so that dashboards and alerts see them before anything happens.
+        """
+        self._policy_info.clear()
+        self._policy_info.labels(policy, version).set(1)
+        queues: dict[int, tuple[str, str]] = {}
+        for queue_num, hook, handler in handlers:
+            label = _handler_label(handler)
+            queues[int(queue_num)] = (hook, label)
+            self.handler_errors(hook, handler)
+            self.malformed(hook)
+            self.truncated(hook)
+            self.decision_histogram(hook)
+        self.queue_stats.set_queues(queues)
+
+    def reloaded(self) -> None:
+        self._reloads.inc()
+
+    def reload_failed(self) -> None:
+        self._reload_errors.inc()
+
+    def set_nat_targets(self, n: int) -> None:
+        self._nat_targets.set(n)
+
+    # -- exposition -------------------------------------------------------------------
+
+    def serve(self, addr: str = DEFAULT_METRICS_ADDR, *, allow_public: bool = False) -> tuple[str, int]:
+        """Serve /metrics on ``addr`` from a daemon thread; returns the bound (host, port).
+
+        Port 0 picks a free port (the real one is returned). A host that is not loopback
+        (including ``:PORT``, every interface) must be asked for with ``allow_public=True``:
+        the metrics reveal the policy, and nfhooks is often what guards this very host.
+        """
+        if self._server is not None:
+            raise RuntimeError("metrics are already being served")
+        host, port = parse_listen_addr(addr)
+        if not allow_public and not _is_loopback(host):
+            raise ValueError(
+                f"refusing to serve metrics on non-loopback address {addr!r}: pass "
+                "allow_public=True (--metrics-public) to expose them beyond this host"
+            )
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        bound = server.server_address
+        return str(bound[0]), int(bound[1])
+
+    def close(self) -> None:
+        """Stop serving and report the engine down (``nfhooks_up`` 0)."""
+        self._up.set(0)
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- dashboard
+
+
+#: What each Grafana interval variable becomes when a query is run outside Grafana.
+_INTERVAL_VARS: Final = {
+    "__rate_interval": "1m",
+    "__interval": "1m",
+    "__range": "1m",
+}
+_VAR_RE: Final = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\$(\w+)|\[\[(\w+)(?::[^\]]*)?\]\]")
+_MATCHER_RE: Final = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _substitute(expr: str) -> str:
+    """Replace Grafana variables: intervals by "1m", every other variable by ".*".
+
+    A label matcher whose value names a variable becomes a regex matcher (``=`` -> ``=~``,
+    ``!=`` -> ``!~``) so that the substituted ``.*`` keeps its meaning.
+    """
+
+    def var_value(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2) or m.group(3)
+        return _INTERVAL_VARS.get(name, ".*")
+
+    def matcher(m: re.Match[str]) -> str:
+        label, op, value = m.groups()
+        if not _VAR_RE.search(value):
+            return m.group(0)
+        op = {"=": "=~", "!=": "!~"}.get(op, op)
+        return f'{label}{op}"{_VAR_RE.sub(var_value, value)}"'
+
+    expr = _MATCHER_RE.sub(matcher, expr)
+    return _VAR_RE.sub(var_value, expr)
+
+
+def _panels(panels: Iterable[dict]) -> Iterator[dict]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels") or ())  # collapsed rows nest their panels
+
+
+def dashboard_queries(path: str | Path) -> list[str]:
+    """Every PromQL expression of a Grafana dashboard, runnable against Prometheus as is.
+
+    Grafana variables are substituted (``$__rate_interval`` -> ``1m``, ``$hook``/``${hook}``
+    -> ``.*`` with the matcher made a regex one), so a test can run each query against a
+    real Prometheus and check it returns data.
+    """
+    dashboard = json.loads(Path(path).read_text(encoding="utf-8"))
+    dashboard = dashboard.get("dashboard", dashboard)  # API export wraps it
+    queries: list[str] = []
+    for panel in _panels(dashboard.get("panels") or ()):
+        for target in panel.get("targets") or ():
+            expr = target.get("expr")
+            if expr and not target.get("hide"):
+                queries.append(_substitute(expr))
+    return queries

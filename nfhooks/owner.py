@@ -1,0 +1,88 @@
+"""One engine per network namespace owns the nfhooks rules there.
+
+The owner holds an flock on ``/run/nfhooks/<netns inode>.lock`` for as long as it runs; the
+kernel drops the lock when the process dies, even by kill -9. So "stale rules" has a precise
+meaning: nfhooks chains exist and nobody holds the lock. A new engine then removes them before
+installing its own; ``nfhooks flush`` refuses while the owner lives, unless forced.
+(/run is shared by all namespaces of the machine, hence the namespace inode in the name.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import uuid
+from dataclasses import dataclass
+
+LOCK_DIR = os.environ.get("NFHOOKS_RUN_DIR", "/run/nfhooks")
+
+
+class OwnedElsewhere(RuntimeError):
+    def __init__(self, pid: int | None, instance: str) -> None:
+        self.pid, self.instance = pid, instance
+        super().__init__(
+            f"another nfhooks engine owns the rules in this network namespace (pid {pid}, instance "
+            f"{instance}); stop it first (kill -TERM {pid}), or run this one in another namespace"
+        )
+
+
+def netns_id() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def lock_path() -> str:
+    return os.path.join(LOCK_DIR, f"netns-{netns_id()}.lock")
+
+
+@dataclass
+class Ownership:
+    fd: int
+    path: str
+    instance: str
+
+    @classmethod
+    def acquire(cls) -> "Ownership":
+        os.makedirs(LOCK_DIR, exist_ok=True)
+        path = lock_path()
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, inst = _read(fd)
+            os.close(fd)
+            raise OwnedElsewhere(pid, inst) from None
+        instance = uuid.uuid4().hex[:12]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {instance}\n".encode(), 0)
+        return cls(fd, path, instance)
+
+    def release(self) -> None:
+        try:
+            os.ftruncate(self.fd, 0)
+        finally:
+            os.close(self.fd)
+
+
+def _read(fd: int) -> tuple[int | None, str]:
+    try:
+        parts = os.pread(fd, 100, 0).decode().split()
+        return int(parts[0]), parts[1]
+    except (OSError, ValueError, IndexError):
+        return None, "?"
+
+
+def live_owner() -> tuple[int | None, str] | None:
+    """(pid, instance) of the engine owning this namespace, or None if nobody does."""
+    path = lock_path()
+    if not os.path.exists(path):
+        return None
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -1,0 +1,332 @@
+"""Policies: plain Python modules that declare handlers next to their match.
+
+Like a mitmproxy addon script, a policy is an ordinary module. It creates a ``Policy`` named
+``policy`` and decorates handler functions with the hook and the match they care about::
+
+    policy = Policy(defaults={"INPUT": reject()})
+    trusted = policy.option("trusted", default="10.0.0.0/8", type="network")
+
+    @policy.input(proto="tcp", dport=22, src=trusted)
+    def ssh(pkt):
+        return accept()
+
+Loading imports the module under a private name (two policies never share module state),
+applies ``--set`` options, and validates everything it can before a single rule exists:
+impossible hook/table combinations, verdicts the kernel cannot carry out where a handler would
+return them (found by reading the handler's source), matches that cannot work at the hook.
+Every error names the policy file and line.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import inspect
+import ipaddress
+import sys
+import textwrap
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generic, TypeVar
+
+from .hooks import HOOKS, PlacementError, check_table, check_verdict, default_table, normalize_hook
+from .match import Match, MatchError
+from .verdict import FACTORIES, Reject, Verdict, parse_default
+
+T = TypeVar("T")
+HandlerFunc = Callable[[Any], "Verdict | None"]
+
+
+class PolicyError(Exception):
+    """A policy that cannot be loaded; ``str()`` is the one paragraph a user reads."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
+        self.file, self.line, self.message = file, line, message
+        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
+        super().__init__(where + message)
+
+
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _parse_port(text: str) -> int:
+    p = int(text)
+    if not 0 < p < 65536:
+        raise ValueError(f"{text!r} is not a port (1..65535)")
+    return p
+
+
+OPTION_TYPES: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": _parse_bool,
+    "port": _parse_port,
+    "network": lambda s: ipaddress.ip_network(s, strict=False),
+    "address": ipaddress.ip_address,
+}
+
+
+@dataclass
+class Option(Generic[T]):
+    """A typed policy setting, changeable with ``--set name=value``.
+
+    Pass the option itself as a match value (``src=trusted``): it is resolved when the policy
+    is compiled, so the kernel rule carries the configured value.
+    """
+
+    option_name: str
+    default: Any
+    type: str | Callable[[str], Any] = "str"
+    help: str = ""
+    file: str | None = None
+    line: int | None = None
+    value: Any = None
+
+    def parse(self, text: str) -> Any:
+        conv = OPTION_TYPES[self.type] if isinstance(self.type, str) else self.type
+        return conv(text)
+
+    @property
+    def type_name(self) -> str:
+        return self.type if isinstance(self.type, str) else getattr(self.type, "__name__", "custom")
+
+
+@dataclass
+class Handler:
+    name: str
+    hook: str
+    table: str
+    match: Match
+    func: HandlerFunc
+    file: str
+    line: int
+    verdict_kinds: dict[str, int] = field(default_factory=dict)  # kind -> source line
+    index: int = 0  # position in the policy, which is also its queue offset
+    match_args: dict[str, Any] = field(default_factory=dict)  # as declared, options unresolved
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def _caller() -> tuple[str, int]:
+    frame = inspect.currentframe()
+    assert frame is not None
+    f = frame.f_back.f_back  # type: ignore[union-attr]
+    while f is not None and f.f_globals.get("__name__", "").startswith("nfhooks."):
+        f = f.f_back
+    return (f.f_code.co_filename, f.f_lineno) if f is not None else ("<unknown>", 0)
+
+
+class Policy:
+    """The handlers, defaults and options of one policy module."""
+
+    def __init__(self, name: str | None = None, *, defaults: dict[str, "Verdict | str"] | None = None,
+                 description: str = "", version: str = "1") -> None:
+        self.file, self.line = _caller()
+        self.name = name
+        self.description = description
+        self.version = version
+        self.handlers: list[Handler] = []
+        self.options: dict[str, Option[Any]] = {}
+        self.defaults: dict[str, Verdict] = {}
+        for hook, v in (defaults or {}).items():
+            try:
+                h = normalize_hook(hook)
+                verdict = parse_default(v)
+                check_verdict(verdict.kind, h, default_table(h))
+            except (PlacementError, ValueError) as e:
+                raise PolicyError(f"default for {hook}: {e}", self.file, self.line) from None
+            self.defaults[h] = verdict
+
+    def default(self, hook: str) -> Verdict:
+        from .verdict import ACCEPT
+        return self.defaults.get(hook, ACCEPT)
+
+    def option(self, name: str, default: Any, type: str | Callable[[str], Any] = "str",
+               help: str = "") -> Option[Any]:
+        file, line = _caller()
+        if name in self.options:
+            raise PolicyError(f"option {name!r} is declared twice", file, line)
+        if isinstance(type, str) and type not in OPTION_TYPES:
+            raise PolicyError(f"option {name!r}: unknown type {type!r} (one of {', '.join(OPTION_TYPES)})", file, line)
+        opt: Option[Any] = Option(name, default, type, help, file, line)
+        try:
+            opt.value = opt.parse(default) if isinstance(default, str) and opt.type != "str" else default
+        except ValueError as e:
+            raise PolicyError(f"option {name!r}: default {default!r}: {e}", file, line) from None
+        self.options[name] = opt
+        return opt
+
+    def handler(self, hook: str, *, table: str | None = None, name: str | None = None,
+                **match: Any) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Declare ``func`` as the handler for packets at ``hook`` that the match selects."""
+
+        def decorate(func: HandlerFunc) -> HandlerFunc:
+            file = func.__code__.co_filename
+            line = func.__code__.co_firstlineno
+            try:
+                h = normalize_hook(hook)
+                kinds = verdict_calls(func)
+                nat = {"dnat", "snat", "masquerade", "redirect"} & set(kinds)
+                t = table or ("mangle" if nat else default_table(h))
+                check_table(h, t)
+                m = Match.build(**match)
+                m.check_placement(h, t)
+                for kind, kline in kinds.items():
+                    try:
+                        check_verdict(kind, h, t)
+                    except PlacementError as e:
+                        raise PolicyError(f"handler {func.__name__!r} returns {kind}: {e}", file, kline) from None
+            except (PlacementError, MatchError, TypeError) as e:
+                raise PolicyError(f"handler {func.__name__!r} at {hook}: {e}", file, line) from None
+            hname = name or func.__name__
+            if any(x.name == hname for x in self.handlers):
+                raise PolicyError(f"two handlers are named {hname!r}; give one name=...", file, line)
+            self.handlers.append(Handler(hname, h, t, m, func, file, line, kinds, len(self.handlers), match))
+            return func
+
+        return decorate
+
+    def prerouting(self, **kw: Any) -> Callable[[HandlerFunc], HandlerFunc]:
+        return self.handler("PREROUTING", **kw)
+
+    def input(self, **kw: Any) -> Callable[[HandlerFunc], HandlerFunc]:
+        return self.handler("INPUT", **kw)
+
+    def forward(self, **kw: Any) -> Callable[[HandlerFunc], HandlerFunc]:
+        return self.handler("FORWARD", **kw)
+
+    def output(self, **kw: Any) -> Callable[[HandlerFunc], HandlerFunc]:
+        return self.handler("OUTPUT", **kw)
+
+    def postrouting(self, **kw: Any) -> Callable[[HandlerFunc], HandlerFunc]:
+        return self.handler("POSTROUTING", **kw)
+
+    # -- after loading ---------------------------------------------------------------------
+    def apply_overrides(self, overrides: dict[str, str]) -> None:
+        for key, text in overrides.items():
+            opt = self.options.get(key)
+            if opt is None:
+                known = ", ".join(f"{o.option_name} ({o.type_name})" for o in self.options.values()) or "none"
+                raise PolicyError(f"unknown option {key!r} (--set {key}=...). This policy's options: {known}",
+                                  self.file)
+            try:
+                opt.value = opt.parse(text)
+            except (ValueError, TypeError) as e:
+                raise PolicyError(f"--set {key}={text}: {e} (option {key!r} is of type {opt.type_name})",
+                                  opt.file, opt.line) from None
+        # Matches built from options are rebuilt so the kernel rule carries the set value.
+        for h in self.handlers:
+            if any(isinstance(v, Option) for v in h.match_args.values()):
+                try:
+                    h.match = Match.build(**h.match_args)
+                    h.match.check_placement(h.hook, h.table)
+                except (MatchError, PlacementError) as e:
+                    raise PolicyError(f"handler {h.name!r} with the options set: {e}", h.file, h.line) from None
+
+    def hooks_used(self) -> list[str]:
+        return [h for h in HOOKS if any(x.hook == h for x in self.handlers) or h in self.defaults]
+
+
+def verdict_calls(func: Callable[..., Any]) -> dict[str, int]:
+    """The verdict factories a handler's source calls, with their file line numbers.
+
+    A best effort that catches the common mistake (reject() at PREROUTING) at load time;
+    a verdict the scan cannot see is still checked when the handler returns it.
+    """
+    try:
+        lines, start = inspect.getsourcelines(func)
+    except (OSError, TypeError):
+        return {}
+    try:
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except SyntaxError:
+        return {}
+    found: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name in FACTORIES:
+                kind = FACTORIES[name]
+                if kind == "mark" and any(k.arg == "connmark" for k in node.keywords):
+                    kind = "connmark"
+                found.setdefault(kind, start + node.lineno - 1)
+    return found
+
+
+def _error_location(exc: BaseException, path: str) -> int | None:
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return exc.lineno
+    line = None
+    for fs in traceback.extract_tb(exc.__traceback__):
+        if Path(fs.filename).resolve() == Path(path).resolve():
+            line = fs.lineno
+    return line
+
+
+def load_policy(path: str | Path, overrides: dict[str, str] | None = None) -> Policy:
+    """Import a policy file and return its validated ``Policy`` with options applied."""
+    p = Path(path)
+    shown = str(path)
+    if not p.is_file():
+        raise PolicyError(f"policy file not found (looked for {p.resolve()})", shown)
+    modname = "nfhooks_policy_" + hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(modname, p)
+    if spec is None or spec.loader is None:
+        raise PolicyError("cannot be imported as a Python module", shown)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except PolicyError as e:
+        raise PolicyError(e.message, _rel(e.file, p, shown), e.line) from None
+    except SyntaxError as e:
+        raise PolicyError(f"syntax error: {e.msg}", shown, e.lineno) from None
+    except Exception as e:  # noqa: BLE001 -- any import-time failure is the policy's error
+        raise PolicyError(f"{type(e).__name__} while importing the policy: {e}", shown,
+                          _error_location(e, str(p))) from None
+    finally:
+        sys.modules.pop(modname, None)
+    pol = getattr(module, "policy", None)
+    if not isinstance(pol, Policy):
+        raise PolicyError("defines no `policy = Policy(...)` at module level", shown)
+    pol.file = shown
+    for h in pol.handlers:
+        h.file = _rel(h.file, p, shown)
+    for o in pol.options.values():
+        o.file = _rel(o.file, p, shown)
+    if pol.name is None:
+        pol.name = p.stem
+    if not pol.description and module.__doc__:
+        pol.description = module.__doc__.strip().splitlines()[0]
+    pol.apply_overrides(overrides or {})
+    return pol
+
+
+def _rel(file: str | None, real: Path, shown: str) -> str:
+    if file and Path(file).resolve() == real.resolve():
+        return shown
+    return file or shown
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PolicyError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = value
+    return out
+
+
+__all__ = ["Policy", "Option", "Handler", "PolicyError", "load_policy", "parse_sets", "Reject"]
