@@ -3,7 +3,7 @@
 The packets are real bytes (valid IP and transport checksums) run through the same
 :func:`nfhooks.packet.parse` the queue uses, so a policy that passes its unit tests sees
 identical ``Packet`` objects in production. Built with ``struct`` alone: importing scapy
-would make every policy test suite pay its second-long import.
+would make every policy test suite pay for its import.
 """
 
 from __future__ import annotations

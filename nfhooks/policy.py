@@ -234,6 +234,24 @@ class Policy:
                 except (MatchError, PlacementError) as e:
                     raise PolicyError(f"handler {h.name!r} with the options set: {e}", h.file, h.line) from None
 
+    def decide(self, pkt: Any, ctstate: str | None = None) -> "tuple[Handler | None, Verdict]":
+        """What this policy does with ``pkt`` (a fake packet), simulated in Python for tests.
+
+        Handlers at the packet's hook run in table order, then declaration order; the first
+        whose match fits (``ctstate`` stands in for conntrack) and returns non-None decides;
+        otherwise the hook default. This is the kernel's semantics for a policy whose
+        handlers live in one table -- the common case -- without root or a kernel.
+        """
+        from .hooks import TABLE_ORDER
+
+        for table in TABLE_ORDER:
+            for h in self.handlers:
+                if h.hook == pkt.hook and h.table == table and h.match.matches(pkt, ctstate):
+                    v = h.func(pkt)
+                    if v is not None:
+                        return h, v
+        return None, self.default(pkt.hook)
+
     def hooks_used(self) -> list[str]:
         return [h for h in HOOKS if any(x.hook == h for x in self.handlers) or h in self.defaults]
 

@@ -1,0 +1,2 @@
+"""Forgot to define `policy`."""
+x = 1

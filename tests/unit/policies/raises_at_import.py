@@ -1,0 +1,5 @@
+from nfhooks import Policy
+
+policy = Policy()
+limits = {"a": 1}
+print(limits["b"])
