@@ -26,6 +26,7 @@ _PROTO_NUMBERS: Final[dict[str, int]] = {
     "udplite": 136,
 }
 _ECHO_REQUEST: Final = {1: 8, 58: 128}
+_L4_HEADER: Final = {6: 20, 17: 8, 136: 8, 1: 8, 58: 8, 132: 12}
 
 _IP4: Final = struct.Struct("!BBHHHBBH4s4s")
 _IP6: Final = struct.Struct("!IHBB16s16s")
@@ -97,6 +98,10 @@ def fake_bytes(
         raise ValueError("ICMP is IPv4's; for IPv6 addresses use proto='icmpv6'")
     if pnum == 58 and not v6:
         raise ValueError("ICMPv6 needs IPv6 addresses; for IPv4 use proto='icmp'")
+
+    room = 0xFFFF - (0 if v6 else 20) - _L4_HEADER.get(pnum, 0)
+    if len(payload) > room:
+        raise ValueError(f"a payload of {len(payload)} bytes does not fit one packet ({room} max)")
 
     sb, db = s_addr.packed, d_addr.packed
     if pnum == 6:

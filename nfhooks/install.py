@@ -225,7 +225,7 @@ def installed(counters: bool = False) -> tuple[str, list[Counted]]:
 
 def check_kernel() -> None:
     """Say clearly what is missing before anything is bound or installed."""
-    if os.geteuid() != 0 and not _has_cap_net_admin():
+    if not _has_cap_net_admin():
         raise KernelError("nfhooks needs root or CAP_NET_ADMIN to bind NFQUEUE and change iptables rules; "
                           "run it with sudo (or in a namespace/container with --cap-add NET_ADMIN)")
     if not os.path.exists("/proc/net/netfilter/nfnetlink_queue"):

@@ -423,8 +423,9 @@ class Metrics:
         host, port = parse_listen_addr(addr)
         if not allow_public and not _is_loopback(host):
             raise ValueError(
-                f"refusing to serve metrics on non-loopback address {addr!r}: pass "
-                "allow_public=True (--metrics-public) to expose them beyond this host"
+                f"refusing to serve metrics on non-loopback address {addr!r}: they name the "
+                "policy and its handlers; ask for it explicitly (allow_public=True, "
+                "`nfhooks run --public-metrics`) to expose them beyond this host"
             )
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._server = server

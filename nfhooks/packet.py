@@ -6,8 +6,8 @@ loss). The parser therefore:
 
 * uses no scapy. Importing scapy costs a noticeable fraction of a second and
   dissecting one packet ~65 us, over 100 times this parser; a policy that only looks at
-  ports would pay that for every packet. ``Packet.scapy`` builds the full dissection on demand for the handlers that
-  want it, and is the only place scapy is imported.
+  ports would pay that for every packet. ``Packet.scapy`` builds the full dissection on
+  demand for the handlers that want it, and is the only place scapy is imported.
 * reads the fixed header fields with precompiled ``struct.Struct.unpack_from`` straight
   from the queued bytes: no copies, no regex, no per-packet dicts (``__slots__``).
 * is lazy about everything that allocates or calls into the system: ``ipaddress``
@@ -149,6 +149,11 @@ class Packet:
     mark: int
     iif_index: int
     oif_index: int
+    _src: IPv4Address | IPv6Address | None
+    _dst: IPv4Address | IPv6Address | None
+    _iif: str | None  # unset until first read (or set_ifnames)
+    _oif: str | None
+    _scapy: Any
 
     def __new__(
         cls, raw: bytes, hook: str = "", mark: int = 0, iif_index: int = 0, oif_index: int = 0

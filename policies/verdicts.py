@@ -23,6 +23,11 @@ policy = Policy(defaults={"INPUT": "drop"})
 low = policy.option("low", default=7001, type="port", help="first port of the demo range")
 
 
+@policy.input(iif="lo")
+def loopback(pkt):
+    return accept()  # the metrics endpoint on 127.0.0.1 is reached over lo
+
+
 @policy.input(ctstate={"ESTABLISHED", "RELATED"})
 def established(pkt):
     return accept()

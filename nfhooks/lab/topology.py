@@ -164,6 +164,19 @@ finally:
     s.close()
 """
 
+_UDP_SEND_SCRIPT = r"""
+import base64, socket, sys
+host, port, timeout, data = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(timeout)
+try:
+    s.sendto(base64.b64decode(data), (host, port))
+    reply = s.recv(65535)
+    print(base64.b64encode(reply).decode())
+except OSError:
+    pass
+"""
+
 # Raw-socket ping, because iputils-ping is not necessarily installed.
 _PING_SCRIPT = r"""
 import os, select, socket, struct, sys, time
@@ -640,12 +653,14 @@ class Lab:
             return
         OWNER_DIR.mkdir(parents=True, exist_ok=True)
         path = _owner_path(self.id)
-        if path.exists() or any(
-            n.startswith(f"{NS_MARKER}{self.id}-") for n in netns.listnetns()
-        ):
-            raise FileExistsError(f"lab id {self.id!r} is already in use")
+        if any(n.startswith(f"{NS_MARKER}{self.id}-") for n in netns.listnetns()):
+            raise FileExistsError(f"lab id {self.id!r} is already in use (namespaces exist)")
         record = {"pid": os.getpid(), "start": _proc_start_time(os.getpid()), "tmp": str(self.tmpdir)}
-        path.write_text(json.dumps(record))
+        try:
+            with open(path, "x") as f:  # exclusive: two labs can never share an id
+                f.write(json.dumps(record))
+        except FileExistsError:
+            raise FileExistsError(f"lab id {self.id!r} is already in use ({path})") from None
         self._owner_written = True
 
     def ns_name(self, node: str) -> str:
@@ -1079,8 +1094,13 @@ class Lab:
             except Exception as exc:  # keep tearing down
                 errors.append(f"stopping pid {proc.pid}: {exc!r}")
         names = [n.ns for n in self.nodes.values()]
-        # Namespaces created by add_node before a failure may not be in self.nodes yet.
-        names += [n for n in netns.listnetns() if n.startswith(f"{NS_MARKER}{self.id}-") and n not in names]
+        if self._owner_written:
+            # The id is ours (the owner record was created exclusively), so any namespace
+            # with it is ours too -- e.g. one add_node made just before failing.
+            names += [
+                n for n in netns.listnetns()
+                if n.startswith(f"{NS_MARKER}{self.id}-") and n not in names
+            ]
         for pid in _pids_in_namespaces(names):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -1099,19 +1119,6 @@ class Lab:
         if left or errors:
             raise RuntimeError(f"lab {self.id} teardown incomplete: left {left}; {'; '.join(errors)}")
 
-
-_UDP_SEND_SCRIPT = r"""
-import base64, socket, sys
-host, port, timeout, data = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(timeout)
-try:
-    s.sendto(base64.b64decode(data), (host, port))
-    reply = s.recv(65535)
-    print(base64.b64encode(reply).decode())
-except OSError:
-    pass
-"""
 
 
 def _check_ifname(name: str) -> None:

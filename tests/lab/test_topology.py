@@ -165,7 +165,7 @@ def test_close_removes_every_namespace_and_is_idempotent():
     lab.close()
     assert not names & _netns_list()
     assert sleeper.poll() is not None
-    assert not lab.tmpdir.exists() if lab._tmp else True
+    assert lab._tmp is not None and not lab._tmp.exists()
     assert not Path(f"/run/nfhlab/{lab.id}.json").exists()
 
 
@@ -180,6 +180,19 @@ def test_context_manager_closes_when_body_raises():
             assert names <= _netns_list()
             1 / 0
     assert names and not names & _netns_list()
+
+
+@needs_netns
+def test_id_in_use_is_refused_and_other_lab_survives():
+    from nfhooks.lab import Lab
+
+    with Lab.router_topology(prefix=_lab_id()) as first:
+        second = Lab(prefix=first.id)
+        with pytest.raises(FileExistsError, match="already in use"):
+            second.add_node("client")
+        second.close()  # must not sweep away the first lab's namespaces
+        assert {n.ns for n in first.nodes.values()} <= _netns_list()
+        assert first.ping("client", "server")
 
 
 @needs_netns
@@ -281,9 +294,9 @@ def test_cleanup_stale_removes_leftovers_and_spares_live_labs():
     dead_id = _lab_id()
     dead = f"nfhlab-{dead_id}-router"
     netns.create(dead)
-    finished = subprocess.run(["true"])  # noqa: F841 -- a PID that no longer runs
     owner = Path(f"/run/nfhlab/{dead_id}.json")
     owner.parent.mkdir(exist_ok=True)
+    # owner PID above the kernel's maximum pid_max: certainly not running
     owner.write_text(json.dumps({"pid": 2**22 + 1, "start": 1, "tmp": None}))
     try:
         with Lab.router_topology(prefix=_lab_id()) as live:

@@ -556,6 +556,7 @@ def test_fake_hook_interfaces_and_mark() -> None:
         (dict(proto="quic"), "unknown protocol"),
         (dict(flags="SX"), "unknown TCP flag"),
         (dict(src="300.1.1.1"), "does not appear to be"),
+        (dict(payload=b"x" * 65496), "does not fit one packet"),
     ],
 )
 def test_fake_refuses_nonsense(kw: dict, match: str) -> None:  # type: ignore[type-arg]
