@@ -2,8 +2,8 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-APT_PACKAGES := iptables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
-                iperf3 netcat-openbsd curl procps tcpdump
+APT_PACKAGES := iptables nftables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
+                iperf3 netcat-openbsd curl procps tcpdump util-linux
 STAMP := $(VENV)/.installed
 
 .PHONY: deps venv test unit lab bench clean flush
