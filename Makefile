@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
-                iperf3 netcat-openbsd curl procps tcpdump util-linux
+                iperf3 netcat-openbsd curl procps tcpdump util-linux prometheus
 STAMP := $(VENV)/.installed
 
 .PHONY: deps venv test unit lab bench clean flush
@@ -13,7 +13,7 @@ deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml

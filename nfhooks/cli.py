@@ -118,7 +118,7 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     try:
         if metrics_addr != "off":
             host, port = metrics.serve(metrics_addr, allow_public=public_metrics)
-            where = f"http://{host}:{port}/metrics"
+            where = f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
         engine.start()
     except (KernelError, OwnedElsewhere, ValueError, OSError) as e:
         _fail(str(e))
