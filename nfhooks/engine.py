@@ -202,6 +202,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.ruleset = ruleset or compile_policy(policy, queue_base=queue_base, fail=fail,
                                                  mark_mask=mark_mask or DEFAULT_MARK_MASK)
+        policy.self_mark = self.ruleset.layout["self"].mask
         self.dispatcher = Dispatcher(policy, self.ruleset, self.metrics)
         self.queues: Any = None
         self.owner: Any = None

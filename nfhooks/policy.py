@@ -23,6 +23,7 @@ import ast
 import hashlib
 import importlib.util
 import inspect
+import socket
 import ipaddress
 import sys
 import textwrap
@@ -139,6 +140,7 @@ class Policy:
         self.handlers: list[Handler] = []
         self.options: dict[str, Option[Any]] = {}
         self.defaults: dict[str, Verdict] = {}
+        self.self_mark = 0  # set by the engine from the mark layout (see socket())
         for hook, v in (defaults or {}).items():
             try:
                 h = normalize_hook(hook)
@@ -233,6 +235,22 @@ class Policy:
                     h.match.check_placement(h.hook, h.table)
                 except (MatchError, PlacementError) as e:
                     raise PolicyError(f"handler {h.name!r} with the options set: {e}", h.file, h.line) from None
+
+    def socket(self, family: int = 2, type: int = 1, proto: int = 0) -> "socket.socket":
+        """A socket whose packets skip nfhooks' queue rules.
+
+        A handler that opens a connection itself (a lookup, say) would otherwise have its own
+        packets queued behind the packet it is deciding -- in the same single-threaded engine:
+        a deadlock. The socket's SO_MARK carries nfhooks' "self" bit, which every queue rule
+        excludes. Hook defaults still apply to it.
+        """
+        import socket as _socket
+
+        s = _socket.socket(family, type, proto)
+        if self.self_mark:
+            # as bytes: the mark is an unsigned 32-bit value, setsockopt's int is signed
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_MARK, self.self_mark.to_bytes(4, sys.byteorder))
+        return s
 
     def decide(self, pkt: Any, ctstate: str | None = None) -> "tuple[Handler | None, Verdict]":
         """What this policy does with ``pkt`` (a fake packet), simulated in Python for tests.

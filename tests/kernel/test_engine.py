@@ -108,3 +108,13 @@ def test_firewall_example(nfh_lab):
     assert lab.tcp_connect("router", lab.addr("server"), 8081) == "ok"
     assert lab.tcp_connect("client", lab.addr("server"), 80) == "ok"  # forwarded: not OUTPUT
     assert any("NFH-INPUT" in line for line in nfh_lines(lab))
+
+
+def test_handler_lookup_does_not_deadlock_on_its_own_packets(nfh_lab):
+    lab = nfh_lab
+    svc = lab.tcp_server("server", 8081)
+    target = lab.tcp_server("server", 8082)
+    lab.start_engine(str(TEST_POLICIES / "self_lookup.py"), "--set", f"lookup={lab.addr('server')}:8081")
+    assert lab.tcp_connect("router", lab.addr("server"), 8082, timeout=5) == "ok"
+    assert target.wait_peers(1) and svc.wait_peers(1)  # the handler's own lookup got through
+    assert metric(lab, "nfhooks_handler_packets_total", handler="ask_first", verdict="accept") == 1

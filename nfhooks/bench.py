@@ -1,0 +1,609 @@
+"""`make bench`: what nfhooks costs per packet, next to what it is compared with, in one run.
+
+Run as root: ``python -m nfhooks.bench [--seconds 5] [--quick] [--json PATH] [--profile PATH]``.
+
+Two lab namespaces joined by a veth (client -- router). iperf3 servers listen on the router,
+iperf3 clients in the client namespace send the same traffic through each consumer:
+
+==============  ==================================================================================
+kernel          no queue rule at all: what the veth, the stack and iperf3 do alone
+bare            a minimal NetfilterQueue script: ``lambda p: p.accept()``, bound with the queue
+                length nfhooks uses, and ``-A INPUT -p udp|tcp --dport P -j NFQUEUE``
+scapy           the common approach: the same script, ``IP(p.get_payload())`` then accept
+nfhooks         ``nfhooks run policies/bench.py``: a handler that accepts unread
+nfhooks fields  the same engine, the handler reads pkt.src / pkt.dport / pkt.proto first
+==============  ==================================================================================
+
+Traffic: iperf3 UDP with 64-byte payloads at full speed (``-u -b 0 -l 64``) and iperf3 TCP, each
+from a fixed client port (``--cport``): the conntrack table is machine-wide, so a flood is one
+5-tuple, never thousands of entries. All packets to the iperf3 port are queued at INPUT.
+
+Measured per row: packets the receiver got per second (iperf3's server-side count, received =
+packets - lost) and Gbit/s for TCP; the consumer's CPU time (utime+stime from /proc/PID/stat,
+before/after) divided by the packets it decided (the kernel's queue statistics: id_sequence
+minus user_dropped), and the share of one core it used; packets the kernel dropped because the
+queue was full; the consumer's peak RSS (VmHWM). On a 2-core machine the sender, the softirq
+work and the consumer share the cores, so CPU per packet is the number to compare between
+consumers, and pps ratios only within one run (the machine is noisy).
+
+Everything happens inside the lab's namespaces (rules included); the lab is a context
+manager, so processes it started and its namespaces are removed on failure too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "IperfResult",
+    "Row",
+    "cpu_ticks",
+    "main",
+    "parse_iperf",
+    "queue_handled",
+    "ratios",
+    "summarize_collapsed",
+    "vm_hwm_kib",
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_POLICY = ROOT / "policies" / "bench.py"
+PORT = 5201  # policies/bench.py: accept unread
+FIELDS_PORT = 5202  # policies/bench.py: read fields, then accept
+BARE_QUEUE = 100  # queue of the bare/scapy scripts (nfhooks uses 0..3)
+CPORT_BASE = 41000  # fixed client ports: one 5-tuple per flood
+UDP_LEN = 64
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks fields")
+
+# A minimal NetfilterQueue consumer, as a user would write it (plus the queue length nfhooks
+# binds with, so the comparison is consumer against consumer, not queue size against queue
+# size). The default SIGTERM action ends it; the kernel unbinds the queue with the socket.
+_CONSUMER_SCRIPT = r"""
+import sys
+from netfilterqueue import NetfilterQueue
+mode, num, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if mode == "scapy":
+    from scapy.layers.inet import IP
+    def callback(p):
+        IP(p.get_payload())
+        p.accept()
+else:
+    callback = lambda p: p.accept()
+q = NetfilterQueue()
+q.bind(num, callback, max_len=4096)
+open(ready, "w").close()
+q.run()
+"""
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@dataclass
+class IperfResult:
+    """What the receiving side of one iperf3 test saw."""
+
+    protocol: str  # "udp" or "tcp"
+    seconds: float
+    packets: int | None  # UDP: datagrams received (sent - lost); TCP: None
+    lost: int | None  # UDP: datagrams lost on the way (sequence gaps)
+    bits_per_second: float  # payload bits received per second
+
+    @property
+    def pps(self) -> float | None:
+        if self.packets is None or not self.seconds:
+            return None
+        return self.packets / self.seconds
+
+    @property
+    def gbps(self) -> float:
+        return self.bits_per_second / 1e9
+
+    @property
+    def lost_fraction(self) -> float | None:
+        if self.packets is None or self.lost is None:
+            return None
+        sent = self.packets + self.lost
+        return self.lost / sent if sent else 0.0
+
+
+def parse_iperf(doc: Mapping[str, Any]) -> IperfResult:
+    """The receiver's numbers from an iperf3 client's ``-J --get-server-output`` document.
+
+    The server's own report (``server_output_json``) is preferred: for UDP its ``end.sum``
+    has ``packets`` (highest sequence number seen) and ``lost_packets`` (gaps), so received
+    = packets - lost; for TCP ``end.sum_received``. Without it, the client's copy of the
+    receiver's figures is used. Raises ValueError on an iperf3 error report.
+    """
+    if doc.get("error"):
+        raise ValueError(f"iperf3: {doc['error']}")
+    server = doc.get("server_output_json")
+    src = server if isinstance(server, Mapping) and server.get("end") else doc
+    if src.get("error"):
+        raise ValueError(f"iperf3 server: {src['error']}")
+    start = doc.get("start", {})
+    proto = str(start.get("test_start", {}).get("protocol", "")).lower()
+    end = src.get("end") or {}
+    if not proto:
+        proto = "udp" if "lost_packets" in end.get("sum", {}) else "tcp"
+    if proto == "udp":
+        s = end.get("sum") or end.get("sum_received") or {}
+        total, lost = int(s.get("packets", 0)), int(s.get("lost_packets", 0))
+        return IperfResult("udp", float(s.get("seconds", 0.0)), max(total - lost, 0), lost,
+                           float(s.get("bits_per_second", 0.0)))
+    s = end.get("sum_received") or end.get("sum") or {}
+    return IperfResult("tcp", float(s.get("seconds", 0.0)), None, None, float(s.get("bits_per_second", 0.0)))
+
+
+def cpu_ticks(stat: str) -> int:
+    """utime + stime (clock ticks, all threads) from the text of /proc/PID/stat."""
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and ')'
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+
+
+def vm_hwm_kib(status: str) -> int | None:
+    """Peak resident set size (VmHWM, KiB) from the text of /proc/PID/status."""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
+
+
+def queue_handled(before: Iterable[Any], after: Iterable[Any], queues: Iterable[int] | None = None
+                  ) -> dict[str, int]:
+    """Packets handed to userspace and dropped, between two reads of the kernel's queue stats.
+
+    ``before``/``after`` are :class:`nfhooks.metrics.QueueStat` lists. Handed over =
+    id_sequence delta (a packet gets an id once it passed the queue-full check) minus
+    user_dropped delta (the netlink socket could not take it). Queues bound only in ``after``
+    count from 0; ``queues`` restricts to those numbers.
+    """
+    want = set(queues) if queues is not None else None
+    b = {s.queue_number: s for s in before}
+    out = {"handled": 0, "queue_dropped": 0, "user_dropped": 0}
+    for s in after:
+        if want is not None and s.queue_number not in want:
+            continue
+        p = b.get(s.queue_number)
+        d_id = s.id_sequence - (p.id_sequence if p else 0)
+        d_user = s.user_dropped - (p.user_dropped if p else 0)
+        d_queue = s.queue_dropped - (p.queue_dropped if p else 0)
+        out["handled"] += max(d_id - d_user, 0)
+        out["queue_dropped"] += max(d_queue, 0)
+        out["user_dropped"] += max(d_user, 0)
+    return out
+
+
+@dataclass
+class Row:
+    """One consumer under one kind of traffic."""
+
+    case: str
+    proto: str
+    seconds: float = 0.0
+    rx_packets: int | None = None
+    pps: float | None = None
+    gbps: float | None = None
+    lost_pct: float | None = None
+    handled: int | None = None  # packets the consumer decided
+    queue_dropped: int | None = None
+    user_dropped: int | None = None
+    cpu_seconds: float | None = None
+    cpu_core_pct: float | None = None  # share of one core while the test ran
+    cpu_us_per_packet: float | None = None
+    max_rss_mib: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, case: str, res: IperfResult, *, wall: float | None = None, cpu: float | None = None,
+              queue: Mapping[str, int] | None = None, rss_kib: int | None = None) -> Row:
+        r = cls(case, res.protocol, seconds=res.seconds, rx_packets=res.packets, pps=res.pps,
+                gbps=res.gbps)
+        lf = res.lost_fraction
+        r.lost_pct = None if lf is None else 100.0 * lf
+        if queue is not None:
+            r.handled = queue["handled"]
+            r.queue_dropped = queue["queue_dropped"]
+            r.user_dropped = queue["user_dropped"]
+        if cpu is not None:
+            r.cpu_seconds = cpu
+            if wall:
+                r.cpu_core_pct = 100.0 * cpu / wall
+            n = r.handled or r.rx_packets
+            if n:
+                r.cpu_us_per_packet = 1e6 * cpu / n
+        if rss_kib is not None:
+            r.max_rss_mib = rss_kib / 1024
+        return r
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
+    """Throughput and CPU ratios between consumers measured in the same run.
+
+    Keys like ``udp_pps nfhooks/bare``, ``tcp_gbps nfhooks/kernel`` and
+    ``udp_cpu_per_packet nfhooks/bare``; a missing or zero measurement gives None.
+    """
+    by = {(r.case, r.proto): r for r in rows if r.error is None}
+    out: dict[str, float | None] = {}
+    pairs = (("nfhooks", "bare"), ("nfhooks", "kernel"), ("bare", "kernel"), ("scapy", "bare"),
+             ("nfhooks fields", "nfhooks"), ("nfhooks", "scapy"))
+    for proto, metric in (("udp", "pps"), ("tcp", "gbps")):
+        for a, b in pairs:
+            ra, rb = by.get((a, proto)), by.get((b, proto))
+            if ra is None or rb is None:
+                continue
+            out[f"{proto}_{metric} {a}/{b}"] = _ratio(getattr(ra, metric), getattr(rb, metric))
+    for proto in ("udp", "tcp"):
+        for a, b in (("nfhooks", "bare"), ("scapy", "bare"), ("nfhooks fields", "nfhooks")):
+            ra, rb = by.get((a, proto)), by.get((b, proto))
+            if ra is None or rb is None:
+                continue
+            out[f"{proto}_cpu_per_packet {a}/{b}"] = _ratio(ra.cpu_us_per_packet, rb.cpu_us_per_packet)
+    return out
+
+
+def summarize_collapsed(text: str, top: int = 15) -> dict[str, list[tuple[str, float]]]:
+    """Self and inclusive shares of samples per frame, from py-spy's raw (collapsed) output.
+
+    Each line is ``frame;frame;...;leaf COUNT``. "self" is the share of samples whose leaf
+    is the frame, "total" the share of samples with the frame anywhere on the stack
+    (counted once per sample, so recursion does not inflate it).
+    """
+    self_n: dict[str, int] = defaultdict(int)
+    total_n: dict[str, int] = defaultdict(int)
+    samples = 0
+    for line in text.splitlines():
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        samples += n
+        self_n[frames[-1]] += n
+        for f in set(frames):
+            total_n[f] += n
+    if not samples:
+        return {"self": [], "total": [], "samples": []}  # type: ignore[dict-item]
+
+    def rank(d: Mapping[str, int]) -> list[tuple[str, float]]:
+        return [(f, 100.0 * n / samples) for f, n in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"self": rank(self_n), "total": rank(total_n), "samples": samples}  # type: ignore[dict-item]
+
+
+# --------------------------------------------------------------------------- the lab
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class Bench:
+    """The two-node lab and the measurements; everything it starts is tracked by the lab."""
+
+    def __init__(self, lab: Any, seconds: float, policy: Path, log: Any = print) -> None:
+        self.lab = lab
+        self.seconds = seconds
+        self.policy = policy
+        self.log = log
+        self._cport = CPORT_BASE
+        self.server_addr = ""
+
+    # -- setup -------------------------------------------------------------------------
+
+    def build(self) -> None:
+        from .lab.topology import _pick_ranges
+
+        lab = self.lab
+        octet, _ = _pick_ranges(lab.id)
+        lab.add_node("client")
+        lab.add_node("router")
+        lab.connect("client", "eth0", "router", "lan")
+        lab.segments["lan"] = {"client": "eth0", "router": "lan"}
+        lab.networks["lan"] = {4: f"10.{octet}.1.0/24"}
+        lab.add_address("router", "lan", f"10.{octet}.1.1/24")
+        lab.add_address("client", "eth0", f"10.{octet}.1.2/24")
+        lab.wait_links_up()
+        self.server_addr = lab.addr("router")
+        for port in (PORT, FIELDS_PORT):
+            self._start_iperf_server(port)
+
+    def _start_iperf_server(self, port: int) -> None:
+        lab = self.lab
+        err = open(lab.tmpdir / f"iperf3-server-{port}.log", "wb")
+        proc = lab.popen("router", "iperf3", "-s", "-B", self.server_addr, "-p", port,
+                         stdout=err, stderr=subprocess.STDOUT)
+        err.close()
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"iperf3 server on port {port} exited with {proc.returncode}")
+            out = lab.exec("router", "ss", "-Htln", f"sport = :{port}", check=False).stdout
+            return bool(out.strip())
+
+        lab.wait_for(listening, timeout=10, what=f"iperf3 server on port {port}")
+
+    # -- probes ------------------------------------------------------------------------
+
+    def queue_stats(self) -> list[Any]:
+        from .metrics import parse_queue_stats
+
+        cp = self.lab.exec("router", "cat", "/proc/net/netfilter/nfnetlink_queue", check=False)
+        return parse_queue_stats(cp.stdout) if cp.returncode == 0 else []
+
+    @staticmethod
+    def cpu_seconds(pid: int) -> float | None:
+        text = _read(f"/proc/{pid}/stat")
+        return None if text is None else cpu_ticks(text) / CLK_TCK
+
+    @staticmethod
+    def rss_kib(pid: int) -> int | None:
+        text = _read(f"/proc/{pid}/status")
+        return None if text is None else vm_hwm_kib(text)
+
+    # -- traffic -----------------------------------------------------------------------
+
+    def iperf(self, proto: str, port: int, seconds: float | None = None) -> IperfResult:
+        s = seconds or self.seconds
+        self._cport += 1  # a fresh fixed port per test: no TIME_WAIT clash for TCP
+        argv: list[Any] = ["iperf3", "-c", self.server_addr, "-p", port, "--cport", self._cport,
+                           "-t", f"{s:g}", "-J", "--get-server-output"]
+        if proto == "udp":
+            argv += ["-u", "-b", "0", "-l", UDP_LEN]
+        cp = self.lab.exec("client", *argv, timeout=s + 40, check=False)
+        try:
+            doc = json.loads(cp.stdout)
+        except ValueError:
+            raise RuntimeError(f"iperf3 {proto} gave no JSON (exit {cp.returncode}): "
+                               f"{(cp.stderr or cp.stdout)[-500:]}") from None
+        return parse_iperf(doc)
+
+    def measure(self, case: str, proto: str, port: int, pid: int | None,
+                queues: Iterable[int] | None) -> Row:
+        q0 = self.queue_stats() if pid else []
+        c0 = self.cpu_seconds(pid) if pid else None
+        t0 = time.monotonic()
+        res = self.iperf(proto, port)
+        wall = time.monotonic() - t0
+        c1 = self.cpu_seconds(pid) if pid else None
+        q1 = self.queue_stats() if pid else []
+        cpu = c1 - c0 if c0 is not None and c1 is not None else None
+        queue = queue_handled(q0, q1, queues) if pid else None
+        rss = self.rss_kib(pid) if pid else None
+        row = Row.build(case, res, wall=wall, cpu=cpu, queue=queue, rss_kib=rss)
+        self.log(_describe(row))
+        return row
+
+    # -- consumers ---------------------------------------------------------------------
+
+    def rule(self, op: str, proto: str, port: int, queue: int) -> None:
+        # iptables-legacy, the backend python-iptables (and so nfhooks) writes to; run with
+        # `ip netns exec` inside the router namespace, never in the machine's own.
+        self.lab.exec("router", "iptables-legacy", "-w", op, "INPUT", "-p", proto, "--dport", port,
+                      "-j", "NFQUEUE", "--queue-num", queue)
+
+    def script_consumer(self, mode: str, proto: str) -> Row:
+        lab = self.lab
+        ready = lab.tmpdir / f"consumer-{mode}-{proto}.ready"
+        log_path = lab.tmpdir / f"consumer-{mode}-{proto}.log"
+        with open(log_path, "wb") as logf:
+            proc = lab.popen("router", sys.executable, "-c", _CONSUMER_SCRIPT, mode, BARE_QUEUE, ready,
+                             stdout=logf, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{mode} consumer exited with {proc.returncode}: "
+                                   f"{log_path.read_text(errors='replace')[-1500:]}")
+            return ready.exists()
+
+        lab.wait_for(up, timeout=30, what=f"{mode} consumer bound to queue {BARE_QUEUE}")
+        self.rule("-A", proto, PORT, BARE_QUEUE)
+        try:
+            return self.measure(mode, proto, PORT, proc.pid, [BARE_QUEUE])
+        finally:
+            self.rule("-D", proto, PORT, BARE_QUEUE)
+            _stop(proc)
+
+    def kernel(self, proto: str) -> Row:
+        return self.measure("kernel", proto, PORT, None, None)
+
+    def start_engine(self) -> Any:
+        return self.lab.start_engine(str(self.policy), "--set", f"port={PORT}",
+                                     "--set", f"fields_port={FIELDS_PORT}", node="router",
+                                     ready_timeout=30)
+
+    def engine_rows(self, protos: Sequence[str], fields: bool) -> list[Row]:
+        engine = self.start_engine()
+        rows = []
+        try:
+            for proto in protos:
+                for case, port in (("nfhooks", PORT), ("nfhooks fields", FIELDS_PORT)):
+                    if case == "nfhooks fields" and not fields:
+                        continue
+                    rows.append(self._guard(case, proto, lambda: self.measure(
+                        case, proto, port, engine.pid, None)))
+        finally:
+            engine.stop()
+        return rows
+
+    def profile(self, out: Path, seconds: float, native: bool) -> dict[str, Any]:
+        """py-spy on the engine while a UDP flood runs (a separate run: sampling slows it)."""
+        pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        if pyspy is None:
+            raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+        engine = self.start_engine()
+        try:
+            argv = [pyspy, "record", "-p", str(engine.pid), "-d", f"{seconds:g}", "-r", "500",
+                    "-f", "raw", "-o", str(out), "--nonblocking"]
+            if native:
+                argv.append("--native")
+            spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            try:
+                time.sleep(0.5)  # attach before the flood starts
+                self.iperf("udp", PORT, seconds)
+                _, err = spy.communicate(timeout=seconds + 30)
+            finally:
+                _stop(spy)
+            if spy.returncode:
+                raise RuntimeError(f"py-spy exited with {spy.returncode}: {err[-800:]}")
+        finally:
+            engine.stop()
+        return summarize_collapsed(out.read_text())
+
+    def _guard(self, case: str, proto: str, fn: Any) -> Row:
+        """One failing row is reported, not fatal: the other rows are still worth having."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            self.log(f"  {case} {proto}: FAILED: {e}")
+            return Row(case, proto, error=f"{type(e).__name__}: {e}")
+
+    def run(self, protos: Sequence[str], fields: bool, scapy: bool) -> list[Row]:
+        rows: list[Row] = []
+        for proto in protos:
+            rows.append(self._guard("kernel", proto, lambda: self.kernel(proto)))
+            rows.append(self._guard("bare", proto, lambda: self.script_consumer("bare", proto)))
+            if scapy:
+                rows.append(self._guard("scapy", proto, lambda: self.script_consumer("scapy", proto)))
+        rows += self.engine_rows(protos, fields)
+        order = {c: i for i, c in enumerate(CASES)}
+        rows.sort(key=lambda r: (protos.index(r.proto), order.get(r.case, 99)))
+        return rows
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM by PID, SIGKILL after 3 s (the lab would do it at close; this frees the queue now)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _describe(r: Row) -> str:
+    what = f"{_fmt(r.pps, ',.0f')} pps" if r.proto == "udp" else f"{_fmt(r.gbps, '.2f')} Gbit/s"
+    cpu = f", {_fmt(r.cpu_us_per_packet, '.2f')} us CPU/pkt" if r.cpu_us_per_packet is not None else ""
+    return f"  {r.case:<15} {r.proto}: {what}{cpu}"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"nfhooks bench: {meta['seconds']:g} s per row, {meta['cpus']} CPUs, "
+                    f"kernel {meta['kernel']}, one run")
+    for col, just in (("traffic", "left"), ("consumer", "left"), ("rx pps", "right"), ("Gbit/s", "right"),
+                      ("lost %", "right"), ("decided", "right"), ("q-full drops", "right"),
+                      ("CPU us/pkt", "right"), ("CPU % core", "right"), ("max RSS MiB", "right")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
+        if r.error:
+            t.add_row(traffic, r.case, f"[red]failed: {r.error[:60]}[/red]", *[""] * 7)
+            continue
+        t.add_row(traffic, r.case, _fmt(r.pps, ",.0f"), _fmt(r.gbps, ".3f"), _fmt(r.lost_pct, ".1f"),
+                  _fmt(r.handled, ","), _fmt(r.queue_dropped, ","), _fmt(r.cpu_us_per_packet, ".2f"),
+                  _fmt(r.cpu_core_pct, ".0f"), _fmt(r.max_rss_mib, ".1f"))
+    con.print(t)
+    rt = Table(title="ratios (same run)")
+    rt.add_column("ratio")
+    rt.add_column("value", justify="right")
+    for k, v in rat.items():
+        rt.add_row(k, _fmt(v, ".3f"))
+    con.print(rt)
+
+
+def _meta(seconds: float) -> dict[str, Any]:
+    return {
+        "seconds": seconds,
+        "cpus": os.cpu_count(),
+        "kernel": os.uname().release,
+        "python": sys.version.split()[0],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "udp_payload": UDP_LEN,
+        "iperf3": (subprocess.run(["iperf3", "--version"], capture_output=True, text=True)
+                   .stdout.split("\n")[0].strip() if shutil.which("iperf3") else None),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nfhooks.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (default 5)")
+    ap.add_argument("--quick", action="store_true", help="2 s per row, no 'nfhooks fields' rows")
+    ap.add_argument("--json", default="bench-results.json", help="write results here (default %(default)s)")
+    ap.add_argument("--proto", choices=("udp", "tcp", "both"), default="both")
+    ap.add_argument("--no-scapy", action="store_true", help="skip the scapy rows")
+    ap.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="benchmark policy")
+    ap.add_argument("--profile", type=Path, metavar="PATH",
+                    help="also run py-spy on the engine under the UDP flood; raw stacks to PATH")
+    ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    args = ap.parse_args(argv)
+
+    if os.geteuid() != 0:
+        print("nfhooks bench: needs root (network namespaces, iptables, NFQUEUE)", file=sys.stderr)
+        return 2
+    if shutil.which("iperf3") is None:
+        print("nfhooks bench: iperf3 is not installed (make deps)", file=sys.stderr)
+        return 2
+    seconds = 2.0 if args.quick and args.seconds == 5.0 else args.seconds
+    protos = ("udp", "tcp") if args.proto == "both" else (args.proto,)
+
+    from .lab.topology import Lab
+
+    meta = _meta(seconds)
+    t0 = time.monotonic()
+    profile: dict[str, Any] | None = None
+    with Lab() as lab:
+        print(f"nfhooks bench: lab {lab.id} (client -- router), {seconds:g} s per row", flush=True)
+        bench = Bench(lab, seconds, args.policy, log=lambda s: print(s, flush=True))
+        bench.build()
+        rows = bench.run(protos, fields=not args.quick, scapy=not args.no_scapy)
+        if args.profile:
+            profile = bench.profile(args.profile, max(seconds, 5.0), args.profile_native)
+    meta["wall_seconds"] = round(time.monotonic() - t0, 1)
+    rat = ratios(rows)
+    render(rows, rat, meta)
+    doc: dict[str, Any] = {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": rat}
+    if profile is not None:
+        doc["profile"] = profile
+        print(f"profile: {profile['samples']} samples in {args.profile}; top self time:")
+        for f, pct in profile["self"][:10]:
+            print(f"  {pct:5.1f}%  {f}")
+    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"results: {args.json} ({meta['wall_seconds']} s)")
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
