@@ -93,19 +93,26 @@ q.run()
 
 @dataclass
 class IperfResult:
-    """What the receiving side of one iperf3 test saw."""
+    """What the receiving side of one iperf3 test saw (and, for UDP, what was sent)."""
 
     protocol: str  # "udp" or "tcp"
     seconds: float
-    packets: int | None  # UDP: datagrams received (sent - lost); TCP: None
+    packets: int | None  # UDP: datagrams received (total - lost); TCP: None
     lost: int | None  # UDP: datagrams lost on the way (sequence gaps)
     bits_per_second: float  # payload bits received per second
+    sent: int | None = None  # UDP: datagrams the client sent
 
     @property
     def pps(self) -> float | None:
         if self.packets is None or not self.seconds:
             return None
         return self.packets / self.seconds
+
+    @property
+    def tx_pps(self) -> float | None:
+        if self.sent is None or not self.seconds:
+            return None
+        return self.sent / self.seconds
 
     @property
     def gbps(self) -> float:
@@ -115,36 +122,45 @@ class IperfResult:
     def lost_fraction(self) -> float | None:
         if self.packets is None or self.lost is None:
             return None
-        sent = self.packets + self.lost
-        return self.lost / sent if sent else 0.0
+        total = self.packets + self.lost
+        return self.lost / total if total else 0.0
 
 
 def parse_iperf(doc: Mapping[str, Any]) -> IperfResult:
     """The receiver's numbers from an iperf3 client's ``-J --get-server-output`` document.
 
-    The server's own report (``server_output_json``) is preferred: for UDP its ``end.sum``
-    has ``packets`` (highest sequence number seen) and ``lost_packets`` (gaps), so received
-    = packets - lost; for TCP ``end.sum_received``. Without it, the client's copy of the
-    receiver's figures is used. Raises ValueError on an iperf3 error report.
+    The receiver's figures are ``end.sum_received`` of the client's document (iperf3 >= 3.1
+    copies them from the server; a ``server_output_json``, present when the server itself
+    ran with ``-J``, is used the same way if the client has no ``sum_received``). For UDP,
+    ``packets`` there is the highest sequence number the server saw and ``lost_packets`` the
+    gaps below it, so received = packets - lost. Not ``end.sum``: for UDP that is the
+    sender's count, which includes datagrams still queued or dropped after the last one
+    the server saw. Raises ValueError on an iperf3 error report.
     """
     if doc.get("error"):
         raise ValueError(f"iperf3: {doc['error']}")
+    start = doc.get("start") or {}
+    end = doc.get("end") or {}
+    proto = str((start.get("test_start") or {}).get("protocol", "")).lower()
+    rx = end.get("sum_received")
     server = doc.get("server_output_json")
-    src = server if isinstance(server, Mapping) and server.get("end") else doc
-    if src.get("error"):
-        raise ValueError(f"iperf3 server: {src['error']}")
-    start = doc.get("start", {})
-    proto = str(start.get("test_start", {}).get("protocol", "")).lower()
-    end = src.get("end") or {}
+    if not rx and isinstance(server, Mapping):
+        if server.get("error"):
+            raise ValueError(f"iperf3 server: {server['error']}")
+        send = server.get("end") or {}
+        rx = send.get("sum_received") or send.get("sum")
+    if not rx:
+        raise ValueError("iperf3 document has no receiver summary (end.sum_received)")
     if not proto:
-        proto = "udp" if "lost_packets" in end.get("sum", {}) else "tcp"
+        proto = "udp" if "lost_packets" in rx else "tcp"
+    seconds = float(rx.get("seconds", 0.0))
+    bps = float(rx.get("bits_per_second", 0.0))
     if proto == "udp":
-        s = end.get("sum") or end.get("sum_received") or {}
-        total, lost = int(s.get("packets", 0)), int(s.get("lost_packets", 0))
-        return IperfResult("udp", float(s.get("seconds", 0.0)), max(total - lost, 0), lost,
-                           float(s.get("bits_per_second", 0.0)))
-    s = end.get("sum_received") or end.get("sum") or {}
-    return IperfResult("tcp", float(s.get("seconds", 0.0)), None, None, float(s.get("bits_per_second", 0.0)))
+        total, lost = int(rx.get("packets", 0)), int(rx.get("lost_packets", 0))
+        sent_sum = end.get("sum_sent") or {}
+        sent = int(sent_sum["packets"]) if "packets" in sent_sum else None
+        return IperfResult("udp", seconds, max(total - lost, 0), lost, bps, sent)
+    return IperfResult("tcp", seconds, None, None, bps)
 
 
 def cpu_ticks(stat: str) -> int:

@@ -311,12 +311,42 @@ def _error_location(exc: BaseException, path: str) -> int | None:
     return line
 
 
+def check_permissions(path: Path) -> None:
+    """Refuse a policy others could have changed, like sshd's StrictModes.
+
+    A policy is code that runs as root with CAP_NET_ADMIN: a file (or a directory holding it)
+    writable by other users is a privilege escalation waiting to happen. Symlinks are followed,
+    so a Kubernetes ConfigMap mount (root-owned read-only files behind ``..data`` symlinks, in a
+    sticky directory) is accepted: a sticky directory is fine when the file is owned by root or
+    by us, because nobody else can replace it there.
+    """
+    import os
+    import stat
+
+    real = path.resolve()
+    me = os.geteuid()
+    st = real.stat()
+    if st.st_uid not in (0, me):
+        raise PolicyError(f"refusing a policy owned by uid {st.st_uid} (not root, not us): it runs as root; "
+                          f"chown it (real file {real})", str(path))
+    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
+        raise PolicyError(f"refusing a policy writable by other users (mode {stat.filemode(st.st_mode)}): "
+                          f"it runs as root; chmod go-w {real}", str(path))
+    for d in real.parents:
+        ds = d.stat()
+        if ds.st_mode & stat.S_IWOTH and not ds.st_mode & stat.S_ISVTX:
+            raise PolicyError(f"refusing a policy in {d}, a directory every user can write to (mode "
+                              f"{stat.filemode(ds.st_mode)}): anyone could swap the file; chmod o-w {d}",
+                              str(path))
+
+
 def load_policy(path: str | Path, overrides: dict[str, str] | None = None) -> Policy:
     """Import a policy file and return its validated ``Policy`` with options applied."""
     p = Path(path)
     shown = str(path)
     if not p.is_file():
         raise PolicyError(f"policy file not found (looked for {p.resolve()})", shown)
+    check_permissions(p)
     modname = "nfhooks_policy_" + hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(modname, p)
     if spec is None or spec.loader is None:

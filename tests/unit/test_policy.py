@@ -131,3 +131,32 @@ def test_decide_simulates_fall_through_and_default():
     assert h.name == "established" and v == accept()
     h, v = pol.decide(fake_packet(proto="tcp", dport=80, hook="OUTPUT"))
     assert h.name == "no_web" and v.kind == "drop"
+
+
+def test_policy_writable_by_others_is_refused(tmp_path):
+    f = tmp_path / "p.py"
+    f.write_text("from nfhooks import Policy\npolicy = Policy()\n")
+    f.chmod(0o666)
+    with pytest.raises(PolicyError, match="writable by other users"):
+        load_policy(f)
+    f.chmod(0o644)
+    d = tmp_path / "open"
+    d.mkdir()
+    d.chmod(0o777)
+    g = d / "p.py"
+    g.write_text(f.read_text())
+    with pytest.raises(PolicyError, match="every user can write"):
+        load_policy(g)
+    d.chmod(0o1777)  # sticky, like /tmp or a ConfigMap mount: the owner alone can replace it
+    assert load_policy(g).handlers == []
+
+
+def test_configmap_style_symlinks_are_accepted(tmp_path):
+    data = tmp_path / "..2026_11_25"
+    data.mkdir()
+    (data / "p.py").write_text("from nfhooks import Policy\npolicy = Policy()\n")
+    (data / "p.py").chmod(0o444)
+    (tmp_path / "..data").symlink_to(data.name)
+    (tmp_path / "p.py").symlink_to("..data/p.py")
+    tmp_path.chmod(0o1777)
+    assert load_policy(tmp_path / "p.py").handlers == []
