@@ -6,12 +6,18 @@ at the netfilter hooks it names, into NFQUEUE; the engine gives each one exactly
 
 from .hooks import HOOKS, PlacementError
 from .policy import Option, Policy, PolicyError, load_policy
-from .verdict import Accept, Drop, Mark, Reject, Verdict, accept, connmark, drop, mark, reject
+from .verdict import (
+    Accept, Dnat, Drop, Mangle, Mark, Masquerade, Nat, Redirect, Reject, Snat, Verdict, accept,
+    clamp_mss, connmark, dnat, drop, mangle, mark, masquerade, payload, redirect, reject,
+    set_dscp, set_tos, set_ttl, snat,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HOOKS", "PlacementError", "Option", "Policy", "PolicyError", "load_policy",
     "Accept", "Drop", "Mark", "Reject", "Verdict", "accept", "connmark", "drop", "mark", "reject",
+    "Nat", "Dnat", "Snat", "Masquerade", "Redirect", "dnat", "snat", "masquerade", "redirect",
+    "Mangle", "mangle", "set_ttl", "set_dscp", "set_tos", "clamp_mss", "payload",
     "__version__",
 ]

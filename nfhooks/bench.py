@@ -54,6 +54,7 @@ __all__ = [
     "queue_handled",
     "ratios",
     "summarize_collapsed",
+    "breakdown",
     "vm_hwm_kib",
 ]
 
@@ -210,7 +211,8 @@ class Row:
     proto: str
     seconds: float = 0.0
     rx_packets: int | None = None
-    pps: float | None = None
+    pps: float | None = None  # received per second
+    tx_pps: float | None = None  # sent per second (UDP)
     gbps: float | None = None
     lost_pct: float | None = None
     handled: int | None = None  # packets the consumer decided
@@ -227,7 +229,7 @@ class Row:
     def build(cls, case: str, res: IperfResult, *, wall: float | None = None, cpu: float | None = None,
               queue: Mapping[str, int] | None = None, rss_kib: int | None = None) -> Row:
         r = cls(case, res.protocol, seconds=res.seconds, rx_packets=res.packets, pps=res.pps,
-                gbps=res.gbps)
+                tx_pps=res.tx_pps, gbps=res.gbps)
         lf = res.lost_fraction
         r.lost_pct = None if lf is None else 100.0 * lf
         if queue is not None:
@@ -296,12 +298,52 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, list[tuple[str, f
         for f in set(frames):
             total_n[f] += n
     if not samples:
-        return {"self": [], "total": [], "samples": []}  # type: ignore[dict-item]
+        return {"self": [], "total": [], "samples": 0}  # type: ignore[dict-item]
 
     def rank(d: Mapping[str, int]) -> list[tuple[str, float]]:
         return [(f, 100.0 * n / samples) for f, n in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
 
     return {"self": rank(self_n), "total": rank(total_n), "samples": samples}  # type: ignore[dict-item]
+
+
+#: Where a sample of the engine's packet loop spent its time, first match wins (substrings
+#: of py-spy frames; the C frames -- sendmsg, recv -- need ``--native``).
+BREAKDOWN: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("metrics: verdict counters", ("VerdictCounter.count",)),
+    ("metrics: latency histogram", ("Histogram.observe",)),
+    ("parse (packet.py)", ("parse (nfhooks/packet.py",)),
+    ("handler (policies/bench.py)", (" (bench.py:",)),  # py-spy names a file outside a package bare
+    ("verdict: nfq_set_verdict/sendmsg (kernel re-injects the packet)", ("sendmsg", "nfq_set_verdict")),
+    ("on_packet/apply: the rest", ("on_packet (nfhooks/engine.py",)),
+    ("receive: recv (kernel hands over packets)", ("recv (",)),
+    ("wait: epoll_wait", ("epoll_wait", "EpollSelector.select")),
+    ("NetfilterQueue loop (Cython)", ("",)),
+)
+
+
+def breakdown(text: str) -> dict[str, Any]:
+    """Share of the engine's packet-loop samples per :data:`BREAKDOWN` category.
+
+    Samples outside the loop (``QueueSet.run`` not on the stack: the metrics HTTP thread,
+    startup) are counted apart and left out of the shares.
+    """
+    cats: dict[str, int] = {name: 0 for name, _ in BREAKDOWN}
+    loop = other = 0
+    for line in text.splitlines():
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        if "QueueSet.run" not in stack:
+            other += n
+            continue
+        loop += n
+        for name, needles in BREAKDOWN:
+            if any(x in stack for x in needles):
+                cats[name] += n
+                break
+    shares = {k: (100.0 * v / loop if loop else 0.0) for k, v in cats.items()}
+    return {"loop_samples": loop, "other_samples": other, "percent": shares}
 
 
 # --------------------------------------------------------------------------- the lab
@@ -380,20 +422,28 @@ class Bench:
 
     # -- traffic -----------------------------------------------------------------------
 
-    def iperf(self, proto: str, port: int, seconds: float | None = None) -> IperfResult:
+    def iperf(self, proto: str, port: int, seconds: float | None = None, attempts: int = 3) -> IperfResult:
+        """One iperf3 test from the client; retried when iperf3 fails to set the test up
+        (3.12 now and then reports "unable to read from stream socket" right after the
+        previous test on the same server)."""
         s = seconds or self.seconds
-        self._cport += 1  # a fresh fixed port per test: no TIME_WAIT clash for TCP
-        argv: list[Any] = ["iperf3", "-c", self.server_addr, "-p", port, "--cport", self._cport,
-                           "-t", f"{s:g}", "-J", "--get-server-output"]
-        if proto == "udp":
-            argv += ["-u", "-b", "0", "-l", UDP_LEN]
-        cp = self.lab.exec("client", *argv, timeout=s + 40, check=False)
-        try:
-            doc = json.loads(cp.stdout)
-        except ValueError:
-            raise RuntimeError(f"iperf3 {proto} gave no JSON (exit {cp.returncode}): "
-                               f"{(cp.stderr or cp.stdout)[-500:]}") from None
-        return parse_iperf(doc)
+        for attempt in range(attempts):
+            self._cport += 1  # a fresh fixed port per test: no TIME_WAIT clash for TCP
+            argv: list[Any] = ["iperf3", "-c", self.server_addr, "-p", port, "--cport", self._cport,
+                               "-t", f"{s:g}", "-J", "--get-server-output"]
+            if proto == "udp":
+                argv += ["-u", "-b", "0", "-l", UDP_LEN]
+            cp = self.lab.exec("client", *argv, timeout=s + 40, check=False)
+            try:
+                return parse_iperf(json.loads(cp.stdout))
+            except ValueError as e:
+                err = str(e) if cp.stdout.strip().startswith("{") else (
+                    f"iperf3 {proto} gave no JSON (exit {cp.returncode}): {(cp.stderr or cp.stdout)[-500:]}")
+                if attempt + 1 == attempts:
+                    raise RuntimeError(err) from None
+                self.log(f"  (iperf3 {proto} failed, retrying: {err})")
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
 
     def measure(self, case: str, proto: str, port: int, pid: int | None,
                 queues: Iterable[int] | None) -> Row:
@@ -471,7 +521,7 @@ class Bench:
         engine = self.start_engine()
         try:
             argv = [pyspy, "record", "-p", str(engine.pid), "-d", f"{seconds:g}", "-r", "500",
-                    "-f", "raw", "-o", str(out), "--nonblocking"]
+                    "-f", "raw", "-o", str(out)]
             if native:
                 argv.append("--native")
             spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -485,7 +535,8 @@ class Bench:
                 raise RuntimeError(f"py-spy exited with {spy.returncode}: {err[-800:]}")
         finally:
             engine.stop()
-        return summarize_collapsed(out.read_text())
+        text = out.read_text()
+        return {**summarize_collapsed(text), "breakdown": breakdown(text)}
 
     def _guard(self, case: str, proto: str, fn: Any) -> Row:
         """One failing row is reported, not fatal: the other rows are still worth having."""
@@ -537,20 +588,21 @@ def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[s
     from rich.table import Table
 
     con = Console()
+    if not con.is_terminal:
+        con = Console(width=160)  # piped to a file: do not squeeze the table to 80 columns
     t = Table(title=f"nfhooks bench: {meta['seconds']:g} s per row, {meta['cpus']} CPUs, "
                     f"kernel {meta['kernel']}, one run")
-    for col, just in (("traffic", "left"), ("consumer", "left"), ("rx pps", "right"), ("Gbit/s", "right"),
-                      ("lost %", "right"), ("decided", "right"), ("q-full drops", "right"),
-                      ("CPU us/pkt", "right"), ("CPU % core", "right"), ("max RSS MiB", "right")):
-        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for col in ("traffic", "consumer", "tx pps", "rx pps", "rx Gbit/s", "lost %", "decided",
+                "queue-full drops", "CPU us/pkt", "CPU % of a core", "max RSS MiB"):
+        t.add_column(col, justify="left" if col in ("traffic", "consumer") else "right")
     for r in rows:
         traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
         if r.error:
-            t.add_row(traffic, r.case, f"[red]failed: {r.error[:60]}[/red]", *[""] * 7)
+            t.add_row(traffic, r.case, f"[red]failed: {r.error[:80]}[/red]", *[""] * 8)
             continue
-        t.add_row(traffic, r.case, _fmt(r.pps, ",.0f"), _fmt(r.gbps, ".3f"), _fmt(r.lost_pct, ".1f"),
-                  _fmt(r.handled, ","), _fmt(r.queue_dropped, ","), _fmt(r.cpu_us_per_packet, ".2f"),
-                  _fmt(r.cpu_core_pct, ".0f"), _fmt(r.max_rss_mib, ".1f"))
+        t.add_row(traffic, r.case, _fmt(r.tx_pps, ",.0f"), _fmt(r.pps, ",.0f"), _fmt(r.gbps, ".3f"),
+                  _fmt(r.lost_pct, ".1f"), _fmt(r.handled, ","), _fmt(r.queue_dropped, ","),
+                  _fmt(r.cpu_us_per_packet, ".2f"), _fmt(r.cpu_core_pct, ".0f"), _fmt(r.max_rss_mib, ".1f"))
     con.print(t)
     rt = Table(title="ratios (same run)")
     rt.add_column("ratio")
@@ -616,6 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"profile: {profile['samples']} samples in {args.profile}; top self time:")
         for f, pct in profile["self"][:10]:
             print(f"  {pct:5.1f}%  {f}")
+        print("where the packet loop's time goes:")
+        for k, pct in profile["breakdown"]["percent"].items():
+            print(f"  {pct:5.1f}%  {k}")
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"results: {args.json} ({meta['wall_seconds']} s)")
     return 1 if any(r.error for r in rows) else 0

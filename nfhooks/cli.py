@@ -66,7 +66,8 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
           fail_open: bool = typer.Option(False, "--fail-open"),
           fail_closed: bool = typer.Option(False, "--fail-closed"),
           queue_base: int = typer.Option(0, "--queue-base"),
-          mark_mask: str = typer.Option("0xffff0000", "--mark-mask")) -> None:
+          mark_mask: str = typer.Option("0xffff0000", "--mark-mask"),
+          nat_targets: int = typer.Option(63, "--nat-targets")) -> None:
     """Validate POLICY and print the rules `run` would install (iptables-save format).
 
     Touches nothing and needs no root.
@@ -77,7 +78,7 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     pol = _load(policy, set_)
     try:
         rs = compile_policy(pol, queue_base=queue_base, fail=_fail_mode(fail_open, fail_closed),
-                            mark_mask=_mask(mark_mask))
+                            mark_mask=_mask(mark_mask), nat_targets=nat_targets)
     except PolicyError as e:
         _fail(str(e))
         return
@@ -94,6 +95,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
         fail_closed: bool = typer.Option(False, "--fail-closed", help="no engine: queued traffic is dropped"),
         queue_base: int = typer.Option(0, "--queue-base", help="first NFQUEUE number"),
         mark_mask: str = typer.Option("0xffff0000", "--mark-mask", help="mark bits nfhooks may use"),
+        nat_targets: int = typer.Option(63, "--nat-targets",
+                                        help="bound on distinct NAT targets (sizes the nat mark field)"),
         metrics_addr: str = typer.Option("127.0.0.1:9477", "--metrics-addr",
                                          help="HOST:PORT for Prometheus metrics; 'off' disables"),
         public_metrics: bool = typer.Option(False, "--public-metrics",
@@ -110,7 +113,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     try:
         metrics = Metrics()
         engine = Engine(pol, metrics=metrics, queue_base=queue_base,
-                        fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask))
+                        fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask),
+                        nat_targets=nat_targets)
     except PolicyError as e:
         _fail(str(e))
         return
@@ -181,6 +185,63 @@ def flush(force: bool = typer.Option(False, "--force", help="flush even while a 
 def hooks() -> None:
     """Explain where each verdict works and how nfhooks carries it out."""
     out.print(explain())
+
+
+lab_app = typer.Typer(help="A namespace lab: client, router (running nfhooks), server and proxy, "
+                           "traffic across all five hooks, and a summary of what happened.")
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.callback(invoke_without_command=True)
+def lab(ctx: typer.Context,
+        policy: Optional[Path] = typer.Option(None, "--policy", help="policy for the router "
+                                              "(default: policies/lab.py)"),
+        set_: List[str] = SET_OPT,
+        duration: float = typer.Option(5.0, "--duration", help="seconds of steady traffic"),
+        metrics_addr: str = typer.Option("127.0.0.1:9477", "--metrics-addr",
+                                         help="the engine's metrics address inside the router namespace"),
+        keep: bool = typer.Option(False, "--keep", help="leave the lab running (see `lab exec`, `lab down`)")) -> None:
+    """Build the lab, run the policy on its router, drive traffic across every hook, explain it.
+
+    Needs root; everything happens in network namespaces named nfhlab-*, removed at the end
+    unless --keep.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .lab.runner import LabConfig, LabError, run as run_lab
+
+    try:
+        code = run_lab(LabConfig(policy=policy, sets=list(set_), duration=duration,
+                                 metrics_addr=metrics_addr, keep=keep))
+    except LabError as e:
+        _fail(str(e))
+        return
+    raise typer.Exit(code)
+
+
+@lab_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lab_exec(node: str = typer.Argument(..., help="client, router, switch, server or proxy"),
+             cmd: List[str] = typer.Argument(..., help="the command, after --")) -> None:
+    """Run a command in a node of the kept lab: nfhooks lab exec client -- ping -c1 SERVER."""
+    from .lab.runner import LabError, exec_in_node
+
+    try:
+        exec_in_node(node, cmd)
+    except LabError as e:
+        _fail(str(e))
+
+
+@lab_app.command("down")
+def lab_down() -> None:
+    """Stop the kept lab's engine and remove its namespaces, and any crashed run's leftovers."""
+    from .lab.runner import LabError, down
+
+    try:
+        code = down()
+    except LabError as e:
+        _fail(str(e))
+        return
+    raise typer.Exit(code)
 
 
 def main() -> None:

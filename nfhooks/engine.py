@@ -21,6 +21,12 @@ reject     action=reject in the mark; NF_REPEAT when queued from filter (our REJ
 mark       masked read-modify-write of the user bits (set_mark writes all 32 bits), NF_ACCEPT
 connmark   as mark, plus action=connsave, NF_REPEAT: our CONNMARK --save-mark rule copies the
            user bits to the connection, clears the action and accepts
+dnat etc.  the target's index in the nat mark field (masked; the rule is installed first if the
+           target is new, see nat.py), NF_ACCEPT from mangle: the nat table at the same hook
+           applies it, conntrack does the rest of the connection
+mangle     the packet rewritten in Python (mangle.py: lengths, checksums), set_payload,
+           NF_ACCEPT. A truncated queued copy is never rewritten: accepted as it is, counted
+           (nfhooks_truncated_packets) and logged naming the handler
 =========  ===============================================================================
 """
 
@@ -35,16 +41,20 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .hooks import PLACEMENTS, TABLE_HOOKS
-from .marks import ACTION_CONNSAVE, MarkLayout
+from .mangle import MangleError, TruncatedPacket, rewrite
+from .marks import ACTION_CONNSAVE, DEFAULT_NAT_TARGETS, MarkLayout
 from .metrics import Metrics
+from .nat import NatError, NatTargets
 from .packet import Malformed, parse
 from .policy import Handler, Policy
 from .rules import RuleSet, compile_policy, reject_action
-from .verdict import Accept, Drop, Mark, Reject, Verdict, placement_kind
+from .verdict import NAT_KINDS, Accept, Drop, Mangle, Mark, Nat, Reject, Verdict, placement_kind
 
 log = logging.getLogger("nfhooks.engine")
 NONE_LABEL = "continue"
 VERDICT_LABELS = ("accept", "drop", "reject", "mark", "connmark", NONE_LABEL)
+#: Labels bound only for handlers that may return them (queued from mangle where they work).
+REWRITE_LABELS = (*sorted(NAT_KINDS), "mangle")
 
 
 class RateLimitedLog:
@@ -85,6 +95,7 @@ class Dispatcher:
     ruleset: RuleSet
     metrics: Metrics
     errlog: RateLimitedLog = field(default_factory=RateLimitedLog)
+    nat: NatTargets | None = None  # None: the policy has no nat mark field
 
     def callback(self, handler: Handler) -> Callable[[Any], None]:
         hook, table, func, name = handler.hook, handler.table, handler.func, handler.name
@@ -99,6 +110,10 @@ class Dispatcher:
         allowed = {k for k, p in PLACEMENTS.items() if hook in p.hooks and table in p.queue_tables}
         m = self.metrics
         counters = {v: m.bind_verdict(hook, table, name, v) for v in VERDICT_LABELS}
+        counters.update({v: m.bind_verdict(hook, table, name, v) for v in REWRITE_LABELS if v in allowed})
+        nat = self.nat
+        nat_clear = ~layout["nat"].mask & 0xFFFFFFFF if "nat" in layout else 0xFFFFFFFF
+        truncated = m.truncated(hook)
         default_counters = {v: m.bind_verdict(hook, table, "", v) for v in ("accept", "drop", "reject")}
         histogram = m.decision_histogram(hook)
         errors = m.handler_errors(hook, name)
@@ -170,6 +185,37 @@ class Dispatcher:
                 elif type(v) is Mark and v.value & v.mask & ~user:  # type: ignore[attr-defined]
                     fail(nfpkt, mark, nbytes, f"mark {v.value:#x} touches nfhooks' bits "  # type: ignore[attr-defined]
                                               f"{layout.mask:#x}; use bits of {user:#x}", None)
+                elif isinstance(v, Nat):
+                    if nat is None:
+                        fail(nfpkt, mark, nbytes, f"returned {v}, but no handler's source calls a NAT "
+                                                  "verdict, so nfhooks reserved no nat mark bits; call "
+                                                  "dnat()/snat()/masquerade()/redirect() in the handler", None)
+                        return
+                    try:
+                        bits = nat.mark_bits(pkt, v)
+                    except NatError as e:
+                        fail(nfpkt, mark, nbytes, str(e), None)
+                        return
+                    counters[v.kind].count(nbytes)
+                    nfpkt.set_mark((mark & nat_clear) | bits)
+                    nfpkt.accept()
+                elif type(v) is Mangle:
+                    try:
+                        new = rewrite(raw, v, pkt)  # type: ignore[arg-type]
+                    except TruncatedPacket as e:
+                        truncated.inc()
+                        errlog.error(f"truncated:{name}", f"{handler.where}: handler {name!r} at {hook} "
+                                                          f"returned mangle: {e}; accepted unchanged", None, pfile)
+                        counters["accept"].count(nbytes)
+                        nfpkt.accept()
+                        return
+                    except MangleError as e:
+                        fail(nfpkt, mark, nbytes, f"returned {v.kind}: {e}", None)
+                        return
+                    counters["mangle"].count(nbytes)
+                    if new is not raw:
+                        nfpkt.set_payload(new)
+                    nfpkt.accept()
                 else:
                     apply(nfpkt, v, mark, nbytes, counters)
             except Exception as e:  # noqa: BLE001 -- last resort: never leave a packet undecided
@@ -195,15 +241,19 @@ class Engine:
 
     def __init__(self, policy: Policy, *, metrics: Metrics | None = None, queue_base: int = 0,
                  fail: str | None = None, mark_mask: int | None = None,
-                 ruleset: RuleSet | None = None) -> None:
+                 ruleset: RuleSet | None = None, nat_targets: int = DEFAULT_NAT_TARGETS) -> None:
         from .marks import DEFAULT_MARK_MASK
 
         self.policy = policy
         self.metrics = metrics or Metrics()
         self.ruleset = ruleset or compile_policy(policy, queue_base=queue_base, fail=fail,
-                                                 mark_mask=mark_mask or DEFAULT_MARK_MASK)
+                                                 mark_mask=mark_mask or DEFAULT_MARK_MASK,
+                                                 nat_targets=nat_targets)
         policy.self_mark = self.ruleset.layout["self"].mask
-        self.dispatcher = Dispatcher(policy, self.ruleset, self.metrics)
+        self.nat = (NatTargets(self.ruleset.layout, self.ruleset.nat_targets,
+                               on_change=self.metrics.set_nat_targets)
+                    if "nat" in self.ruleset.layout else None)
+        self.dispatcher = Dispatcher(policy, self.ruleset, self.metrics, nat=self.nat)
         self.queues: Any = None
         self.owner: Any = None
         self.installed = False

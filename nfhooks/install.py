@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from .hooks import TABLE_HOOKS, TABLE_ORDER
-from .rules import CHAIN_PREFIX, COMMENT, FAMILIES, Rule, RuleSet
+from .rules import CHAIN_PREFIX, COMMENT, FAMILIES, MatchSpec, Rule, RuleSet
 
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 PROTO_NUMBERS = {"tcp": "6", "udp": "17", "icmp": "1", "ipv6-icmp": "58", "icmpv6": "58", "sctp": "132"}
@@ -127,6 +127,34 @@ def install(rs: RuleSet) -> None:
                 iptc.Chain(t, j.chain).insert_rule(_build_rule(j, fam))
             t.commit()
             t.refresh()
+
+
+def append_rule(family: int, table: str, hook: str, rule: Rule) -> None:
+    """Append ``rule`` to our chain ``rule.chain`` while the engine runs (NAT targets, nat.py).
+
+    Through ``ip(6)tables-legacy-restore --noflush -w`` fed the rule's iptables-save text, not
+    python-iptables: libxtables registers an extension for the family current when it is
+    first loaded, and the NAT targets share one library (libxt_NAT.so) that python-iptables
+    cannot register for the second family -- a process that created DNAT for IPv4 cannot
+    for IPv6 (ldx/python-iptables#316, #325). The restore is one commit of one table, so
+    atomic; ``-w`` takes the same xtables lock. If the chain is missing (a handler returned a
+    NAT verdict its source did not show, so the policy compiled no chain for it), the chain,
+    the rule and the jump from ``hook`` go in that same commit.
+    """
+    tool = "ip6tables-legacy-restore" if family == 6 else "iptables-legacy-restore"
+    if not shutil.which(tool):
+        raise KernelError(f"{tool} not found: install Debian's iptables package")
+    with xtables_lock():
+        exists = _table(family, table).is_chain(rule.chain)
+    lines = [f"*{table}"]
+    if not exists:
+        lines.append(f":{rule.chain} - [0:0]")
+        jump = Rule(hook, rule.chain, matches=(MatchSpec("comment", (("comment", COMMENT, False),)),))
+        lines.append("-I" + jump.render()[2:])
+    lines += [rule.render(), "COMMIT", ""]
+    cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(lines), capture_output=True, text=True)
+    if cp.returncode:
+        raise KernelError(f"{tool} refused `{rule.render()}`: {cp.stderr.strip() or cp.returncode}")
 
 
 def _is_ours(rule: Any) -> bool:

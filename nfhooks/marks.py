@@ -27,6 +27,10 @@ ACTION_REJECT_HOST = 3     # REJECT --reject-with icmp-host-unreachable
 ACTION_CONNSAVE = 4        # CONNMARK --save-mark of the user bits, then ACCEPT
 ACTION_BITS = 3
 
+#: Distinct NAT targets a policy may use unless told otherwise (``--nat-targets``): the
+#: ``nat`` field holds a target's index, 1..N (0 = no NAT), so 63 takes 6 bits.
+DEFAULT_NAT_TARGETS = 63
+
 
 class MarkSpaceError(ValueError):
     """The policy needs more mark bits than the configured mask gives nfhooks."""

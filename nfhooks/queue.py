@@ -3,12 +3,18 @@
 One NetfilterQueue object per queue number (the library binds one queue per handle), all
 served from a single selector loop: a queue per handler means the queue number already says
 which handler's kernel match was hit, so dispatch costs a closure call, not a re-match.
+Fairness: NetfilterQueue's own ``run(block=False)`` drains one queue until it is empty, so a
+slow handler under a flood would starve every other queue (including the one carrying the
+metrics scrapes over loopback). Each ready queue is served at most ``BUDGET`` packets per pass,
+by handing ``run_socket`` a socket wrapper that reports "would block" once the budget is spent.
+
 Signals only set a flag and wake the loop through a pipe (``signal.set_wakeup_fd``), so a
 packet is never left half-decided by an exception raised in the middle of a callback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import selectors
@@ -20,6 +26,23 @@ from .install import KernelError
 log = logging.getLogger("nfhooks.queue")
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 COPY_RANGE = 0xFFFF
+BUDGET = 64  # packets per queue per pass of the loop
+
+
+class _Budgeted:
+    """A socket whose recv() says EAGAIN after ``budget`` datagrams (see the module docstring)."""
+
+    __slots__ = ("sock", "left")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "budget spent")
+        self.left -= 1
+        return self.sock.recv(size)
 
 
 def queue_holder(num: int) -> str:
@@ -69,7 +92,9 @@ class QueueSet:
                 "Stop that program or give nfhooks other queue numbers with --queue-base N"
             ) from e
         self.queues[num] = q
-        self.selector.register(q.get_fd(), selectors.EVENT_READ, q)
+        sock = socket.socket(fileno=os.dup(q.get_fd()))  # a dup: closing it leaves the queue's fd alone
+        sock.setblocking(False)
+        self.selector.register(sock, selectors.EVENT_READ, (q, _Budgeted(sock)))
 
     def stop(self) -> None:
         self.stopping = True
@@ -82,8 +107,7 @@ class QueueSet:
         """Serve packets until stop() (or a signal written to the wakeup fd)."""
         while not self.stopping:
             for key, _ in self.selector.select():
-                q = key.data
-                if q is None:
+                if key.data is None:
                     try:
                         while os.read(self._wake_r, 512):
                             pass
@@ -92,14 +116,16 @@ class QueueSet:
                     if on_wake:
                         on_wake()
                     continue
-                q.run(block=False)
+                q, budgeted = key.data
+                budgeted.left = BUDGET
+                q.run_socket(budgeted)
 
     def close(self) -> None:
+        for key in list(self.selector.get_map().values()):
+            if key.data is not None:
+                self.selector.unregister(key.fileobj)
+                key.data[1].sock.close()
         for q in self.queues.values():
-            try:
-                self.selector.unregister(q.get_fd())
-            except (KeyError, ValueError, OSError):
-                pass
             q.unbind()
         self.queues.clear()
         self.selector.close()

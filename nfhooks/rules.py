@@ -14,6 +14,15 @@ built-in chain by a rule tagged with the comment ``nfhooks``. Inside a chain, in
 3. the hook's *default* verdict, in the hook's decision table (filter, or mangle where filter
    does not exist), when it is not accept.
 
+NAT: a handler whose source calls dnat/snat/masquerade/redirect is queued from mangle, and
+its queue rule gets ``-m conntrack --ctstate NEW`` unless the handler matches a ctstate
+itself: the kernel's nat table looks only at a connection's first packet, so later packets
+would ask Python for nothing. The verdict writes a target index into the ``nat`` mark field
+and accepts; the nat table, later at the same hook, runs ``NFH-<HOOK>`` there, whose rules
+``-m mark --mark <index>/<nat mask> -j DNAT ...`` are added by the engine as targets appear
+(nat.py; ``nat_rule`` below builds them). The nat bits are left on the packet: each index
+belongs to one (family, hook, target), so no other nat rule can match them again.
+
 ``render()`` prints the rule set in the exact format of ``iptables-legacy-save``, so
 ``nfhooks check`` shows precisely what ``nfhooks run`` installs (a kernel test compares them).
 """
@@ -26,11 +35,11 @@ from typing import Iterable
 from .hooks import HOOKS, TABLE_ORDER, decision_table
 from .marks import (
     ACTION_CONNSAVE, ACTION_REJECT, ACTION_REJECT_ADMIN, ACTION_REJECT_HOST,
-    DEFAULT_MARK_MASK, MarkLayout, core_layout,
+    DEFAULT_MARK_MASK, DEFAULT_NAT_TARGETS, MarkLayout, bits_for, core_layout,
 )
 from .match import Addr, Iface, Match, Ports
 from .policy import Handler, Policy, PolicyError
-from .verdict import Drop, Reject, Verdict
+from .verdict import NAT_KINDS, Drop, Nat, Reject, Verdict
 
 COMMENT = "nfhooks"
 CHAIN_PREFIX = "NFH-"
@@ -123,6 +132,7 @@ class RuleSet:
     fail_open: dict[str, bool] = field(default_factory=dict)
     defaults: dict[str, Verdict] = field(default_factory=dict)
     positions: dict[str, int] = field(default_factory=dict)  # handler name -> resume index
+    nat_targets: int = 0  # bound on distinct NAT targets (0: the policy does no NAT)
 
     def tables(self) -> list[tuple[int, str]]:
         return [(f, t) for f in FAMILIES for t in TABLE_ORDER if (f, t) in self.chains]
@@ -150,7 +160,7 @@ def proto_name(proto: str | None, family: int) -> str | None:
     return proto
 
 
-def _match_specs(m: Match, family: int, layout: MarkLayout) -> list[MatchSpec]:
+def _match_specs(m: Match, family: int, layout: MarkLayout, new_only: bool = False) -> list[MatchSpec]:
     specs: list[MatchSpec] = []
     simple: list[Opt] = []
     multi: list[MatchSpec] = []
@@ -166,6 +176,8 @@ def _match_specs(m: Match, family: int, layout: MarkLayout) -> list[MatchSpec]:
     specs.extend(multi)
     if m.ctstate is not None:
         specs.append(MatchSpec("conntrack", (("ctstate", ",".join(m.ctstate), False),)))
+    elif new_only:
+        specs.append(MatchSpec("conntrack", (("ctstate", "NEW", False),)))
     if m.mark is not None:
         v, mask, neg = m.mark
         specs.append(_mark(v, mask, neg))
@@ -218,21 +230,48 @@ def _default_rules(chain: str, family: int, verdict: Verdict) -> list[Rule]:
     return []
 
 
+def does_nat(h: Handler) -> bool:
+    """The handler's source calls a NAT verdict factory (policy.verdict_calls found it)."""
+    return not NAT_KINDS.isdisjoint(h.verdict_kinds)
+
+
+def nat_rule(hook: str, index: int, verdict: Nat, layout: MarkLayout, proto: str | None = None) -> Rule:
+    """The rule in the nat table's ``NFH-<hook>`` that applies target ``index``.
+
+    ``proto`` (tcp/udp/sctp/dccp) is needed when the target names ports: iptables refuses a
+    port mapping on a rule that does not say which transport header holds the port.
+    """
+    f = layout["nat"]
+    return Rule(CHAIN_PREFIX + hook, verdict.target, verdict.target_opts(),
+                proto=proto if verdict.ports else None,
+                matches=(_mark(f.encode(index), f.mask), _comment(f"{COMMENT} nat {index}")))
+
+
 def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = None,
-                   mark_mask: int = DEFAULT_MARK_MASK) -> RuleSet:
-    """Build the RuleSet. ``fail``: 'open', 'closed' or None (per hook: open iff default accept)."""
+                   mark_mask: int = DEFAULT_MARK_MASK, nat_targets: int = DEFAULT_NAT_TARGETS) -> RuleSet:
+    """Build the RuleSet. ``fail``: 'open', 'closed' or None (per hook: open iff default accept).
+
+    ``nat_targets`` bounds the distinct NAT targets (it sizes the ``nat`` mark field, which
+    exists only when some handler calls a NAT verdict).
+    """
     per_chain: dict[tuple[str, str], list[Handler]] = {}
     for h in policy.handlers:
         per_chain.setdefault((h.table, h.hook), []).append(h)
     longest = max((len(v) for v in per_chain.values()), default=1)
+    nat_handlers = [h for h in policy.handlers if does_nat(h)]
+    if nat_handlers and not 0 < nat_targets < 1 << 16:
+        raise PolicyError(f"--nat-targets {nat_targets}: give 1..65535 distinct NAT targets", policy.file)
+    extra = [("nat", bits_for(nat_targets))] if nat_handlers else []
     try:
-        layout = core_layout(longest, mark_mask)
+        layout = core_layout(longest, mark_mask, extra)
     except ValueError as e:
-        raise PolicyError(str(e), policy.file) from None
+        hint = f" (the nat field holds --nat-targets {nat_targets}; a smaller bound takes fewer bits)" \
+            if nat_handlers else ""
+        raise PolicyError(str(e) + hint, policy.file) from None
     if queue_base < 0 or queue_base + len(policy.handlers) - 1 > MAX_QUEUE:
         raise PolicyError(f"queues {queue_base}..{queue_base + len(policy.handlers) - 1} do not fit 0..{MAX_QUEUE}",
                           policy.file)
-    rs = RuleSet(layout)
+    rs = RuleSet(layout, nat_targets=nat_targets if nat_handlers else 0)
     for h in policy.handlers:
         _check_user_mark(h, layout)
         rs.queues[queue_base + h.index] = h
@@ -246,6 +285,8 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
         tables = {t for (t, hk) in per_chain if hk == hook}
         if tables or hook in policy.defaults:
             tables.add(dtable)
+        if any(h.hook == hook for h in nat_handlers):
+            tables.add("nat")
         for fam in FAMILIES:
             for table in (t for t in TABLE_ORDER if t in tables):
                 chain = CHAIN_PREFIX + hook
@@ -268,7 +309,7 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                     rules.append(Rule(
                         chain, "NFQUEUE", topts, src=m.src, dst=m.dst, iif=m.iif, oif=m.oif,
                         proto=proto_name(m.proto, fam),
-                        matches=(*_match_specs(m, fam, layout), _mark(0, guard),
+                        matches=(*_match_specs(m, fam, layout, does_nat(h)), _mark(0, guard),
                                  _comment(f"{COMMENT} {h.name}")),
                     ))
                     res = layout["resume"]
@@ -276,7 +317,9 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                         _mark(res.encode(pos), res.mask), _comment(f"{COMMENT} resume"))))
                 if table == dtable:
                     rules += _default_rules(chain, fam, default)
-                if not rules:
+                if table == "nat" and any(fam in h.match.families() for h in nat_handlers if h.hook == hook):
+                    pass  # the engine appends NAT targets as they appear (an empty chain now)
+                elif not rules:
                     continue
                 key = (fam, table)
                 rs.rules.setdefault(key, []).extend(rules)

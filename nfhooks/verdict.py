@@ -7,8 +7,9 @@ Returning ``None`` means "not mine": the packet resumes in the kernel after this
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+import ipaddress
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Literal
 
 RejectWith = Literal["auto", "tcp-reset", "port-unreachable", "host-unreachable", "admin-prohibited"]
 
@@ -62,6 +63,104 @@ class Mark(Verdict):
         return "connmark" if self.connmark else "mark"
 
 
+@dataclass(frozen=True, slots=True)
+class Nat(Verdict):
+    """Base of the NAT verdicts. The kernel's nat table carries them out: the verdict sets
+    the ``nat`` mark field to the index of a rule nfhooks owns in the nat table (see nat.py),
+    and conntrack translates the replies and the rest of the connection.
+
+    ``addr`` is the canonical address (or ``a-b`` range) text, ``ports`` a port or ``p-q``
+    range, ``family`` 4/6 (None: the target has no address and fits either family).
+    """
+
+    kind: ClassVar[str] = "nat"
+    target: ClassVar[str] = ""
+    option: ClassVar[str] = ""
+    addr: str | None = None
+    ports: str | None = None
+    family: int | None = None
+
+    def target_text(self) -> str:
+        """The target option's value as iptables prints it (IPv6 with a port in brackets)."""
+        if self.addr is None:
+            return self.ports or ""
+        if self.ports is None:
+            return self.addr
+        return f"[{self.addr}]:{self.ports}" if self.family == 6 else f"{self.addr}:{self.ports}"
+
+    def target_opts(self) -> tuple[tuple[str, str], ...]:
+        text = self.target_text()
+        return ((self.option, text),) if text else ()
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.target_text()})"
+
+
+@dataclass(frozen=True, slots=True)
+class Dnat(Nat):
+    kind: ClassVar[str] = "dnat"
+    target: ClassVar[str] = "DNAT"
+    option: ClassVar[str] = "to-destination"
+
+
+@dataclass(frozen=True, slots=True)
+class Snat(Nat):
+    kind: ClassVar[str] = "snat"
+    target: ClassVar[str] = "SNAT"
+    option: ClassVar[str] = "to-source"
+
+
+@dataclass(frozen=True, slots=True)
+class Masquerade(Nat):
+    kind: ClassVar[str] = "masquerade"
+    target: ClassVar[str] = "MASQUERADE"
+    option: ClassVar[str] = "to-ports"
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect(Nat):
+    kind: ClassVar[str] = "redirect"
+    target: ClassVar[str] = "REDIRECT"
+    option: ClassVar[str] = "to-ports"
+
+
+@dataclass(frozen=True, slots=True)
+class Mangle(Verdict):
+    """Rewrite the packet, then accept it (nfhooks.mangle does the bytes and checksums).
+
+    ``payload`` replaces the transport payload, ``packet`` the whole IP packet (a scapy
+    packet the handler built); lengths and checksums are recomputed either way. A TCP
+    payload of another length is refused unless ``allow_resize`` (sequence numbers would no
+    longer match what the peers count). Combine rewrites with ``|``.
+    """
+
+    kind: ClassVar[str] = "mangle"
+    ttl: int | None = None
+    dscp: int | None = None
+    tos: int | None = None
+    mss: int | None = None
+    payload: bytes | None = None
+    packet: bytes | None = None
+    allow_resize: bool = False
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("ttl", 1, 255), ("dscp", 0, 63), ("tos", 0, 255), ("mss", 1, 65535)):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or not lo <= value <= hi):
+                raise ValueError(f"{name}={value!r}: an integer {lo}..{hi}")
+        if self.dscp is not None and self.tos is not None:
+            raise ValueError("give dscp or tos, not both (tos is the whole byte: DSCP and ECN)")
+        if self.payload is not None and self.packet is not None:
+            raise ValueError("replace the payload or the whole packet, not both")
+
+    def __or__(self, other: "Mangle") -> "Mangle":
+        if not isinstance(other, Mangle):
+            return NotImplemented
+        changes = {f: getattr(other, f) for f in ("ttl", "dscp", "tos", "mss", "payload", "packet")
+                   if getattr(other, f) is not None}
+        return replace(self, allow_resize=self.allow_resize or other.allow_resize, **changes)
+
+
 ACCEPT = Accept()
 DROP = Drop()
 
@@ -86,6 +185,132 @@ def connmark(value: int, mask: int = 0xFFFFFFFF) -> Mark:
     return Mark(value, mask, True)
 
 
+def _ports(value: Any, what: str) -> str | None:
+    """A port or an inclusive range ("8080", 8080, "8000-8010", (8000, 8010)) as iptables text."""
+    if value is None:
+        return None
+    if isinstance(value, tuple) and len(value) == 2:
+        lo, hi = value
+    elif isinstance(value, str) and "-" in value:
+        lo, _, hi = value.partition("-")
+    else:
+        lo = hi = value
+    try:
+        a, b = int(lo), int(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: {value!r} is not a port or port range") from None
+    if not (0 < a <= b < 65536):
+        raise ValueError(f"{what}: {value!r} is not a port (1..65535) or range low-high")
+    return str(a) if a == b else f"{a}-{b}"
+
+
+def _addr_range(text: str, what: str) -> tuple[str, int]:
+    """'10.0.0.1' or '10.0.0.1-10.0.0.9' (same family, low <= high) -> (text, family)."""
+    parts = text.split("-")
+    if len(parts) > 2:
+        raise ValueError(f"{what}: {text!r} is not an address or range low-high")
+    try:
+        ips = [ipaddress.ip_address(x.strip()) for x in parts]
+    except ValueError:
+        raise ValueError(f"{what}: {text!r} is not an IP address") from None
+    if len(ips) == 2 and (ips[0].version != ips[1].version or ips[0] > ips[1]):
+        raise ValueError(f"{what}: {text!r}: a range is low-high of one family")
+    return "-".join(str(a) for a in ips), ips[0].version
+
+
+def _nat_to(to: Any, port: Any, what: str) -> tuple[str, str | None, int]:
+    """Parse a NAT destination: '10.0.2.10:8080', '[fd00::1]:80', 'fd00::1', an address
+    object, or an Option holding one of those; ``port`` may give the port separately."""
+    to = getattr(to, "value", to) if hasattr(to, "option_name") else to  # a policy Option
+    if isinstance(to, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        to = str(to)
+    if not isinstance(to, str) or not to.strip():
+        raise ValueError(f"{what}: {to!r} is not an address (e.g. '10.0.2.10:8080' or '[fd00::1]:80')")
+    text, ports = to.strip(), None
+    if text.startswith("["):
+        addr, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{what}: {to!r}: write IPv6 with a port as [addr]:port")
+        text, ports = addr, (rest[1:] or None)
+    elif text.count(":") == 1:
+        text, ports = text.split(":")
+    if ports is not None and port is not None:
+        raise ValueError(f"{what}: the port is given twice ({to!r} and port={port!r})")
+    addr, family = _addr_range(text, what)
+    return addr, _ports(ports if port is None else port, what), family
+
+
+def dnat(to: Any, port: Any = None) -> Dnat:
+    """Destination NAT (iptables -j DNAT --to-destination): PREROUTING or OUTPUT.
+
+    ``to``: '10.0.2.10:8080', '10.0.2.10', '[fd00::1]:80', a range 'a-b', an address object,
+    a Dnat (so ``policy.option(..., type=dnat)`` checks an option at load), or such an Option.
+    """
+    to = getattr(to, "value", to) if hasattr(to, "option_name") else to
+    if isinstance(to, Dnat) and port is None:
+        return to
+    addr, ports, family = _nat_to(to, port, "dnat")
+    return Dnat(addr, ports, family)
+
+
+def snat(to: Any, port: Any = None) -> Snat:
+    """Source NAT to a fixed address (iptables -j SNAT --to-source): POSTROUTING or INPUT."""
+    to = getattr(to, "value", to) if hasattr(to, "option_name") else to
+    if isinstance(to, Snat) and port is None:
+        return to
+    addr, ports, family = _nat_to(to, port, "snat")
+    return Snat(addr, ports, family)
+
+
+def masquerade(ports: Any = None) -> Masquerade:
+    """Source NAT to the outgoing interface's address (-j MASQUERADE): POSTROUTING only."""
+    return Masquerade(None, _ports(ports, "masquerade"), None)
+
+
+def redirect(ports: Any = None) -> Redirect:
+    """Destination NAT to this host (-j REDIRECT --to-ports): PREROUTING or OUTPUT."""
+    return Redirect(None, _ports(ports, "redirect"), None)
+
+
+def mangle(*, ttl: int | None = None, dscp: int | None = None, tos: int | None = None,
+           mss: int | None = None) -> Mangle:
+    """Several header rewrites in one verdict (each is also its own factory below)."""
+    return Mangle(ttl=ttl, dscp=dscp, tos=tos, mss=mss)
+
+
+def set_ttl(ttl: int) -> Mangle:
+    """Set the IPv4 TTL / IPv6 hop limit (iptables -j TTL --ttl-set / HL --hl-set)."""
+    return Mangle(ttl=ttl)
+
+
+def set_dscp(dscp: int) -> Mangle:
+    """Set the DSCP (6 bits), keeping the ECN bits (iptables -j DSCP --set-dscp)."""
+    return Mangle(dscp=dscp)
+
+
+def set_tos(tos: int) -> Mangle:
+    """Set the whole IPv4 TOS / IPv6 traffic class byte, ECN bits included."""
+    return Mangle(tos=tos)
+
+
+def clamp_mss(mss: int) -> Mangle:
+    """Lower the MSS option of TCP SYNs to ``mss`` (iptables -j TCPMSS --set-mss, which
+    also adds the option, at most the protocol default, to a SYN that has none)."""
+    return Mangle(mss=mss)
+
+
+def payload(data: Any, allow_resize: bool = False) -> Mangle:
+    """Replace the payload: bytes replace the transport payload; a scapy IP/IPv6 packet
+    replaces the whole packet (its lengths and checksums are recomputed by nfhooks)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return Mangle(payload=bytes(data), allow_resize=allow_resize)
+    if type(data).__module__.startswith("scapy") and hasattr(data, "haslayer"):
+        if getattr(data, "name", "") in ("IP", "IPv6"):
+            return Mangle(packet=bytes(data), allow_resize=allow_resize)
+        return Mangle(payload=bytes(data), allow_resize=allow_resize)
+    raise TypeError(f"payload(): bytes or a scapy packet, not {type(data).__name__}")
+
+
 def placement_kind(v: Verdict) -> str:
     return v.placement_kind if isinstance(v, Mark) else v.kind
 
@@ -94,7 +319,10 @@ def placement_kind(v: Verdict) -> str:
 FACTORIES: dict[str, str] = {
     "accept": "accept", "drop": "drop", "reject": "reject", "mark": "mark", "connmark": "connmark",
     "dnat": "dnat", "snat": "snat", "masquerade": "masquerade", "redirect": "redirect",
+    "mangle": "mangle", "set_ttl": "mangle", "set_dscp": "mangle", "set_tos": "mangle",
+    "clamp_mss": "mangle", "payload": "mangle",
 }
+NAT_KINDS = frozenset(("dnat", "snat", "masquerade", "redirect"))
 
 
 def parse_default(v: "Verdict | str") -> Verdict:

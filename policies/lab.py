@@ -17,8 +17,8 @@ What each hook does on the lab's router (client on ``lan``, server and proxy on 
 Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
 
     iptables -t mangle -A PREROUTING -m conntrack --ctstate INVALID -j DROP
-    iptables -t mangle -A PREROUTING ! -i lo -j ACCEPT
-    iptables -A INPUT -i lo -j ACCEPT
+    iptables -t mangle -A PREROUTING ! -s 127.0.0.0/8 -j ACCEPT   # ip6tables: ! -s ::1
+    iptables -A INPUT -s 127.0.0.0/8 -j ACCEPT                    # ip6tables: -s ::1
     iptables -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
     iptables -A INPUT -p icmp -j ACCEPT
     iptables -A INPUT -p tcp --dport 2222 -j ACCEPT
@@ -29,8 +29,12 @@ Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
     iptables -A FORWARD -i lan -j ACCEPT
     iptables -P FORWARD DROP
     iptables -A OUTPUT -p tcp --dport 80 -j DROP
-    iptables -A OUTPUT ! -o lo -j ACCEPT
-    iptables -t mangle -A POSTROUTING ! -o lo -j ACCEPT
+    iptables -A OUTPUT ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
+    iptables -t mangle -A POSTROUTING ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
+
+Loopback is told apart by address, not by ``-i lo``: python-iptables 1.2.0 installs IPv6
+interface matches with a mask of 0x01 per byte instead of 0xff, so in ip6tables "lo" also
+matches "lan" (their names differ only in bits that mask ignores).
 
 Options: lan_if (the router's LAN interface, default lan), service_port (2222),
 reject_port (tcp, 23), reject_udp_port (514), web_port (the OUTPUT drop, 80).
@@ -39,6 +43,12 @@ reject_port (tcp, 23), reject_udp_port (514), web_port (the OUTPUT drop, 80).
 from nfhooks import Policy, accept, drop, reject
 
 policy = Policy(defaults={"INPUT": "drop", "FORWARD": "drop"})
+
+#: OUTPUT and POSTROUTING see NEW and ESTABLISHED only, never RELATED: the TCP resets and
+#: ICMP errors REJECT sends share the refused packet's unconfirmed conntrack entry, and
+#: since Linux 6.x nfnetlink_queue drops such packets instead of queueing them
+#: (nf_ct_drop_unconfirmed) -- queued there, every reject would turn into a silent drop.
+SEEN_OUT = {"NEW", "ESTABLISHED"}
 lan_if = policy.option("lan_if", default="lan", help="the router's LAN interface")
 service_port = policy.option("service_port", default=2222, type="port",
                              help="TCP port open on the router")
@@ -58,16 +68,26 @@ def invalid(pkt):
     return drop()
 
 
-@policy.prerouting(iif="!lo")
+@policy.prerouting(src="!127.0.0.0/8")
 def arriving(pkt):
+    return accept()
+
+
+@policy.prerouting(src="!::1")
+def arriving6(pkt):
     return accept()
 
 
 # -- INPUT: packets for the router itself -------------------------------------------------------
 
-@policy.input(iif="lo")
+@policy.input(src="127.0.0.0/8")
 def loopback(pkt):
     return accept()  # the metrics endpoint on 127.0.0.1 is scraped over lo: keep it reachable
+
+
+@policy.input(src="::1")
+def loopback6(pkt):
+    return accept()
 
 
 @policy.input(ctstate={"ESTABLISHED", "RELATED"})
@@ -120,13 +140,23 @@ def no_web(pkt):
     return drop()
 
 
-@policy.output(oif="!lo")
+@policy.output(dst="!127.0.0.0/8", ctstate=SEEN_OUT)
 def local_out(pkt):
+    return accept()
+
+
+@policy.output(dst="!::1", ctstate=SEEN_OUT)
+def local_out6(pkt):
     return accept()
 
 
 # -- POSTROUTING (mangle): every packet leaving on an interface ----------------------------------
 
-@policy.postrouting(oif="!lo")
+@policy.postrouting(dst="!127.0.0.0/8", ctstate=SEEN_OUT)
 def leaving(pkt):
+    return accept()
+
+
+@policy.postrouting(dst="!::1", ctstate=SEEN_OUT)
+def leaving6(pkt):
     return accept()

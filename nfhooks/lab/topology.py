@@ -1119,6 +1119,24 @@ class Lab:
         if left or errors:
             raise RuntimeError(f"lab {self.id} teardown incomplete: left {left}; {'; '.join(errors)}")
 
+    def detach(self, owner_pid: int) -> None:
+        """Leave the lab running after this process exits (``nfhooks lab --keep``).
+
+        The owner record is handed to `owner_pid` (e.g. the lab's engine), so cleanup_stale
+        of other runs keeps the lab while that process lives and removes it once it is gone;
+        close() becomes a no-op here and nothing started through this lab is stopped.
+        """
+        if not self._owner_written:
+            raise RuntimeError("lab has no namespaces to detach")
+        record = {"pid": owner_pid, "start": _proc_start_time(owner_pid), "tmp": str(self.tmpdir)}
+        path = _owner_path(self.id)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)  # atomic: cleanup never reads a half-written record
+        self._procs.clear()
+        self._engines.clear()
+        self._closed = True
+
 
 
 def _check_ifname(name: str) -> None:

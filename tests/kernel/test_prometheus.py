@@ -34,11 +34,11 @@ import subprocess
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from nfhooks.lab import LabCommandError
 from nfhooks.metrics import DEFAULT_METRICS_ADDR, dashboard_queries
 
 from .conftest import ROOT, TEST_POLICIES, metric
@@ -314,7 +314,7 @@ def test_kernel_queue_drops_alert_fires(observed):
     def dropped() -> float:
         try:
             return metric(lab, "nfhooks_queue_kernel_dropped_packets_total", handler="flood") - before
-        except subprocess.TimeoutExpired:
+        except (LabCommandError, subprocess.TimeoutExpired):
             return 0.0  # still draining the queue: the scrape's packets wait behind the flood
 
     n = lab.wait_for(dropped, timeout=30, interval=POLL, what="kernel queue drops at 'flood'")

@@ -1,0 +1,1078 @@
+"""``nfhooks lab``: build the namespace lab, run the engine on its router, drive traffic across
+every hook, and explain what happened.
+
+The run is data-driven: each :class:`Scenario` names the hooks its traffic should cross and
+a function that drives the traffic and reports what it observed. Which hooks were *really*
+crossed, and with which verdicts, is not guessed: it is the difference of the engine's own
+metrics (scraped inside the router namespace) before and after the scenario. Malformed raw
+packets are judged the same way, plus the router's kernel counters (``nstat``), so the
+summary says for each one whether the kernel dropped it before any hook or the engine got it.
+
+Everything lives in lab namespaces (``nfhlab-<id>-*``) and is removed at the end, also on
+failure or Ctrl-C, unless ``--keep``: then the lab is handed over to its engine process and
+recorded in :data:`STATE_FILE` for ``nfhooks lab exec`` and ``nfhooks lab down``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from ..hooks import HOOK_DOC, HOOKS, decision_table
+from ..metrics import DEFAULT_METRICS_ADDR, parse_listen_addr
+from .topology import ID_PREFIX_ENV, NS_MARKER, EngineProc, Lab, TcpServer, cleanup_stale
+
+__all__ = ["LabConfig", "SCENARIOS", "Scenario", "down", "exec_in_node", "run"]
+
+#: Where a kept lab (``--keep``) is recorded for ``lab exec`` / ``lab down``.
+STATE_DIR = Path(os.environ.get("NFHOOKS_LAB_STATE_DIR", "/run/nfhooks-lab"))
+STATE_FILE = STATE_DIR / "current.json"
+#: Lab ids of `nfhooks lab` runs carry this tag, so `lab down` only ever clears lab runs
+#: (test suites' labs use plain hex ids, which never contain an "l").
+RUN_TAG = "lab"
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "lab.py"
+
+# Ports the lab's servers listen on; the router's ones come from the policy's options.
+WEB_PORT = 8080      # server (and client, for the WAN -> LAN attempt)
+HTTP_PORT = 80       # server: the seed's OUTPUT drop
+CONNECT_TIMEOUT = 1.0  # for connections that are expected to be dropped
+SCRAPE_INTERVAL = 0.5
+_EXIT_SIGTERM = 128 + signal.SIGTERM
+
+#: Kernel counters (``nstat``) that explain a dropped packet.
+_KERNEL_DROP_RE = re.compile(r"Err|Csum|Trunc|Discard|Drop|Invalid|Bad")
+
+
+@dataclass
+class LabConfig:
+    """What the user asked for on the command line."""
+
+    policy: Path | None = None
+    sets: list[str] = field(default_factory=list)
+    duration: float = 5.0
+    metrics_addr: str = DEFAULT_METRICS_ADDR
+    keep: bool = False
+
+
+class LabError(Exception):
+    """A problem the user can fix (not root, bad policy, a kept lab in the way); exit 2."""
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One scrape of the engine's /metrics: (sample name, sorted labels) -> value."""
+
+    samples: Mapping[Key, float]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[Key, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+        return cls(out)
+
+    def series(self, name: str) -> list[tuple[dict[str, str], float]]:
+        return [(dict(k[1]), v) for k, v in self.samples.items() if k[0] == name]
+
+    def minus(self, earlier: Snapshot, name: str) -> list[tuple[dict[str, str], float]]:
+        """Series of `name` that grew since `earlier`, with their increase."""
+        return [(labels, v - earlier.samples.get((name, tuple(sorted(labels.items()))), 0.0))
+                for labels, v in self.series(name)
+                if v - earlier.samples.get((name, tuple(sorted(labels.items()))), 0.0) > 0]
+
+
+EMPTY = Snapshot({})
+
+
+class Scraper:
+    """Scrapes the engine's metrics inside the router namespace (they listen on loopback
+    there) and keeps the latest snapshot for the live table."""
+
+    def __init__(self, lab: Lab, url: str) -> None:
+        self.lab, self.url = lab, url
+        self.latest = EMPTY
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def scrape(self) -> Snapshot:
+        cp = self.lab.exec("router", "curl", "-s", "-m", "2", self.url, check=False, timeout=5)
+        if cp.returncode or not cp.stdout:
+            raise RuntimeError(f"cannot scrape {self.url} in the router namespace: "
+                               f"curl exited {cp.returncode} {cp.stderr.strip()}")
+        snap = Snapshot.parse(cp.stdout)
+        self.latest = snap
+        return snap
+
+    def start(self) -> None:
+        """Background scraping for the live table (errors only leave the table stale)."""
+        def loop() -> None:
+            while not self._stop.wait(SCRAPE_INTERVAL):
+                try:
+                    self.scrape()
+                except Exception:  # noqa: BLE001 -- the live view must never end the run
+                    pass
+        self._thread = threading.Thread(target=loop, name="lab-scraper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def kernel_counters(lab: Lab, node: str = "router") -> dict[str, int]:
+    """The node's SNMP/netstat counters (``nstat -asz``: absolute, zeros too, no history)."""
+    out = lab.exec(node, "nstat", "-asz", timeout=5).stdout
+    counters: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            counters[parts[0]] = int(parts[1])
+    return counters
+
+
+_DEFAULT_RULE_RE = re.compile(r'^\[(\d+):\d+\] -A NFH-(\w+) .*--comment "nfhooks default"')
+#: The handler label for a hook default carried out by the kernel rule (never queued).
+KERNEL_DEFAULT = "(default rule)"
+
+
+def default_rule_counts(lab: Lab, node: str = "router") -> dict[str, int]:
+    """Packets per hook that no handler queued and the hook's default rule decided, in the
+    kernel: the engine never sees those, so its metrics cannot count them."""
+    counts: dict[str, int] = {}
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+        out = lab.exec(node, tool, "-c", check=False, timeout=5).stdout
+        for line in out.splitlines():
+            m = _DEFAULT_RULE_RE.match(line)
+            if m:
+                counts[m.group(2)] = counts.get(m.group(2), 0) + int(m.group(1))
+    return counts
+
+
+def _default_verdicts(before: Mapping[str, int], after: Mapping[str, int],
+                      defaults: Mapping[str, str]) -> list[tuple[dict[str, str], float]]:
+    return [({"hook": h, "handler": KERNEL_DEFAULT, "verdict": defaults.get(h, "drop")}, float(n - before.get(h, 0)))
+            for h, n in after.items() if n > before.get(h, 0)]
+
+
+def _kernel_drops(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items()
+            if v != before.get(k, 0) and _KERNEL_DROP_RE.search(k)}
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Check:
+    """One observation of a scenario: what happened and whether it is what should."""
+
+    text: str
+    ok: bool
+
+
+@dataclass
+class Ctx:
+    """What scenario functions get: the lab, its engine, servers and the policy's ports."""
+
+    lab: Lab
+    engine: EngineProc
+    scraper: Scraper
+    cfg: LabConfig
+    ports: dict[str, int]
+    servers: dict[str, TcpServer] = field(default_factory=dict)
+    #: handlers that only see loopback (the lab's own scrapes): left out of the evidence
+    skip: set[str] = field(default_factory=set)
+    #: the policy's default verdict per hook (for the kernel's default-rule counters)
+    defaults: dict[str, str] = field(default_factory=dict)
+    #: extra rows a scenario wants shown in the summary (the malformed packets' table)
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    progress: Callable[[str], None] = lambda _text: None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Traffic as data: add one by writing its function and appending it to SCENARIOS.
+
+    `needs` names verdict factories of nfhooks.verdict the scenario depends on; while one is
+    missing (or `run` is None) the scenario is listed as "not yet" instead of run.
+    """
+
+    key: str
+    title: str
+    description: str
+    hooks: tuple[str, ...]
+    run: Callable[[Ctx], list[Check]] | None
+    needs: tuple[str, ...] = ()
+
+    def missing(self) -> list[str]:
+        from .. import verdict
+
+        return [n for n in self.needs if not hasattr(verdict, n)]
+
+    @property
+    def ready(self) -> bool:
+        return self.run is not None and not self.missing()
+
+
+def _fam(f: int) -> str:
+    return f"IPv{f}"
+
+
+def _both(fn: Callable[[int], Check]) -> list[Check]:
+    """Run a per-family check for IPv4 and IPv6 at once (timeouts overlap)."""
+    with ThreadPoolExecutor(2) as ex:
+        return list(ex.map(fn, (4, 6)))
+
+
+def _connect(c: Ctx, src: str, dst: str, port: int, family: int, want: str,
+             timeout: float = 2.0, dst_addr: str | None = None) -> Check:
+    addr = dst_addr or c.lab.addr(dst, family)
+    got = c.lab.tcp_connect(src, addr, port, timeout=timeout)
+    shown = f"[{addr}]" if ":" in addr else addr
+    return Check(f"{_fam(family)} {src} → {dst} {shown}:{port}: {got}"
+                 + ("" if got == want else f" (expected {want})"), got == want)
+
+
+def _peer_seen(c: Ctx, server: str, peer: str, family: int) -> Check:
+    srv = c.servers[f"{server}{family}"]
+    want = c.lab.addr(peer, family)
+    try:
+        peers = c.lab.wait_for(lambda: want in srv.log_peers(), timeout=3,
+                               what=f"{want} in {srv}'s log")
+    except TimeoutError:
+        peers = False
+    seen = srv.log_peers()[-1] if srv.log_peers() else "nobody"
+    return Check(f"{_fam(family)} {server} saw the connection from {seen}"
+                 + (f" (the {peer}: no NAT)" if peers else f" (expected {want})"), bool(peers))
+
+
+def forwarded(c: Ctx) -> list[Check]:
+    checks = _both(lambda f: _connect(c, "client", "server", WEB_PORT, f, "ok"))
+    return checks + _both(lambda f: _peer_seen(c, "server", "client", f))
+
+
+def to_router(c: Ctx) -> list[Check]:
+    port = c.ports["service_port"]
+    checks = _both(lambda f: _connect(c, "client", "router", port, f, "ok"))
+
+    def ping(f: int) -> Check:
+        ok = c.lab.ping("client", c.lab.addr("router", f), timeout=2)
+        return Check(f"{_fam(f)} client pings router {c.lab.addr('router', f)}: "
+                     f"{'reply' if ok else 'no reply'}", ok)
+    return checks + _both(ping)
+
+
+def from_router(c: Ctx) -> list[Check]:
+    return _both(lambda f: _connect(c, "router", "server", WEB_PORT, f, "ok"))
+
+
+def seed_output_drop(c: Ctx) -> list[Check]:
+    port = c.ports["web_port"]
+    checks = _both(lambda f: _connect(c, "router", "server", port, f, "timeout",
+                                      timeout=CONNECT_TIMEOUT))
+    routers = {c.lab.addr("router", f, facing="server") for f in (4, 6)}
+    leaked = [p for f in (4, 6) for p in c.servers[f"http{f}"].log_peers() if p in routers]
+    checks.append(Check(f"server port {port} got {len(leaked)} connection(s) from the router",
+                        not leaked))
+    # The same port from the client is forwarded traffic: OUTPUT is not involved.
+    checks.append(_connect(c, "client", "server", port, 4, "ok"))
+    return checks
+
+
+_UDP_PROBE = r"""
+import errno, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2.0)
+s.connect((host, port))
+s.send(b"nfhooks-lab")
+try:
+    s.recv(100)
+    print("answer")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+"""
+
+
+def rejected(c: Ctx) -> list[Check]:
+    tport, uport = c.ports["reject_port"], c.ports["reject_udp_port"]
+    checks = _both(lambda f: _connect(c, "client", "router", tport, f, "refused"))
+
+    def udp(f: int) -> Check:
+        addr = c.lab.addr("router", f)
+        got = c.lab.exec("client", sys.executable, "-c", _UDP_PROBE, addr, uport).stdout.strip()
+        return Check(f"{_fam(f)} client → router udp {addr}:{uport}: {got}"
+                     + (" (ICMP port unreachable)" if got == "ECONNREFUSED" else " (expected ECONNREFUSED)"),
+                     got == "ECONNREFUSED")
+    checks += _both(udp)
+    checks.append(Check(f"(a server listens on router tcp {tport} and udp {uport}: "
+                        "the refusal comes from the policy, not a closed port)", True))
+    return checks
+
+
+def wan_to_lan(c: Ctx) -> list[Check]:
+    checks = _both(lambda f: _connect(c, "server", "client", WEB_PORT, f, "timeout",
+                                      timeout=CONNECT_TIMEOUT))
+    got = [p for f in (4, 6) for p in c.servers[f"client{f}"].log_peers()]
+    checks.append(Check(f"client's server got {len(got)} connection(s) from the WAN", not got))
+    return checks
+
+
+def steady(c: Ctx) -> list[Check]:
+    """Mixed traffic for --duration seconds, so the live table moves and every hook counts."""
+    flows: list[tuple[str, str, int]] = [
+        ("client", "server", WEB_PORT), ("client", "router", c.ports["service_port"]),
+        ("router", "server", WEB_PORT)]
+    deadline = time.monotonic() + c.cfg.duration
+    done = failed = 0
+    i = 0
+    while True:
+        src, dst, port = flows[i % len(flows)]
+        fam = 4 if (i // len(flows)) % 2 == 0 else 6
+        got = c.lab.tcp_connect(src, c.lab.addr(dst, fam), port)
+        done += 1
+        failed += got != "ok"
+        i += 1
+        left = deadline - time.monotonic()
+        c.progress(f"{done} connections, {max(left, 0):.0f}s left")
+        if left <= 0:
+            break
+    return [Check(f"{done - failed}/{done} connections ok over {c.cfg.duration:g}s "
+                  "(client → server, client → router, router → server; IPv4 and IPv6)", not failed)]
+
+
+# -- raw packets ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RawProbe:
+    """A hand-made frame the client sends at layer 2 straight to the router's MAC."""
+
+    name: str
+    wrong: str
+    expect: str  # "kernel" (dropped before any hook), "invalid" (PREROUTING drop), "malformed"
+    build: Callable[[dict[str, str]], bytes]
+
+
+def _probes() -> list[RawProbe]:
+    """Built with scapy (imported here only: it is slow to import and only this needs it)."""
+    import struct
+
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    from scapy.packet import Raw
+
+    def v4(a: dict[str, str]) -> Any:
+        return Ether(src=a["cmac"], dst=a["rmac"]) / IP(src=a["c4"], dst=a["r4"])
+
+    def v4_with(a: dict[str, str], **ip: Any) -> Any:
+        return Ether(src=a["cmac"], dst=a["rmac"]) / IP(src=a["c4"], dst=a["r4"], **ip)
+
+    def port(a: dict[str, str]) -> int:
+        return int(a["port"])
+
+    return [
+        RawProbe("ipv4-short-ihl", "IPv4 header length 12 bytes (IHL 3 < 5)", "kernel",
+                 lambda a: bytes(v4_with(a, ihl=3) / TCP(dport=port(a)))),
+        RawProbe("ipv4-bad-checksum", "IPv4 header checksum wrong", "kernel",
+                 lambda a: bytes(v4_with(a, chksum=0xDEAD) / TCP(dport=port(a)))),
+        RawProbe("ipv4-total-length", "IPv4 total length 400, the frame carries 40", "kernel",
+                 lambda a: bytes(v4_with(a, len=400) / TCP(dport=port(a)))),
+        RawProbe("tcp-truncated", "TCP header cut to 8 of 20 bytes", "invalid",
+                 lambda a: bytes(v4_with(a, proto=6) / Raw(struct.pack("!HHI", 40000, port(a), 1)))),
+        RawProbe("tcp-data-offset", "TCP data offset 2 (an 8-byte TCP header)", "invalid",
+                 lambda a: bytes(v4(a) / TCP(sport=40001, dport=port(a), flags="S", dataofs=2))),
+        RawProbe("tcp-bad-checksum", "TCP SYN with a wrong checksum", "invalid",
+                 lambda a: bytes(v4(a) / TCP(sport=40002, dport=port(a), flags="S", chksum=0xBAD))),
+        RawProbe("tcp-syn-fin", "TCP flags SYN+FIN", "invalid",
+                 lambda a: bytes(v4(a) / TCP(sport=40003, dport=port(a), flags="SF"))),
+        RawProbe("tcp-xmas", "TCP flags FIN+PSH+URG (xmas scan)", "invalid",
+                 lambda a: bytes(v4(a) / TCP(sport=40004, dport=port(a), flags="FPU"))),
+        RawProbe("tcp-null", "TCP with no flags (null scan)", "invalid",
+                 lambda a: bytes(v4(a) / TCP(sport=40005, dport=port(a), flags=""))),
+        RawProbe("ipv6-ext-header", "IPv6 destination-options header (8 bytes) in a 4-byte payload",
+                 "malformed",
+                 lambda a: bytes(Ether(src=a["cmac"], dst=a["rmac"])
+                                 / IPv6(src=a["c6"], dst=a["r6"], nh=60, plen=4)
+                                 / Raw(b"\x3b\x00\x01\x02"))),
+    ]
+
+
+_EXPECT_TEXT = {
+    "kernel": "kernel drops it before any hook",
+    "invalid": "conntrack INVALID, dropped at PREROUTING",
+    "malformed": "queued, malformed, hook default",
+}
+
+# The client's sender: plain AF_PACKET on eth0 (what scapy's sendp does), one frame per line.
+_SENDER = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for line in sys.stdin:
+    s.send(bytes.fromhex(line.strip()))
+    print("sent", flush=True)
+"""
+
+
+def _mac(lab: Lab, node: str, ifname: str) -> str:
+    return lab.exec(node, "cat", f"/sys/class/net/{ifname}/address").stdout.strip()
+
+
+@dataclass
+class _Trace:
+    """What one raw packet left behind: engine metric deltas and kernel counter deltas."""
+
+    handlers: list[tuple[dict[str, str], float]]
+    malformed: list[tuple[dict[str, str], float]]
+    kernel: dict[str, int]
+
+    @property
+    def specific(self) -> bool:
+        """Evidence that is about this packet (background traffic -- neighbour discovery --
+        only ever moves plain accepts)."""
+        return bool(self.kernel or self.malformed
+                    or any(l["verdict"] != "accept" or l["handler"] == "(default)"
+                           for l, _ in self.handlers))
+
+
+def _trace(c: Ctx, before: tuple[Snapshot, dict[str, int]], skip: set[str]) -> _Trace:
+    snap, kern = c.scraper.scrape(), kernel_counters(c.lab)
+    handlers = [(l, v) for l, v in snap.minus(before[0], "nfhooks_handler_packets_total")
+                if l["handler"] not in skip]
+    return _Trace(handlers, snap.minus(before[0], "nfhooks_malformed_packets_total"),
+                  _kernel_drops(before[1], kern))
+
+
+def _settled(c: Ctx, before: tuple[Snapshot, dict[str, int]], skip: set[str]) -> _Trace | None:
+    """Poll until the packet's evidence appears and stops changing (or 2 s pass)."""
+    last: list[_Trace] = []
+
+    def stable() -> bool:
+        t = _trace(c, before, skip)
+        same = bool(last) and t.specific and repr(t) == repr(last[-1])
+        last.append(t)
+        return same
+
+    try:
+        c.lab.wait_for(stable, timeout=2.0, interval=0.05, what="the packet's trace")
+    except TimeoutError:
+        pass
+    return last[-1] if last and last[-1].specific else None
+
+
+def _describe(t: _Trace | None) -> tuple[str, str]:
+    """(outcome kind, one line of evidence) for a raw packet's trace."""
+    if t is None:
+        return "none", "no trace: neither the engine nor the kernel counters saw it"
+    kernel = ", ".join(f"{k} +{v}" for k, v in sorted(t.kernel.items()))
+    if t.malformed:
+        hooks = ", ".join(l["hook"] for l, _ in t.malformed)
+        defaults = ", ".join(f"{l['hook']} {l['verdict']}" for l, _ in t.handlers
+                             if l["handler"] == "(default)")
+        text = (f"queued at {hooks}; unparseable, counted in nfhooks_malformed_packets_total; "
+                f"hook default given: {defaults or '?'}")
+        return "malformed", text + (f"; kernel: {kernel}" if kernel else "")
+    decided = [f"{l['hook']} {l['handler']}: {l['verdict']}" for l, _ in t.handlers
+               if l["verdict"] != "accept" or l["handler"] == "(default)"]
+    if decided:
+        kind = "invalid" if any("invalid: drop" in d for d in decided) else "queued"
+        return kind, "queued: " + "; ".join(decided) + (f"; kernel: {kernel}" if kernel else "")
+    return "kernel", f"dropped by the kernel before any hook: {kernel}"
+
+
+def malformed(c: Ctx) -> list[Check]:
+    lab = c.lab
+    addrs = {"cmac": _mac(lab, "client", "eth0"), "rmac": _mac(lab, "router", "lan"),
+             "c4": lab.addr("client", 4), "r4": lab.addr("router", 4),
+             "c6": lab.addr("client", 6), "r6": lab.addr("router", 6),
+             "port": str(c.ports["service_port"])}
+    skip = c.skip
+    sender = lab.popen("client", sys.executable, "-c", _SENDER, stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True)
+    assert sender.stdin is not None and sender.stdout is not None
+    checks: list[Check] = []
+    try:
+        for probe in _probes():
+            c.progress(probe.name)
+            before = (c.scraper.scrape(), kernel_counters(lab))
+            sender.stdin.write(probe.build(addrs).hex() + "\n")
+            sender.stdin.flush()
+            if sender.stdout.readline().strip() != "sent":
+                raise RuntimeError(f"the client's raw sender failed on {probe.name}")
+            kind, text = _describe(_settled(c, before, skip))
+            c.rows.append((probe.name, probe.wrong, text,
+                           "as expected" if kind == probe.expect
+                           else f"differs (usually: {_EXPECT_TEXT[probe.expect]})"))
+            checks.append(Check(f"{probe.name}: {text}", kind != "none"))
+    finally:
+        sender.stdin.close()
+    alive = c.engine.running()
+    checks.append(Check(f"engine still running after the raw packets: {alive}", alive))
+    checks.append(_connect(c, "client", "server", WEB_PORT, 4, "ok"))
+    return checks
+
+
+#: The lab's traffic, in order. NAT and mangling scenarios wait for their verdicts: they
+#: are listed (with run=None) so the summary says what is not there yet.
+SCENARIOS: list[Scenario] = [
+    Scenario("forwarded", "forwarded: client → server",
+             "the client's connection is routed through the router", ("PREROUTING", "FORWARD", "POSTROUTING"),
+             forwarded),
+    Scenario("to-router", "to the router: client → router",
+             "the router's own service port, and ping", ("PREROUTING", "INPUT"), to_router),
+    Scenario("from-router", "from the router: router → server",
+             "the router opens a connection itself", ("OUTPUT", "POSTROUTING"), from_router),
+    Scenario("output-drop", "seed example: router's own HTTP to port 80 dropped at OUTPUT",
+             "locally generated tcp/80 vanishes; the client's tcp/80 is forwarded and works",
+             ("OUTPUT",), seed_output_drop),
+    Scenario("reject", "reject: refused ports on the router",
+             "TCP reset and ICMP port unreachable, sent by the policy's reject()",
+             ("PREROUTING", "INPUT"), rejected),
+    Scenario("wan-to-lan", "default drop: WAN → LAN",
+             "the server cannot open connections to the client (FORWARD default drop)",
+             ("PREROUTING", "FORWARD"), wan_to_lan),
+    Scenario("malformed", "raw packets: malformed frames from the client (scapy, AF_PACKET)",
+             "bad header lengths, truncated TCP, bad checksums, odd flags; then a normal connection",
+             ("PREROUTING",), malformed),
+    Scenario("steady", "steady traffic for --duration seconds",
+             "connections across all five hooks while the live table updates",
+             HOOKS, steady),
+    Scenario("masquerade", "NAT: masquerade client → server",
+             "the server sees the router's WAN address instead of the client's",
+             ("PREROUTING", "FORWARD", "POSTROUTING"), None, needs=("masquerade",)),
+    Scenario("dnat-local", "NAT: router-local HTTP to port 80 → proxy:8080",
+             "DNAT at OUTPUT sends the router's own HTTP to the proxy",
+             ("OUTPUT", "POSTROUTING"), None, needs=("dnat",)),
+    Scenario("port-forward", "NAT: a port forward WAN → client",
+             "DNAT at PREROUTING: the server reaches the client's service via the router's WAN address",
+             ("PREROUTING", "FORWARD", "POSTROUTING"), None, needs=("dnat",)),
+    Scenario("mangle", "mangling: set_ttl on forwarded packets",
+             "the server sees the TTL the policy set", ("FORWARD",), None, needs=("set_ttl",)),
+]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    checks: list[Check]
+    verdicts: list[tuple[dict[str, str], float]]
+    seconds: float
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def crossed(self) -> list[str]:
+        seen = {l["hook"] for l, _ in self.verdicts}
+        return [h for h in HOOKS if h in seen]
+
+    @property
+    def missing_hooks(self) -> list[str]:
+        return [h for h in self.scenario.hooks if h not in self.crossed]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(c.ok for c in self.checks) and not self.missing_hooks
+
+
+def _run_one(ctx: Ctx, sc: Scenario, skip: set[str]) -> Result:
+    assert sc.run is not None
+    ctx.rows = []
+    before, rules_before = ctx.scraper.scrape(), default_rule_counts(ctx.lab)
+    t0 = time.monotonic()
+    try:
+        checks, error = sc.run(ctx), None
+    except Exception as exc:  # noqa: BLE001 -- one broken scenario must not hide the others
+        checks, error = [], f"{type(exc).__name__}: {exc}"
+    seconds = time.monotonic() - t0
+    after = ctx.scraper.scrape()
+    verdicts = [(l, v) for l, v in after.minus(before, "nfhooks_handler_packets_total")
+                if l["handler"] not in skip]
+    verdicts += _default_verdicts(rules_before, default_rule_counts(ctx.lab), ctx.defaults)
+    return Result(sc, checks, verdicts, seconds, list(ctx.rows), error)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _verdict_text(verdicts: Iterable[tuple[dict[str, str], float]], hook: str) -> str:
+    parts = [f"{l['handler']}:{l['verdict']} {v:g}" for l, v in verdicts if l["hook"] == hook]
+    return ", ".join(sorted(parts))
+
+
+def hook_table(snap: Snapshot, rules: Sequence[tuple[dict[str, str], float]] = (),
+               title: str = "per-hook verdicts") -> Table:
+    """hook x table x verdict packet and byte counts, like `iptables -L -v`, plus which
+    handlers gave them; `rules` adds the defaults the kernel's rules gave (never queued)."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for col, just in (("hook", "left"), ("table", "left"), ("verdict", "left"),
+                      ("pkts", "right"), ("bytes", "right"), ("handlers", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    packets = {(l["hook"], l["table"], l["verdict"]): v for l, v in snap.series("nfhooks_packets_total")}
+    nbytes = {(l["hook"], l["table"], l["verdict"]): v for l, v in snap.series("nfhooks_bytes_total")}
+    handlers = snap.series("nfhooks_handler_packets_total")
+    for hook in HOOKS:
+        rows = sorted((k, v) for k, v in packets.items() if k[0] == hook and v > 0)
+        kernel = [(l, v) for l, v in rules if l["hook"] == hook]
+        if not rows and not kernel:
+            t.add_row(hook, "-", "-", "0", "0", Text("nothing queued here", style="dim"))
+        for (h, table, verdict), v in rows:
+            names = ", ".join(f"{l['handler']} {n:g}" for l, n in sorted(handlers, key=lambda x: -x[1])
+                              if l["hook"] == h and l["verdict"] == verdict and n > 0)
+            t.add_row(h, table, verdict, f"{v:g}", f"{nbytes.get((h, table, verdict), 0):g}", names)
+        for l, v in kernel:
+            t.add_row(hook, decision_table(hook), l["verdict"], f"{v:g}", "",
+                      "(default rule) in the kernel: no handler queued these")
+    return t
+
+
+class LiveView:
+    """Progress plus the per-hook table from the latest scrape, re-rendered by rich.live."""
+
+    def __init__(self, progress: Progress, scraper: Scraper) -> None:
+        self.progress, self.scraper = progress, scraper
+
+    def __rich__(self) -> RenderableType:
+        return Group(self.progress, hook_table(self.scraper.latest, title="live: per-hook verdicts"))
+
+
+def _topology_table(lab: Lab) -> Table:
+    roles = {"client": "the private LAN's host (default route: the router)",
+             "router": "forwarding on; runs the engine and the lab policy",
+             "switch": "a bridge for the WAN segment (no addresses)",
+             "server": "outside: web servers on 8080 and 80",
+             "proxy": "outside: the NAT scenarios' target"}
+    t = Table(title=f"topology: client --lan-- router --wan-- switch(br0) -- server, proxy "
+                    f"(lan {lab.networks['lan'][4]} {lab.networks['lan'][6]}, "
+                    f"wan {lab.networks['wan'][4]} {lab.networks['wan'][6]})",
+              box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("node", "namespace", "addresses", "role"):
+        t.add_column(col)
+    for name, node in lab.nodes.items():
+        addrs = " ".join(node.addrs.get(4, []) + node.addrs.get(6, [])) or "-"
+        t.add_row(name, node.ns, addrs, roles.get(name, ""))
+    return t
+
+
+def _scenario_table(results: Sequence[Result]) -> Table:
+    t = Table(title="scenarios", box=box.SIMPLE_HEAD, title_justify="left", show_lines=True)
+    for col in ("scenario", "hooks: expected → crossed (handler:verdict packets)", "observed", "result"):
+        t.add_column(col)
+    for r in results:
+        hooks = Text()
+        hooks.append("expected " + ", ".join(r.scenario.hooks) + "\n", style="dim")
+        for h in r.crossed:
+            hooks.append(f"{h}", style="bold" if h in r.scenario.hooks else "")
+            hooks.append(f"  {_verdict_text(r.verdicts, h)}\n")
+        for h in r.missing_hooks:
+            hooks.append(f"{h}  not crossed\n", style="red")
+        observed = Text("\n".join(("✓ " if c.ok else "✗ ") + c.text for c in r.checks))
+        if r.error:
+            observed.append(f"\nerror: {r.error}", style="red")
+        result = Text("PASS", style="green") if r.ok else Text("FAIL", style="bold red")
+        title = Text(r.scenario.title + "\n")
+        title.append(r.scenario.description, style="dim")
+        t.add_row(title, hooks, observed,
+                  Text.assemble(result, f"\n{r.seconds:.1f}s"))
+    return t
+
+
+def _malformed_table(rows: Sequence[tuple[str, ...]]) -> Table:
+    t = Table(title="raw packets from the client (layer 2, to the router's MAC): what really happened",
+              box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("packet", "what is wrong", "outcome (evidence)", ""):
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*(Text(cell) for cell in row))
+    return t
+
+
+def _hooks_explained(snap: Snapshot, rules: Sequence[tuple[dict[str, str], float]],
+                     skip: set[str]) -> Table:
+    t = Table(title="what happened at each hook (whole run)", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("hook", "sees", "the policy's verdicts (handler:verdict packets)"):
+        t.add_column(col)
+    series = [(l, v) for l, v in snap.series("nfhooks_handler_packets_total") if v > 0] + list(rules)
+    for hook in HOOKS:
+        text = _verdict_text(series, hook) or "nothing"
+        if any(l["handler"] in skip and l["hook"] == hook for l, _ in series):
+            text += "  (" + ", ".join(sorted(skip)) + ": the lab's own metric scrapes over lo)"
+        t.add_row(hook, HOOK_DOC[hook], text)
+    return t
+
+
+def _metrics_panel(cfg: LabConfig, url: str, kept: bool, snap: Snapshot) -> Panel:
+    malformed = sum(v for _, v in snap.series("nfhooks_malformed_packets_total"))
+    p50 = _decision_summary(snap)
+    where = "are" if kept else "were (the lab is gone now)"
+    text = (f"The engine's Prometheus metrics {where} served inside the router namespace at {url}\n"
+            f"  nfhooks lab exec router -- curl -s {url.removeprefix('http://')}   (with --keep)\n"
+            "  nfhooks_packets_total{hook,table,verdict}      the per-hook table above\n"
+            "  nfhooks_handler_packets_total{hook,handler,verdict}  who decided\n"
+            f"  nfhooks_malformed_packets_total{{hook}}        {malformed:g} this run\n"
+            f"  nfhooks_decision_seconds{{hook}}               {p50}\n"
+            "  nfhooks_queue_kernel_dropped_packets_total     packets the kernel dropped (queue full)")
+    return Panel(text, title="metrics", title_align="left")
+
+
+def _decision_summary(snap: Snapshot) -> str:
+    count = sum(v for _, v in snap.series("nfhooks_decision_seconds_count"))
+    total = sum(v for _, v in snap.series("nfhooks_decision_seconds_sum"))
+    return f"{count:g} decisions, mean {total / count * 1e6:.0f} µs" if count else "no decisions"
+
+
+def _next_panel(lab: Lab, kept: bool) -> Panel:
+    server = lab.addr("server")
+    if kept:
+        text = (f"The lab {lab.id} is still up (engine and servers running):\n"
+                f"  nfhooks lab exec client -- ping -c 3 {server}\n"
+                f"  nfhooks lab exec client -- curl -s {server}:{WEB_PORT}\n"
+                f"  nfhooks lab exec router -- nfhooks rules\n"
+                f"  nfhooks lab exec router -- nstat -az IpInHdrErrors\n"
+                f"  nfhooks lab down            # stops the engine, removes the namespaces")
+    else:
+        text = ("  nfhooks lab --keep                      # leave the lab up to explore it\n"
+                f"  nfhooks lab exec client -- ping -c 3 {server}   (after --keep)\n"
+                "  nfhooks lab --set service_port=2200     # the policy's options\n"
+                "  nfhooks lab --policy my_policy.py       # your own policy on the same traffic\n"
+                "  nfhooks lab down                        # remove a kept lab or a crashed run's leftovers")
+    return Panel(text, title="try next", title_align="left")
+
+
+def _not_yet_panel(pending: Sequence[Scenario]) -> Panel | None:
+    if not pending:
+        return None
+    lines = []
+    for sc in pending:
+        missing = sc.missing()
+        why = (f"needs nfhooks.verdict.{', '.join(missing)} (NAT/mangle verdicts are being added)"
+               if missing else "its scenario function is not written yet")
+        lines.append(f"  not yet: {sc.key}: {sc.title} -- {why}")
+    return Panel("\n".join(lines), title="TODO: not yet in the lab", title_align="left", style="yellow")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _console() -> Console:
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=160)
+
+
+def _policy_ports(policy: Path, sets: list[str]) -> tuple[dict[str, int | str], Any]:
+    """Load the policy here too: bad policies fail before any namespace exists, and the
+    scenarios use the ports the policy was configured with."""
+    from ..policy import PolicyError, load_policy, parse_sets
+
+    try:
+        pol = load_policy(policy, parse_sets(sets))
+    except PolicyError as e:
+        raise LabError(str(e)) from None
+    defaults: dict[str, int | str] = {"service_port": 2222, "reject_port": 23,
+                                      "reject_udp_port": 514, "web_port": HTTP_PORT}
+    for k in defaults:
+        if k in pol.options:
+            defaults[k] = pol.options[k].value
+    return defaults, pol
+
+
+def _loopback_handlers(pol: Any) -> set[str]:
+    """Handlers that only see loopback traffic: the lab's own scrapes, not scenario traffic."""
+    out = set()
+    for h in pol.handlers:
+        for i in (h.match.iif, h.match.oif):
+            if i is not None and i.name == "lo" and not i.negate:
+                out.add(h.name)
+    return out
+
+
+def _metrics_url(addr: str) -> str:
+    host, port = parse_listen_addr(addr)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/metrics"
+
+
+def _start_servers(lab: Lab, ports: Mapping[str, int | str]) -> dict[str, TcpServer]:
+    """The services the scenarios talk to; the router listens on the reject ports too, so
+    a refusal there can only come from the policy."""
+    servers: dict[str, TcpServer] = {}
+    for f in (4, 6):
+        servers[f"server{f}"] = lab.tcp_server("server", WEB_PORT, f)
+        servers[f"http{f}"] = lab.tcp_server("server", int(ports["web_port"]), f)
+        servers[f"client{f}"] = lab.tcp_server("client", WEB_PORT, f)
+        servers[f"service{f}"] = lab.tcp_server("router", int(ports["service_port"]), f)
+        servers[f"refused{f}"] = lab.tcp_server("router", int(ports["reject_port"]), f)
+        lab.udp_server("router", int(ports["reject_udp_port"]), f)
+    return servers
+
+
+def _warm_up(lab: Lab) -> None:
+    """Ping along every path before the engine starts: proves the network, and fills the
+    neighbour caches so that neighbour discovery does not show up in the scenarios."""
+    pairs = [(s, d, f) for f in (4, 6)
+             for s, d in (("client", "router"), ("client", "server"), ("router", "server"),
+                          ("router", "proxy"))]
+    with ThreadPoolExecutor(len(pairs)) as ex:
+        results = list(ex.map(lambda p: (p, lab.ping(p[0], lab.addr(p[1], p[2]), timeout=2)), pairs))
+    broken = [f"{s} → {d} IPv{f}" for (s, d, f), ok in results if not ok]
+    if broken:
+        raise RuntimeError(f"the lab network does not work before the engine starts: {', '.join(broken)}")
+
+
+def _check_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("nfhooks lab builds network namespaces and installs iptables rules in them: "
+                       "run it as root (sudo .venv/bin/nfhooks lab); nothing outside the lab is touched")
+
+
+def _lab_id() -> str:
+    import secrets
+
+    return os.environ.get(ID_PREFIX_ENV, "") + RUN_TAG + secrets.token_hex(3)[:5]
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    raise SystemExit(_EXIT_SIGTERM)  # unwinds through the finally that removes the lab
+
+
+def run(cfg: LabConfig, console: Console | None = None) -> int:
+    """The whole lab run; returns the exit status (0 all scenarios passed, 1 not, 2 setup)."""
+    console = console or _console()
+    _check_root()
+    policy = (cfg.policy or DEFAULT_POLICY).resolve()
+    ports, pol = _policy_ports(policy, cfg.sets)
+    url = _metrics_url(cfg.metrics_addr)
+    if cfg.keep:
+        _refuse_second_kept_lab()
+    skip = _loopback_handlers(pol)
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    lab: Lab | None = None
+    kept = False
+    try:
+        with console.status("building the lab (namespaces, veths, bridge, IPv4 + IPv6)"):
+            lab = Lab.router_topology(_lab_id())
+            servers = _start_servers(lab, ports)
+            _warm_up(lab)
+            engine = lab.start_engine(str(policy), *[a for s in cfg.sets for a in ("--set", s)],
+                                      "--metrics-addr", cfg.metrics_addr,
+                                      *(["--public-metrics"] if _public(cfg.metrics_addr) else []))
+        console.print(f"lab [bold]{lab.id}[/bold] up in {lab.build_seconds:.1f}s; engine pid {engine.pid} "
+                      f"runs {policy.name} in {lab.ns_name('router')}; metrics {url}")
+        scraper = Scraper(lab, url)
+        scraper.scrape()
+        defaults = {h: pol.default(h).kind for h in HOOKS}
+        results = _run_scenarios(lab, engine, scraper, cfg, ports, servers, skip, defaults, console)
+        final = scraper.scrape()
+        rules = _default_verdicts({}, default_rule_counts(lab), defaults)
+        if cfg.keep:
+            _keep(lab, engine, url, policy)
+            kept = True
+        _summary(console, lab, results, final, rules, skip, cfg, url, kept)
+        return 0 if all(r.ok for r in results) else 1
+    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+        if lab is not None:
+            console.print(Panel(lab.debug_report()[-6000:], title="lab debug report", title_align="left"))
+        raise LabError(f"the lab run failed: {exc}") from exc
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if lab is not None and not kept:
+            lab.close()
+            console.print(f"lab {lab.id} removed: namespaces {NS_MARKER}{lab.id}-*, its processes and logs")
+
+
+def _public(addr: str) -> bool:
+    host, _ = parse_listen_addr(addr)
+    return host not in ("127.0.0.1", "::1", "localhost")
+
+
+def _run_scenarios(lab: Lab, engine: EngineProc, scraper: Scraper, cfg: LabConfig,
+                   ports: dict[str, Any], servers: dict[str, TcpServer], skip: set[str],
+                   defaults: dict[str, str], console: Console) -> list[Result]:
+    runnable = [s for s in SCENARIOS if s.ready]
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                        console=console)
+    task = progress.add_task("scenarios", total=len(runnable))
+    ctx = Ctx(lab, engine, scraper, cfg, ports, servers, skip, defaults)
+    results: list[Result] = []
+    scraper.start()
+    try:
+        with Live(LiveView(progress, scraper), console=console, refresh_per_second=4, transient=True):
+            for sc in runnable:
+                progress.update(task, description=sc.title)
+                ctx.progress = lambda text, sc=sc: progress.update(task, description=f"{sc.title}: {text}")
+                r = _run_one(ctx, sc, skip)
+                results.append(r)
+                mark = "[green]✓[/green]" if r.ok else "[bold red]✗[/bold red]"
+                console.print(f"{mark} {sc.title}  [dim]{', '.join(r.crossed)}  {r.seconds:.1f}s[/dim]")
+                progress.advance(task)
+                if not engine.running():
+                    console.print(f"[bold red]the engine exited ({engine.returncode}); log tail:[/bold red]\n"
+                                  + "\n".join(engine.log().splitlines()[-20:]))
+                    break
+    finally:
+        scraper.stop()
+    return results
+
+
+def _summary(console: Console, lab: Lab, results: Sequence[Result], final: Snapshot,
+             rules: list[tuple[dict[str, str], float]], skip: set[str], cfg: LabConfig, url: str,
+             kept: bool) -> None:
+    passed = sum(r.ok for r in results)
+    console.print()
+    console.rule(f"nfhooks lab {lab.id}: {passed}/{len(results)} scenarios passed")
+    console.print(_topology_table(lab))
+    console.print(_scenario_table(results))
+    rows = [row for r in results for row in r.rows]
+    if rows:
+        console.print(_malformed_table(rows))
+    console.print(_hooks_explained(final, rules, skip))
+    console.print(hook_table(final, rules))
+    console.print(_metrics_panel(cfg, url, kept, final))
+    pending = _not_yet_panel([s for s in SCENARIOS if not s.ready])
+    if pending is not None:
+        console.print(pending)
+    console.print(_next_panel(lab, kept))
+
+
+# --------------------------------------------------------------------------- --keep, exec, down
+
+
+def _proc_start(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def read_state() -> dict[str, Any] | None:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _namespaces_exist(state: Mapping[str, Any]) -> bool:
+    return any((Path("/run/netns") / ns).exists() for ns in state.get("namespaces", {}).values())
+
+
+def _refuse_second_kept_lab() -> None:
+    state = read_state()
+    if state and _namespaces_exist(state):
+        raise LabError(f"a kept lab ({state['id']}) is still up; remove it first with `nfhooks lab down`")
+
+
+def _keep(lab: Lab, engine: EngineProc, url: str, policy: Path) -> None:
+    """Hand the lab to its engine (see Lab.detach) and record it for `lab exec` / `lab down`."""
+    lab.detach(engine.pid)
+    state = {
+        "id": lab.id,
+        "namespaces": {n: node.ns for n, node in lab.nodes.items()},
+        "addresses": {n: node.addrs for n, node in lab.nodes.items()},
+        "engine": {"pid": engine.pid, "start": _proc_start(engine.pid), "argv": engine.argv,
+                   "log": str(engine.log_path)},
+        "policy": str(policy),
+        "metrics": url,
+    }
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, STATE_FILE)
+
+
+def exec_in_node(node: str, cmd: Sequence[str]) -> None:
+    """Replace this process with CMD inside the kept lab's NODE (exit status passes through)."""
+    state = read_state()
+    if not state or not _namespaces_exist(state):
+        raise LabError("no kept lab is up: start one with `nfhooks lab --keep`")
+    namespaces = state["namespaces"]
+    if node not in namespaces:
+        raise LabError(f"no node {node!r} in lab {state['id']} (nodes: {', '.join(namespaces)})")
+    if not cmd:
+        raise LabError("no command given: nfhooks lab exec NODE -- CMD [ARGS...]")
+    os.execvp("ip", ["ip", "netns", "exec", namespaces[node], *cmd])
+
+
+def _stop_engine(engine: Mapping[str, Any], timeout: float = 10.0) -> str:
+    """SIGTERM the kept engine -- only if that PID is still the engine we started."""
+    pid, start, argv = engine.get("pid"), engine.get("start"), engine.get("argv") or []
+    if not isinstance(pid, int) or _proc_start(pid) is None:
+        return "engine: not running"
+    if _proc_start(pid) != start or _cmdline(pid) != list(argv):
+        return f"engine: pid {pid} is now another process; left alone"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _proc_start(pid) == start:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            return f"engine: pid {pid} did not stop in {timeout:g}s; killed"
+        time.sleep(0.05)
+    return f"engine: pid {pid} stopped (its rules removed)"
+
+
+def down(console: Console | None = None) -> int:
+    """Remove the kept lab and the leftovers of crashed `nfhooks lab` runs."""
+    console = console or _console()
+    _check_root()
+    state = read_state()
+    removed: list[str] = []
+    if state:
+        console.print(_stop_engine(state.get("engine") or {}))
+        # Its owner (the engine) is gone now, so cleanup_stale takes it; the processes left
+        # in its namespaces are the lab's own servers.
+        removed += cleanup_stale(f"{NS_MARKER}{state['id']}-", kill=True)
+        STATE_FILE.unlink(missing_ok=True)
+    # Crashed runs: lab ids carry RUN_TAG; labs whose owner still runs are left alone.
+    # Processes still in them were started by that run (its servers, its engine).
+    removed += cleanup_stale(f"{NS_MARKER}{os.environ.get(ID_PREFIX_ENV, '')}{RUN_TAG}", kill=True)
+    if removed:
+        console.print("removed: " + " ".join(removed))
+    else:
+        console.print("nothing to remove: no kept lab and no leftovers of `nfhooks lab` runs")
+    left = [ns for ns in (state or {}).get("namespaces", {}).values() if (Path("/run/netns") / ns).exists()]
+    if left:
+        console.print(f"[red]still there: {' '.join(left)}[/red]")
+        return 1
+    return 0

@@ -1,0 +1,108 @@
+"""NAT targets chosen in Python, carried out by the kernel's nat table.
+
+A handler queued from mangle returns ``dnat(...)``/``snat(...)``/``masquerade()``/
+``redirect(...)`` for a connection's first packet. Python never rewrites an address: the
+verdict writes the target's *index* into the ``nat`` mark field and accepts, and the nat
+table, which runs right after mangle at the same hook, matches that index in the chain
+nfhooks owns there (``-m mark --mark <index>/<nat mask> -j DNAT --to-destination ...``).
+Conntrack then translates the replies and every later packet of the connection, exactly
+as if the equivalent iptables rule had matched.
+
+Targets may be computed per connection (a load balancer picks a backend), so the rules
+are installed on demand: the first packet that needs a new target pays one commit of one
+table, inside its own callback, before its verdict (the rule must exist when the packet
+reaches the nat table); later packets pay a dict lookup. Indices are never reused for
+another target while the engine runs, and the bound (``--nat-targets``) is checked before
+anything is installed, with an error that says what to change. Removal on exit is the
+engine's ``remove_all()`` (every ``NFH-*`` chain, the nat ones included).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .marks import MarkLayout
+from .packet import Packet
+from .rules import Rule, nat_rule
+from .verdict import Nat
+
+#: Protocols whose ports a NAT target may name (what iptables' DNAT/SNAT accept with ports).
+PORT_PROTOS = {6: "tcp", 17: "udp", 132: "sctp", 33: "dccp"}
+
+Installer = Callable[[int, str, str, Rule], None]  # (family, table, hook, rule)
+Key = tuple[int, str, Nat, str | None]  # (family, hook, verdict, proto when it has ports)
+
+
+class NatError(RuntimeError):
+    """A NAT verdict that cannot be carried out; the text says why and what to do."""
+
+
+def _default_installer(family: int, table: str, hook: str, rule: Rule) -> None:
+    from .install import append_rule  # python-iptables needs root; keep nat.py importable
+
+    append_rule(family, table, hook, rule)
+
+
+class NatTargets:
+    """target -> index in the ``nat`` mark field, installing the nat rule of a new target.
+
+    Owned by one engine; ``installer`` and ``on_change`` are injected so unit tests need
+    neither root nor a metrics registry.
+    """
+
+    def __init__(self, layout: MarkLayout, limit: int, installer: Installer = _default_installer,
+                 on_change: Callable[[int], None] | None = None) -> None:
+        self.field = layout["nat"]
+        self.layout = layout
+        self.limit = min(limit, (1 << self.field.width) - 1)
+        self.installer = installer
+        self.on_change = on_change
+        self.index: dict[Key, int] = {}
+        self.failed: dict[Key, str] = {}  # a target the kernel refused is not retried per packet
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def key(self, pkt: Packet, v: Nat) -> Key:
+        if v.family is not None and v.family != pkt.version:
+            raise NatError(f"{v} is an IPv{v.family} target for an IPv{pkt.version} packet; "
+                           f"match family='ipv{v.family}' or return None for the other family")
+        proto = None
+        if v.ports is not None:
+            proto = PORT_PROTOS.get(pkt.proto)
+            if proto is None:
+                raise NatError(f"{v} names ports, but this packet is {pkt.proto_name}, which has "
+                               "none; match proto='tcp' or 'udp', or give the target without a port")
+        return (pkt.version, pkt.hook, v, proto)
+
+    def mark_bits(self, pkt: Packet, v: Nat) -> int:
+        """The ``nat`` field value for ``v`` on ``pkt`` (install its rule first if new)."""
+        k = self.key(pkt, v)
+        idx = self.index.get(k)
+        if idx is not None:
+            return self.field.encode(idx)
+        if k in self.failed:
+            raise NatError(self.failed[k])
+        if len(self.index) >= self.limit:
+            raise NatError(
+                f"{v} would be distinct NAT target {len(self.index) + 1}, past the bound of "
+                f"{self.limit} (--nat-targets; the nat mark field has {self.field.width} bits). "
+                "Start the engine with a larger --nat-targets (and --mark-mask if the bits run "
+                "out), or choose among fewer targets")
+        idx = len(self.index) + 1
+        family, hook, _, proto = k
+        try:
+            self.installer(family, "nat", hook, nat_rule(hook, idx, v, self.layout, proto))
+        except Exception as e:  # noqa: BLE001 -- python-iptables raises its own types
+            msg = f"the kernel refused the nat rule for {v} at {hook} (IPv{family}): {e}"
+            self.failed[k] = msg
+            raise NatError(msg) from None
+        self.index[k] = idx
+        if self.on_change:
+            self.on_change(len(self.index))
+        return self.field.encode(idx)
+
+    def describe(self) -> list[str]:
+        return [f"{idx:>3} ipv{fam} {hook} {v}{' ' + proto if proto else ''}"
+                for (fam, hook, v, proto), idx in sorted(self.index.items(), key=lambda kv: kv[1])]
+

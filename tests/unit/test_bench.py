@@ -1,0 +1,157 @@
+"""nfhooks.bench: the pure parts (iperf3 JSON, /proc parsing, queue deltas, ratios, profile
+summaries). The benchmark itself is `make bench`; nothing here is timed."""
+
+from __future__ import annotations
+
+import pytest
+
+from nfhooks.bench import (
+    IperfResult,
+    Row,
+    breakdown,
+    cpu_ticks,
+    parse_iperf,
+    queue_handled,
+    ratios,
+    summarize_collapsed,
+    vm_hwm_kib,
+)
+from nfhooks.metrics import QueueStat
+
+# Trimmed from real iperf3 3.12 client documents (-J --get-server-output) in the bench lab.
+UDP_DOC = {
+    "start": {"test_start": {"protocol": "UDP", "num_streams": 1, "blksize": 64, "duration": 2}},
+    "end": {
+        # end.sum is the sender's view for UDP: packets sent, not received.
+        "sum": {"seconds": 2.000089, "bytes": 78394240, "bits_per_second": 313573667.48,
+                "lost_packets": 492641, "packets": 1224910, "sender": True},
+        "sum_sent": {"seconds": 2.000021, "bytes": 78394240, "bits_per_second": 313573667.48,
+                     "lost_packets": 0, "packets": 1224910, "sender": True},
+        "sum_received": {"seconds": 2.000089, "bytes": 46864704, "bits_per_second": 187450474.45,
+                         "lost_packets": 492641, "packets": 1224902, "sender": False},
+    },
+    "server_output_text": "...",
+}
+TCP_DOC = {
+    "start": {"test_start": {"protocol": "TCP", "num_streams": 1, "blksize": 131072, "duration": 2}},
+    "end": {
+        "sum_sent": {"seconds": 2.000035, "bytes": 4790026240, "bits_per_second": 19159769664.03,
+                     "retransmits": 9894, "sender": True},
+        "sum_received": {"seconds": 2.000069, "bytes": 4789829256, "bits_per_second": 19158656050.37,
+                         "sender": True},
+    },
+}
+
+
+def test_udp_received_is_total_minus_lost():
+    r = parse_iperf(UDP_DOC)
+    assert r.protocol == "udp"
+    assert r.packets == 1224902 - 492641
+    assert r.packets * 64 == UDP_DOC["end"]["sum_received"]["bytes"]  # the same count, by bytes
+    assert r.sent == 1224910
+    assert r.pps == pytest.approx(732261 / 2.000089)
+    assert r.tx_pps == pytest.approx(1224910 / 2.000089)
+    assert r.lost_fraction == pytest.approx(492641 / 1224902)
+    assert r.gbps == pytest.approx(0.18745, rel=1e-4)
+
+
+def test_tcp_uses_receiver_rate():
+    r = parse_iperf(TCP_DOC)
+    assert r.protocol == "tcp"
+    assert r.packets is None and r.pps is None and r.lost_fraction is None
+    assert r.gbps == pytest.approx(19.1587, rel=1e-4)
+
+
+def test_server_json_when_client_has_no_receiver_summary():
+    doc = {"start": {"test_start": {"protocol": "UDP"}}, "end": {"sum": {"packets": 10, "lost_packets": 0}},
+           "server_output_json": {"end": {"sum": {"seconds": 1.0, "packets": 100, "lost_packets": 40,
+                                                  "bits_per_second": 1000.0}}}}
+    r = parse_iperf(doc)
+    assert (r.packets, r.lost, r.pps) == (60, 40, 60.0)
+
+
+def test_iperf_errors_raise():
+    with pytest.raises(ValueError, match="unable to connect"):
+        parse_iperf({"start": {}, "end": {}, "error": "unable to connect to server"})
+    with pytest.raises(ValueError, match="receiver summary"):
+        parse_iperf({"start": {"test_start": {"protocol": "TCP"}}, "end": {}})
+
+
+def test_proc_parsing():
+    # comm with a space and a parenthesis: fields are counted after the last ')'
+    stat = "4242 (python3 (x)) S 1 4242 4242 0 -1 4194560 5000 0 0 0 731 269 0 0 20 0 2 0 9 0 0"
+    assert cpu_ticks(stat) == 731 + 269
+    assert vm_hwm_kib("Name:\tpython3\nVmPeak:\t  60000 kB\nVmHWM:\t   53248 kB\nVmRSS:\t 50000 kB\n") == 53248
+    assert vm_hwm_kib("Name:\tkthread\n") is None
+
+
+def qs(num: int, queue_dropped: int, user_dropped: int, id_sequence: int) -> QueueStat:
+    return QueueStat(num, 1234, 0, 2, 65535, queue_dropped, user_dropped, id_sequence)
+
+
+def test_queue_handled_is_ids_minus_socket_drops():
+    before = [qs(0, 10, 1, 1000), qs(1, 0, 0, 50), qs(7, 0, 0, 5)]
+    after = [qs(0, 510, 3, 201000), qs(1, 0, 0, 60), qs(2, 0, 0, 30), qs(7, 0, 0, 9)]
+    d = queue_handled(before, after, queues=[0, 1, 2])  # queue 7 is somebody else's
+    assert d == {"handled": (200000 - 2) + 10 + 30, "queue_dropped": 500, "user_dropped": 2}
+
+
+def test_row_cpu_per_packet_prefers_decided_packets():
+    res = IperfResult("udp", 2.0, 1000, 0, 1e6, 1000)
+    r = Row.build("bare", res, wall=2.5, cpu=0.005, queue={"handled": 2000, "queue_dropped": 9, "user_dropped": 0},
+                  rss_kib=2048)
+    assert r.cpu_us_per_packet == pytest.approx(2.5)
+    assert r.cpu_core_pct == pytest.approx(0.2)
+    assert r.max_rss_mib == 2.0
+    k = Row.build("kernel", res)
+    assert k.cpu_us_per_packet is None and k.pps == 500.0
+
+
+def test_ratios():
+    rows = [
+        Row("kernel", "udp", pps=400_000.0),
+        Row("bare", "udp", pps=120_000.0, cpu_us_per_packet=2.5),
+        Row("nfhooks", "udp", pps=90_000.0, cpu_us_per_packet=7.5),
+        Row("scapy", "udp", error="boom"),
+        Row("kernel", "tcp", gbps=13.2),
+        Row("nfhooks", "tcp", gbps=0.0),
+    ]
+    r = ratios(rows)
+    assert r["udp_pps nfhooks/bare"] == pytest.approx(0.75)
+    assert r["udp_pps nfhooks/kernel"] == pytest.approx(0.225)
+    assert r["udp_cpu_per_packet nfhooks/bare"] == pytest.approx(3.0)
+    assert "udp_pps scapy/bare" not in r  # a failed row gives no ratio
+    assert r["tcp_gbps nfhooks/kernel"] == pytest.approx(0.0)
+    assert "tcp_gbps nfhooks/bare" not in r
+
+
+COLLAPSED = """\
+main (cli.py:1);QueueSet.run (nfhooks/queue.py:95);recv (libc.so.6) 20
+main (cli.py:1);QueueSet.run (nfhooks/queue.py:95);Dispatcher.callback.<locals>.on_packet (nfhooks/engine.py:148);parse (nfhooks/packet.py:377) 10
+main (cli.py:1);QueueSet.run (nfhooks/queue.py:95);Dispatcher.callback.<locals>.on_packet (nfhooks/engine.py:160);udp_accept (bench.py:34) 5
+main (cli.py:1);QueueSet.run (nfhooks/queue.py:95);Dispatcher.callback.<locals>.on_packet (nfhooks/engine.py:182);Dispatcher.callback.<locals>.apply (nfhooks/engine.py:112);VerdictCounter.count (nfhooks/metrics.py:107);MutexValue.inc (prometheus_client/values.py:28) 25
+main (cli.py:1);QueueSet.run (nfhooks/queue.py:95);Dispatcher.callback.<locals>.on_packet (nfhooks/engine.py:182);Dispatcher.callback.<locals>.apply (nfhooks/engine.py:113);nfq_set_verdict (libnetfilter_queue.so.1);sendmsg (libc.so.6) 40
+Thread.run (threading.py:982);BaseServer.serve_forever (socketserver.py:233);poll (libc.so.6) 30
+garbage line
+"""
+
+
+def test_summarize_collapsed():
+    s = summarize_collapsed(COLLAPSED)
+    assert s["samples"] == 130
+    assert s["self"][0] == ("sendmsg (libc.so.6)", pytest.approx(100 * 40 / 130))
+    total = dict(s["total"])
+    assert total["QueueSet.run (nfhooks/queue.py:95)"] == pytest.approx(100 * 100 / 130)
+    assert summarize_collapsed("") == {"self": [], "total": [], "samples": 0}
+
+
+def test_breakdown_shares_of_the_packet_loop():
+    b = breakdown(COLLAPSED)
+    assert (b["loop_samples"], b["other_samples"]) == (100, 30)
+    p = b["percent"]
+    assert p["metrics: verdict counters"] == pytest.approx(25.0)
+    assert p["parse (packet.py)"] == pytest.approx(10.0)
+    assert p["handler (policies/bench.py)"] == pytest.approx(5.0)
+    assert p["verdict: nfq_set_verdict/sendmsg (kernel re-injects the packet)"] == pytest.approx(40.0)
+    assert p["receive: recv (kernel hands over packets)"] == pytest.approx(20.0)
+    assert sum(p.values()) == pytest.approx(100.0)
