@@ -118,3 +118,18 @@ def test_handler_lookup_does_not_deadlock_on_its_own_packets(nfh_lab):
     assert lab.tcp_connect("router", lab.addr("server"), 8082, timeout=5) == "ok"
     assert target.wait_peers(1) and svc.wait_peers(1)  # the handler's own lookup got through
     assert metric(lab, "nfhooks_handler_packets_total", handler="ask_first", verdict="accept") == 1
+
+
+def test_a_flooded_slow_handler_does_not_starve_other_queues(nfh_lab):
+    lab = nfh_lab
+    lab.tcp_server("router", 7001)
+    lab.start_engine(str(TEST_POLICIES / "slow_and_fast.py"))
+    flood = lab.popen("client", "python3", "-c", (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', 40998))\n"  # fixed 5-tuple
+        f"for _ in range(200000): s.sendto(b'x' * 32, ('{lab.addr('router')}', 9000))\n"))
+    lab.wait_for(lambda: metric(lab, "nfhooks_handler_packets_total", handler="slow") > 200,
+                 what="the slow handler busy with the flood")
+    # the slow queue holds seconds of work; a SYN on another queue is still answered at once
+    assert lab.tcp_connect("client", lab.addr("router"), 7001, timeout=2) == "ok"
+    assert flood.poll() is None or metric(lab, "nfhooks_handler_packets_total", handler="slow") > 0
