@@ -500,7 +500,12 @@ class Bench:
                                      ready_timeout=30)
 
     def engine_rows(self, protos: Sequence[str], fields: bool) -> list[Row]:
-        engine = self.start_engine()
+        cases = [("nfhooks", PORT)] + ([("nfhooks fields", FIELDS_PORT)] if fields else [])
+        try:
+            engine = self.start_engine()
+        except Exception as e:  # noqa: BLE001 -- the other rows are still worth reporting
+            self.log(f"  nfhooks: engine did not start: {e}")
+            return [Row(c, p, error=f"engine did not start: {e}") for p in protos for c, _ in cases]
         rows = []
         try:
             for proto in protos:
@@ -515,7 +520,7 @@ class Bench:
 
     def profile(self, out: Path, seconds: float, native: bool) -> dict[str, Any]:
         """py-spy on the engine while a UDP flood runs (a separate run: sampling slows it)."""
-        pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+        pyspy = _pyspy()
         if pyspy is None:
             raise RuntimeError("--profile needs py-spy (pip install py-spy)")
         engine = self.start_engine()
@@ -559,6 +564,10 @@ class Bench:
         return rows
 
 
+def _pyspy() -> str | None:
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
 def _stop(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM by PID, SIGKILL after 3 s (the lab would do it at close; this frees the queue now)."""
     if proc.poll() is None:
@@ -585,6 +594,7 @@ def _describe(r: Row) -> str:
 
 def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console()
@@ -598,7 +608,7 @@ def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[s
     for r in rows:
         traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
         if r.error:
-            t.add_row(traffic, r.case, f"[red]failed: {r.error[:80]}[/red]", *[""] * 8)
+            t.add_row(traffic, r.case, f"[red]failed: {escape(r.error.splitlines()[0][:80])}[/red]", *[""] * 8)
             continue
         t.add_row(traffic, r.case, _fmt(r.tx_pps, ",.0f"), _fmt(r.pps, ",.0f"), _fmt(r.gbps, ".3f"),
                   _fmt(r.lost_pct, ".1f"), _fmt(r.handled, ","), _fmt(r.queue_dropped, ","),
@@ -644,6 +654,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("iperf3") is None:
         print("nfhooks bench: iperf3 is not installed (make deps)", file=sys.stderr)
         return 2
+    if args.profile and _pyspy() is None:
+        print("nfhooks bench: --profile needs py-spy (.venv/bin/pip install py-spy)", file=sys.stderr)
+        return 2
     seconds = 2.0 if args.quick and args.seconds == 5.0 else args.seconds
     protos = ("udp", "tcp") if args.proto == "both" else (args.proto,)
 
@@ -658,7 +671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.build()
         rows = bench.run(protos, fields=not args.quick, scapy=not args.no_scapy)
         if args.profile:
-            profile = bench.profile(args.profile, max(seconds, 5.0), args.profile_native)
+            try:
+                profile = bench.profile(args.profile, max(seconds, 5.0), args.profile_native)
+            except Exception as e:  # noqa: BLE001 -- the measurements are still worth writing
+                print(f"nfhooks bench: profile failed: {e}", file=sys.stderr)
     meta["wall_seconds"] = round(time.monotonic() - t0, 1)
     rat = ratios(rows)
     render(rows, rat, meta)

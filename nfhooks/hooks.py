@@ -159,8 +159,9 @@ PLACEMENTS: Final[dict[str, Placement]] = {
         ),
         Placement(
             "mangle", HOOKS, ("mangle",), "mangle",
-            "header rewrites (TTL, DSCP, MSS) are mangle-table work; nfhooks queues such "
-            "handlers from mangle",
+            "header rewrites (TTL, DSCP, MSS) and payload replacement are mangle-table work; "
+            "nfhooks queues such handlers from mangle and gives the rewritten packet (lengths "
+            "and checksums recomputed) back with the verdict",
         ),
     )
 }

@@ -12,7 +12,8 @@ What each hook does on the lab's router (client on ``lan``, server and proxy on 
                  into the LAN (the FORWARD default: drop)
     OUTPUT       the seed's first example: locally generated HTTP to port 80 is dropped;
                  the router's other own traffic is accepted
-    POSTROUTING  everything leaving on an interface is seen and accepted
+    POSTROUTING  connections to the NAT port are masqueraded (the server sees the router's
+                 address); everything else leaving on an interface is seen and accepted
 
 Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
 
@@ -30,6 +31,7 @@ Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
     iptables -P FORWARD DROP
     iptables -A OUTPUT -p tcp --dport 80 -j DROP
     iptables -A OUTPUT ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
+    iptables -t nat -A POSTROUTING -p tcp --dport 8081 -j MASQUERADE
     iptables -t mangle -A POSTROUTING ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
 
 Loopback is told apart by address, not by ``-i lo``: python-iptables 1.2.0 installs IPv6
@@ -37,10 +39,16 @@ interface matches with a mask of 0x01 per byte instead of 0xff, so in ip6tables 
 matches "lan" (their names differ only in bits that mask ignores).
 
 Options: lan_if (the router's LAN interface, default lan), service_port (2222),
-reject_port (tcp, 23), reject_udp_port (514), web_port (the OUTPUT drop, 80).
+reject_port (tcp, 23), reject_udp_port (514), nat_port (masqueraded, 8081),
+web_port (the OUTPUT drop, 80).
 """
 
 from nfhooks import Policy, accept, drop, reject
+
+try:
+    from nfhooks.verdict import masquerade
+except ImportError:  # an nfhooks without NAT verdicts: the lab runs without its NAT scenario
+    masquerade = None
 
 policy = Policy(defaults={"INPUT": "drop", "FORWARD": "drop"})
 
@@ -56,6 +64,8 @@ reject_port = policy.option("reject_port", default=23, type="port",
                             help="TCP port the router refuses with a reset")
 reject_udp_port = policy.option("reject_udp_port", default=514, type="port",
                                 help="UDP port the router refuses with ICMP port unreachable")
+nat_port = policy.option("nat_port", default=8081, type="port",
+                         help="forwarded connections to this port leave masqueraded")
 web_port = policy.option("web_port", default=80, type="port",
                          help="the router's own connections to this port are dropped (OUTPUT)")
 
@@ -151,6 +161,14 @@ def local_out6(pkt):
 
 
 # -- POSTROUTING (mangle): every packet leaving on an interface ----------------------------------
+
+if masquerade is not None:
+    @policy.postrouting(proto="tcp", dport=nat_port)
+    def nat_out(pkt):
+        """Connections to nat_port leave with the router's address (the server never sees the
+        client's); the kernel's nat table translates the replies back."""
+        return masquerade()
+
 
 @policy.postrouting(dst="!127.0.0.0/8", ctstate=SEEN_OUT)
 def leaving(pkt):

@@ -349,6 +349,23 @@ def wan_to_lan(c: Ctx) -> list[Check]:
     return checks
 
 
+def masqueraded(c: Ctx) -> list[Check]:
+    """Source NAT: the server must see the router's WAN address, never the client's."""
+    port = c.ports["nat_port"]
+    checks = _both(lambda f: _connect(c, "client", "server", port, f, "ok"))
+
+    def seen(f: int) -> Check:
+        srv, want = c.servers[f"nat{f}"], c.lab.addr("router", f, facing="server")
+        try:
+            c.lab.wait_for(lambda: srv.log_peers(), timeout=3, what=f"a connection logged by {srv}")
+        except TimeoutError:
+            pass
+        peers = srv.log_peers()
+        return Check(f"{_fam(f)} server port {port} saw {', '.join(peers) or 'nobody'} "
+                     f"(the router's WAN address is {want})", bool(peers) and set(peers) == {want})
+    return checks + _both(seen)
+
+
 def steady(c: Ctx) -> list[Check]:
     """Mixed traffic for --duration seconds, so the live table moves and every hook counts."""
     flows: list[tuple[str, str, int]] = [
@@ -366,7 +383,7 @@ def steady(c: Ctx) -> list[Check]:
         i += 1
         left = deadline - time.monotonic()
         c.progress(f"{done} connections, {max(left, 0):.0f}s left")
-        if left <= 0:
+        if left <= 0 and i >= 2 * len(flows):  # every flow in both families at least once
             break
     return [Check(f"{done - failed}/{done} connections ok over {c.cfg.duration:g}s "
                   "(client → server, client → router, router → server; IPv4 and IPv6)", not failed)]
@@ -569,9 +586,9 @@ SCENARIOS: list[Scenario] = [
     Scenario("steady", "steady traffic for --duration seconds",
              "connections across all five hooks while the live table updates",
              HOOKS, steady),
-    Scenario("masquerade", "NAT: masquerade client → server",
+    Scenario("masquerade", "NAT: masquerade client → server (nat_port)",
              "the server sees the router's WAN address instead of the client's",
-             ("PREROUTING", "FORWARD", "POSTROUTING"), None, needs=("masquerade",)),
+             ("PREROUTING", "FORWARD", "POSTROUTING"), masqueraded, needs=("masquerade",)),
     Scenario("dnat-local", "NAT: router-local HTTP to port 80 → proxy:8080",
              "DNAT at OUTPUT sends the router's own HTTP to the proxy",
              ("OUTPUT", "POSTROUTING"), None, needs=("dnat",)),
@@ -755,13 +772,19 @@ def _decision_summary(snap: Snapshot) -> str:
     return f"{count:g} decisions, mean {total / count * 1e6:.0f} µs" if count else "no decisions"
 
 
+def _nfhooks_cmd() -> str:
+    """How to call nfhooks inside a node (the venv's script, which may not be on PATH)."""
+    script = Path(sys.executable).parent / "nfhooks"
+    return str(script) if script.exists() else f"{sys.executable} -m nfhooks"
+
+
 def _next_panel(lab: Lab, kept: bool) -> Panel:
     server = lab.addr("server")
     if kept:
         text = (f"The lab {lab.id} is still up (engine and servers running):\n"
                 f"  nfhooks lab exec client -- ping -c 3 {server}\n"
                 f"  nfhooks lab exec client -- curl -s {server}:{WEB_PORT}\n"
-                f"  nfhooks lab exec router -- nfhooks rules\n"
+                f"  nfhooks lab exec router -- {_nfhooks_cmd()} rules\n"
                 f"  nfhooks lab exec router -- nstat -az IpInHdrErrors\n"
                 f"  nfhooks lab down            # stops the engine, removes the namespaces")
     else:
@@ -780,7 +803,8 @@ def _not_yet_panel(pending: Sequence[Scenario]) -> Panel | None:
     for sc in pending:
         missing = sc.missing()
         why = (f"needs nfhooks.verdict.{', '.join(missing)} (NAT/mangle verdicts are being added)"
-               if missing else "its scenario function is not written yet")
+               if missing else "the verdicts exist now; its scenario and lab-policy handler are "
+               "not written yet")
         lines.append(f"  not yet: {sc.key}: {sc.title} -- {why}")
     return Panel("\n".join(lines), title="TODO: not yet in the lab", title_align="left", style="yellow")
 
@@ -804,7 +828,7 @@ def _policy_ports(policy: Path, sets: list[str]) -> tuple[dict[str, int | str], 
     except PolicyError as e:
         raise LabError(str(e)) from None
     defaults: dict[str, int | str] = {"service_port": 2222, "reject_port": 23,
-                                      "reject_udp_port": 514, "web_port": HTTP_PORT}
+                                      "reject_udp_port": 514, "web_port": HTTP_PORT, "nat_port": 8081}
     for k in defaults:
         if k in pol.options:
             defaults[k] = pol.options[k].value
@@ -815,9 +839,10 @@ def _loopback_handlers(pol: Any) -> set[str]:
     """Handlers that only see loopback traffic: the lab's own scrapes, not scenario traffic."""
     out = set()
     for h in pol.handlers:
-        for i in (h.match.iif, h.match.oif):
-            if i is not None and i.name == "lo" and not i.negate:
-                out.add(h.name)
+        m = h.match
+        if any(i is not None and i.name == "lo" and not i.negate for i in (m.iif, m.oif)) or any(
+                a is not None and a.net.is_loopback and not a.negate for a in (m.src, m.dst)):
+            out.add(h.name)
     return out
 
 
@@ -838,6 +863,8 @@ def _start_servers(lab: Lab, ports: Mapping[str, int | str]) -> dict[str, TcpSer
         servers[f"service{f}"] = lab.tcp_server("router", int(ports["service_port"]), f)
         servers[f"refused{f}"] = lab.tcp_server("router", int(ports["reject_port"]), f)
         lab.udp_server("router", int(ports["reject_udp_port"]), f)
+        if any(s.ready and s.key == "masquerade" for s in SCENARIOS):
+            servers[f"nat{f}"] = lab.tcp_server("server", int(ports["nat_port"]), f)
     return servers
 
 

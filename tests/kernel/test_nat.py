@@ -153,3 +153,41 @@ def test_redirect_snat_at_input_and_the_target_bound(nfh_lab, tmp_path):
     assert gauge(lab, "nfhooks_nat_targets") == 3
     assert metric(lab, "nfhooks_handler_errors_total", handler="per_port") >= 1
 
+
+
+HELPER = '''
+from nfhooks import Policy, dnat
+
+policy = Policy()
+proxy = policy.option("proxy", default="10.0.2.3:8080", type=dnat)
+
+
+@policy.prerouting(proto="tcp", dport=2222)
+def unused(pkt):
+    return dnat("10.0.0.1:22")  # makes the policy reserve the nat mark field
+
+
+def choose():
+    return proxy.value
+
+
+@policy.output(table="mangle", proto="tcp", dport=80)
+def via_helper(pkt):
+    return choose()  # a NAT verdict the source scan cannot see: no nat chain at OUTPUT yet
+'''
+
+
+def test_nat_chain_created_on_demand_for_a_verdict_the_scan_missed(nfh_lab, tmp_path):
+    lab = nfh_lab
+    proxy = lab.tcp_server("proxy", 8080)
+    pol = tmp_path / "helper.py"
+    pol.write_text(HELPER)
+    eng = lab.start_engine(str(pol), "--set", f"proxy={lab.addr('proxy')}:8080")
+    assert not any(line.startswith(":NFH-OUTPUT") for line in
+                   lab.exec("router", "iptables-legacy-save", "-t", "nat").stdout.splitlines())
+    assert fetch(lab, "router", lab.addr("server"), 80) == (lab.addr("server"), "nfhooks-lab proxy")
+    assert proxy.wait_peers(1) == [lab.addr("router", facing="proxy")]
+    nat = lab.exec("router", "iptables-legacy-save", "-t", "nat").stdout
+    assert "-A OUTPUT -m comment --comment nfhooks -j NFH-OUTPUT" in nat and "-A NFH-OUTPUT -p tcp" in nat
+    eng.stop()
+    assert nfh_lines(lab) == []
