@@ -6,7 +6,7 @@ APT_PACKAGES := iptables nftables libnetfilter-queue-dev iproute2 gcc python3-de
                 iperf3 netcat-openbsd curl procps tcpdump util-linux prometheus
 STAMP := $(VENV)/.installed
 
-.PHONY: deps venv test unit lab bench clean flush
+.PHONY: deps venv test unit lab lab-down bench bench-quick clean flush
 
 # apt: only when a package is missing, so repeated runs are fast and offline-safe.
 deps:
@@ -32,6 +32,12 @@ unit: venv
 
 lab: venv
 	$(VENV)/bin/nfhooks lab
+
+lab-down: venv
+	$(VENV)/bin/nfhooks lab down
+
+bench-quick: venv
+	$(PY) -m nfhooks.bench --quick
 
 bench: venv
 	$(PY) -m nfhooks.bench

@@ -78,6 +78,14 @@ def _table(family: int, name: str) -> Any:
     return t
 
 
+def _fix_iface_mask6(ip6: Any, field: str, name: str) -> None:
+    """python-iptables 1.2.0's Rule6 writes an interface mask of 0x01 per byte, so the kernel
+    compares only the lowest bit of each character: ``-i lo`` would also match ``lan``.
+    Write the 0xff mask ip6tables itself uses (the name plus its NUL, or the prefix for 'eth+')."""
+    n = len(name) - 1 if name.endswith("+") else len(name) + 1
+    setattr(ip6, field, b"\xff" * n + b"\x00" * (16 - n))
+
+
 def _set_match_opt(match: Any, opt: str, value: str, negate: bool) -> None:
     setattr(match, opt.replace("-", "_"), ("!" if negate else "") + value)
 
@@ -92,8 +100,12 @@ def _build_rule(rule: Rule, family: int) -> Any:
         r.dst = ("!" if rule.dst.negate else "") + rule.dst.text()
     if rule.iif is not None:
         r.in_interface = ("!" if rule.iif.negate else "") + rule.iif.name
+        if family == 6:
+            _fix_iface_mask6(r.entry.ipv6, "iniface_mask", rule.iif.name)
     if rule.oif is not None:
         r.out_interface = ("!" if rule.oif.negate else "") + rule.oif.name
+        if family == 6:
+            _fix_iface_mask6(r.entry.ipv6, "outiface_mask", rule.oif.name)
     if rule.proto:
         r.protocol = PROTO_NUMBERS.get(rule.proto, rule.proto)
     for spec in rule.matches:

@@ -4,10 +4,13 @@ kernel's own view of each NFQUEUE (backlog and drops) read at scrape time.
 Everything hangs off one injected :class:`~prometheus_client.CollectorRegistry`; there is
 no module-level mutable state, so tests and several engines in one process never collide.
 
-The hot path is one ``VerdictCounter.count(nbytes)`` per packet: the engine binds the label
-children once at start (``bind_verdict``), so no label lookup happens per packet, and the
-series exist at 0 from the first scrape -- ``rate()`` in dashboards and alerts then returns
-data even for verdicts never given yet.
+The hot path is one ``VerdictCounter.count(nbytes)`` and one ``FastHistogram.observe(s)``
+per packet. Both are plain attribute arithmetic on objects bound once at start
+(``bind_verdict``, ``decision_histogram``): no label lookup, no lock, no prometheus-client
+call per packet. :class:`PacketCollector` turns them into the ``nfhooks_packets``,
+``nfhooks_bytes``, ``nfhooks_handler_packets`` and ``nfhooks_decision_seconds`` families at
+scrape time. Bound series exist at 0 from the first scrape -- ``rate()`` in dashboards and
+alerts then returns data even for verdicts never given yet.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import ipaddress
 import json
 import re
 import socket
+import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -27,20 +32,29 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     start_http_server,
 )
+from prometheus_client import metrics as _prom_metrics
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "DECISION_BUCKETS",
     "DEFAULT_HANDLER_LABEL",
     "DEFAULT_METRICS_ADDR",
     "DEFAULT_PROC_PATH",
+    "FastHistogram",
     "Metrics",
+    "PacketCollector",
     "QueueStat",
     "QueueStatsCollector",
     "VerdictCounter",
@@ -87,24 +101,171 @@ def _handler_label(handler: str) -> str:
 
 
 class VerdictCounter:
-    """The three counters one (hook, table, handler, verdict) moves, bound once.
+    """What one (hook, table, handler, verdict) counted: packets and their bytes.
 
-    ``count`` is called per packet, so it only increments pre-bound children.
+    ``count`` is called per packet, so it is two integer additions on slots: no lock, no
+    prometheus-client call. :class:`PacketCollector` reads the two ints at scrape time.
+
+    Thread safety: only the engine thread (the one running the queue loop) writes; the
+    scrape thread only reads, and reading an int attribute is atomic under the GIL. ``+=``
+    is not atomic, which is fine with a single writer. A scrape between the two additions
+    sees ``packets`` already incremented and ``bytes`` not yet: that momentary one-packet
+    skew between the two counters is accepted (both are monotonic, the next scrape is
+    consistent again).
     """
 
-    __slots__ = ("packets", "bytes", "handler_packets")
+    __slots__ = ("packets", "bytes")
 
-    def __init__(self, packets: Counter, bytes_: Counter, handler_packets: Counter) -> None:
-        self.packets = packets
-        self.bytes = bytes_
-        self.handler_packets = handler_packets
+    def __init__(self) -> None:
+        self.packets = 0
+        self.bytes = 0
 
     def count(self, nbytes: int) -> None:
         """One packet of ``nbytes`` bytes got this verdict."""
-        self.packets.inc()
-        if nbytes:
-            self.bytes.inc(nbytes)
-        self.handler_packets.inc()
+        self.packets += 1
+        self.bytes += nbytes
+
+
+class FastHistogram:
+    """A fixed-bucket histogram updated with plain arithmetic, exported at scrape time.
+
+    ``counts[i]`` is the number of observations in bucket ``i`` alone (not cumulative);
+    :meth:`cumulative` gives Prometheus' ``le`` buckets. ``bisect_left`` puts a value equal
+    to a bound into that bound's bucket, which is Prometheus' ``le`` (less or equal)
+    semantics. ``bounds`` must be sorted and end with +Inf.
+
+    Same threading contract as :class:`VerdictCounter`: one writer (the engine thread),
+    readers on the scrape thread see each int/float atomically, and a scrape may see a
+    bucket count and the sum one observation apart.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = DECISION_BUCKETS) -> None:
+        if list(bounds) != sorted(bounds) or not bounds or bounds[-1] != float("inf"):
+            raise ValueError(f"histogram bounds must be sorted and end with +Inf: {bounds!r}")
+        self.bounds = tuple(bounds)
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """One observation (seconds for the decision latency)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """``([(le, cumulative count), ...], sum)``, the last bucket (+Inf) being the count."""
+        counts, total = list(self.counts), self.sum  # a snapshot: the engine keeps writing
+        buckets: list[tuple[str, int]] = []
+        acc = 0
+        for bound, n in zip(self.bounds, counts):
+            acc += n
+            buckets.append((floatToGoString(bound), acc))
+        return buckets, total
+
+
+_PACKETS_HELP: Final = "Packets decided, by hook, table and verdict."
+_BYTES_HELP: Final = "Bytes of the packets decided, by hook, table and verdict."
+_HANDLER_PACKETS_HELP: Final = (
+    f"Packets decided per handler ({DEFAULT_HANDLER_LABEL} is the hook's default verdict)."
+)
+_DECISION_HELP: Final = "Time from reading a queued packet to giving its verdict."
+
+
+class PacketCollector:
+    """Exports the per-packet counters and the decision histogram at scrape time.
+
+    Produces the same families (names, types, labels, HELP) that prometheus-client
+    ``Counter``/``Histogram`` objects produced before, ``_created`` samples included:
+
+    * ``nfhooks_packets_total`` / ``nfhooks_bytes_total`` {hook, table, verdict}: the sum
+      over handlers of the bound :class:`VerdictCounter` objects;
+    * ``nfhooks_handler_packets_total`` {hook, handler, verdict}: the sum over tables (the
+      default verdict's "(default)" handler can be bound at one hook from several tables);
+    * ``nfhooks_decision_seconds`` {hook}: one :class:`FastHistogram` per hook.
+
+    Every bound object is exported, at 0 until it moves. The maps are replaced whole on
+    each (rare) bind, never mutated, so a scrape iterates a stable snapshot without a lock.
+    """
+
+    def __init__(self) -> None:
+        # (hook, table, handler label, verdict) -> (counter, creation time)
+        self._counters: Mapping[tuple[str, str, str, str], tuple[VerdictCounter, float]] = {}
+        # hook -> (histogram, creation time)
+        self._histograms: Mapping[str, tuple[FastHistogram, float]] = {}
+
+    def verdict_counter(self, hook: str, table: str, handler: str, verdict: str) -> VerdictCounter:
+        """The counter for these labels (``handler`` already a label), created on first use."""
+        key = (hook, table, handler, verdict)
+        entry = self._counters.get(key)
+        if entry is None:
+            entry = (VerdictCounter(), time.time())
+            self._counters = {**self._counters, key: entry}
+        return entry[0]
+
+    def histogram(self, hook: str) -> FastHistogram:
+        """The decision latency histogram of ``hook``, created on first use."""
+        entry = self._histograms.get(hook)
+        if entry is None:
+            entry = (FastHistogram(DECISION_BUCKETS), time.time())
+            self._histograms = {**self._histograms, hook: entry}
+        return entry[0]
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, CounterMetricFamily,
+                             HistogramMetricFamily]:
+        return (
+            CounterMetricFamily("nfhooks_packets", _PACKETS_HELP, labels=["hook", "table", "verdict"]),
+            CounterMetricFamily("nfhooks_bytes", _BYTES_HELP, labels=["hook", "table", "verdict"]),
+            CounterMetricFamily("nfhooks_handler_packets", _HANDLER_PACKETS_HELP,
+                                labels=["hook", "handler", "verdict"]),
+            HistogramMetricFamily("nfhooks_decision_seconds", _DECISION_HELP, labels=["hook"]),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        """The names this collector produces, so the registry refuses duplicates."""
+        return self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        # Honour prometheus_client's switch (PROMETHEUS_DISABLE_CREATED_SERIES or
+        # disable_created_metrics()) for _created samples, as its own Counter does.
+        use_created = bool(getattr(_prom_metrics, "_use_created", True))
+        packets, bytes_, handler_packets, decision = self._families()
+
+        # Sum at scrape time; dicts keep bind order, so series come out in the order the
+        # prometheus-client children were created before. [packets, bytes, created]
+        by_table: dict[tuple[str, str, str], list[float]] = {}
+        by_handler: dict[tuple[str, str, str], list[float]] = {}
+        for (hook, table, handler, verdict), (ctr, created) in self._counters.items():
+            n, b = ctr.packets, ctr.bytes
+            t = by_table.get((hook, table, verdict))
+            if t is None:
+                by_table[(hook, table, verdict)] = [n, b, created]
+            else:
+                t[0] += n
+                t[1] += b
+            h = by_handler.get((hook, handler, verdict))
+            if h is None:
+                by_handler[(hook, handler, verdict)] = [n, 0, created]
+            else:
+                h[0] += n
+        for labels, (n, b, created) in by_table.items():
+            packets.add_metric(labels, n, created=created if use_created else None)
+            bytes_.add_metric(labels, b, created=created if use_created else None)
+        for labels, (n, _, created) in by_handler.items():
+            handler_packets.add_metric(labels, n, created=created if use_created else None)
+
+        for hook, (hist, created) in self._histograms.items():
+            buckets, total = hist.cumulative()
+            decision.add_metric([hook], buckets, total)
+            if use_created:
+                decision.samples.append(
+                    Sample("nfhooks_decision_seconds_created", {"hook": hook}, created, None))
+
+        yield packets
+        yield bytes_
+        yield handler_packets
+        yield decision
 
 
 # --------------------------------------------------------------------------- kernel queue stats
@@ -295,24 +456,10 @@ class Metrics:
         self.registry = registry
         r = registry
 
-        self._packets = Counter(
-            "nfhooks_packets", "Packets decided, by hook, table and verdict.",
-            ["hook", "table", "verdict"], registry=r,
-        )
-        self._bytes = Counter(
-            "nfhooks_bytes", "Bytes of the packets decided, by hook, table and verdict.",
-            ["hook", "table", "verdict"], registry=r,
-        )
-        self._handler_packets = Counter(
-            "nfhooks_handler_packets",
-            f"Packets decided per handler ({DEFAULT_HANDLER_LABEL} is the hook's default verdict).",
-            ["hook", "handler", "verdict"], registry=r,
-        )
-        self._decision = Histogram(
-            "nfhooks_decision_seconds",
-            "Time from reading a queued packet to giving its verdict.",
-            ["hook"], buckets=DECISION_BUCKETS, registry=r,
-        )
+        # The per-packet families (packets, bytes, handler packets, decision latency) are
+        # plain ints and floats exported by a collector at scrape time: see PacketCollector.
+        self.packet_stats = PacketCollector()
+        r.register(self.packet_stats)
         self._handler_errors = Counter(
             "nfhooks_handler_errors",
             "Exceptions raised by handlers (the hook's fail-mode verdict was given instead).",
@@ -360,16 +507,15 @@ class Metrics:
     # -- per packet (bound once) ------------------------------------------------------
 
     def bind_verdict(self, hook: str, table: str, handler: str, verdict: str) -> VerdictCounter:
-        """Bind the counters one (hook, table, handler, verdict) moves; creates them at 0."""
-        return VerdictCounter(
-            self._packets.labels(hook, table, verdict),
-            self._bytes.labels(hook, table, verdict),
-            self._handler_packets.labels(hook, _handler_label(handler), verdict),
-        )
+        """The counter one (hook, table, handler, verdict) moves; its series exist at 0 now.
 
-    def decision_histogram(self, hook: str) -> Histogram:
-        """The latency histogram child for ``hook``; call ``.observe(seconds)``."""
-        return self._decision.labels(hook)
+        The same labels give the same object. Call it once, outside the per-packet path.
+        """
+        return self.packet_stats.verdict_counter(hook, table, _handler_label(handler), verdict)
+
+    def decision_histogram(self, hook: str) -> FastHistogram:
+        """The latency histogram for ``hook``; call ``.observe(seconds)``."""
+        return self.packet_stats.histogram(hook)
 
     def handler_errors(self, hook: str, handler: str) -> Counter:
         """The error counter child for a handler at a hook; call ``.inc()``."""

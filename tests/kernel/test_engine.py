@@ -12,6 +12,7 @@ def verdicts(nfh_lab):
     """policies/verdicts.py on the router; servers on the router's ports 7001-7009."""
     lab = nfh_lab
     servers = {p: lab.tcp_server("router", p) for p in (7001, 7002, 7003, 7005, 7006, 7007, 7009)}
+    lab.tcp_server("router", 7003, family=6)
     eng = lab.start_engine(str(POLICIES / "verdicts.py"))
     return lab, eng, servers
 
@@ -92,6 +93,7 @@ def test_all_five_hooks_decide_ipv4_and_ipv6(nfh_lab):
 def test_firewall_example(nfh_lab):
     lab = nfh_lab
     ssh = lab.tcp_server("router", 22)
+    lab.tcp_server("router", 22, family=6)  # listening: a refusal must come from the policy
     lab.tcp_server("router", 23)
     web = lab.tcp_server("server", 80)
     lab.tcp_server("server", 8081)
