@@ -179,8 +179,9 @@ class Policy:
             try:
                 h = normalize_hook(hook)
                 kinds = verdict_calls(func)
-                nat = {"dnat", "snat", "masquerade", "redirect"} & set(kinds)
-                t = table or ("mangle" if nat else default_table(h))
+                # NAT and header rewrites must be decided before the nat table / in mangle
+                needs_mangle = {"dnat", "snat", "masquerade", "redirect", "mangle"} & set(kinds)
+                t = table or ("mangle" if needs_mangle else default_table(h))
                 check_table(h, t)
                 m = Match.build(**match)
                 m.check_placement(h, t)

@@ -135,9 +135,14 @@ def test_bad_mangle_values(kw, message):
 def test_mangle_needs_the_mangle_table_and_the_example_loads():
     p = Policy()
     with pytest.raises(PolicyError, match="mangle cannot be decided from the filter table.*mangle"):
-        @p.input(proto="udp")
+        @p.input(proto="udp", table="filter")
         def in_filter(pkt):
             return set_ttl(5)
+
+    @p.input(proto="udp")
+    def picked(pkt):
+        return set_ttl(5)
+    assert p.handlers[-1].table == "mangle"  # chosen for it: header rewrites are mangle work
     pol = load_policy(ROOT / "policies" / "mangle.py")
     assert {h.table for h in pol.handlers} == {"mangle"}
 
