@@ -5,20 +5,24 @@ No root needed: the kernel's queue stats file is replaced by a temp file.
 
 from __future__ import annotations
 
+import random
 import re
+import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from nfhooks.metrics import (
     DECISION_BUCKETS,
     DEFAULT_HANDLER_LABEL,
     DEFAULT_METRICS_ADDR,
+    FastHistogram,
     Metrics,
     QueueStat,
+    VerdictCounter,
     package_version,
     parse_listen_addr,
     parse_queue_stats,
@@ -173,6 +177,157 @@ def test_registries_are_independent(tmp_path: Path) -> None:
     m1, m2 = Metrics(), Metrics()
     assert m1.registry is not m2.registry
     assert m1.registry.get_sample_value("process_start_time_seconds") is not None
+
+
+# ----------------------------------------------------------------- plain-int hot path
+
+
+def test_verdict_counter_is_two_plain_slots() -> None:
+    """count() is attribute arithmetic: no prometheus object, no lock, no __dict__."""
+    v = VerdictCounter()
+    assert not hasattr(v, "__dict__")
+    v.count(60)
+    v.count(0)
+    assert (v.packets, v.bytes) == (2, 60)
+
+
+def test_bind_returns_the_same_counter_for_the_same_labels(metrics: Metrics) -> None:
+    a = metrics.bind_verdict("INPUT", "filter", "h", "accept")
+    assert metrics.bind_verdict("INPUT", "filter", "h", "accept") is a
+    assert metrics.bind_verdict("INPUT", "filter", "h", "drop") is not a
+    assert metrics.bind_verdict("INPUT", "mangle", "h", "accept") is not a
+    # "" is the default handler, exported as "(default)": one series, one counter.
+    assert metrics.bind_verdict("INPUT", "filter", "", "accept") is \
+        metrics.bind_verdict("INPUT", "filter", DEFAULT_HANDLER_LABEL, "accept")
+    assert metrics.decision_histogram("INPUT") is metrics.decision_histogram("INPUT")
+    assert metrics.decision_histogram("INPUT") is not metrics.decision_histogram("OUTPUT")
+
+
+def test_sums_over_handlers_and_over_tables(metrics: Metrics, registry: CollectorRegistry) -> None:
+    """packets/bytes sum the handlers of a (hook, table); handler_packets sums the tables."""
+    metrics.bind_verdict("INPUT", "filter", "a", "accept").count(10)
+    metrics.bind_verdict("INPUT", "filter", "b", "accept").count(20)
+    metrics.bind_verdict("INPUT", "filter", "", "accept").count(40)
+    metrics.bind_verdict("INPUT", "mangle", "", "accept").count(80)
+    get = registry.get_sample_value
+    assert get("nfhooks_bytes_total", {"hook": "INPUT", "table": "filter", "verdict": "accept"}) == 70
+    assert get("nfhooks_bytes_total", {"hook": "INPUT", "table": "mangle", "verdict": "accept"}) == 80
+    assert get("nfhooks_packets_total", {"hook": "INPUT", "table": "filter", "verdict": "accept"}) == 3
+    assert get("nfhooks_handler_packets_total",
+               {"hook": "INPUT", "handler": "(default)", "verdict": "accept"}) == 2
+
+
+def test_bound_series_exist_at_zero(metrics: Metrics, registry: CollectorRegistry) -> None:
+    metrics.bind_verdict("OUTPUT", "mangle", "egress", "reject")
+    metrics.decision_histogram("OUTPUT")
+    get = registry.get_sample_value
+    assert get("nfhooks_handler_packets_total",
+               {"hook": "OUTPUT", "handler": "egress", "verdict": "reject"}) == 0
+    assert get("nfhooks_decision_seconds_sum", {"hook": "OUTPUT"}) == 0
+    for le in ["5e-06", "0.01", "+Inf"]:
+        assert get("nfhooks_decision_seconds_bucket", {"hook": "OUTPUT", "le": le}) == 0
+
+
+def test_histogram_value_on_a_bound_is_in_that_bucket() -> None:
+    """Prometheus' le is "less or equal": bisect_left, not bisect_right."""
+    h = FastHistogram(DECISION_BUCKETS)
+    for v in (5e-6, 0.01, 0.1):
+        h.observe(v)
+    h.observe(0.0100001)
+    buckets = dict(h.cumulative()[0])
+    assert buckets["5e-06"] == 1
+    assert buckets["0.005"] == 1
+    assert buckets["0.01"] == 2
+    assert buckets["0.025"] == 3
+    assert buckets["0.1"] == 4
+    assert buckets["+Inf"] == 4
+
+
+def test_histogram_bounds_must_be_sorted_and_end_with_inf() -> None:
+    with pytest.raises(ValueError):
+        FastHistogram((0.1, 0.01, float("inf")))
+    with pytest.raises(ValueError):
+        FastHistogram((0.01, 0.1))
+
+
+def test_histogram_exports_like_prometheus_client(metrics: Metrics, registry: CollectorRegistry) -> None:
+    """Same buckets, count and sum as prometheus_client's own Histogram for the same data."""
+    ref_registry = CollectorRegistry()
+    ref = Histogram("nfhooks_decision_seconds", "ref", ["hook"], buckets=DECISION_BUCKETS,
+                    registry=ref_registry).labels("INPUT")
+    ours = metrics.decision_histogram("INPUT")
+    rnd = random.Random(7)
+    values = [b for b in DECISION_BUCKETS[:-1]] + [0.0, 1.0, 1e-9]
+    values += [10 ** rnd.uniform(-7, 0) for _ in range(2000)]
+    for v in values:
+        ref.observe(v)
+        ours.observe(v)
+
+    def samples(reg: CollectorRegistry) -> dict[tuple[str, str], float]:
+        fam = next(f for f in reg.collect() if f.name == "nfhooks_decision_seconds")
+        return {(s.name, s.labels.get("le", "")): s.value
+                for s in fam.samples if not s.name.endswith("_created")}
+
+    got, want = samples(registry), samples(ref_registry)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+
+
+def test_families_keep_names_types_labels_and_help(metrics: Metrics, registry: CollectorRegistry) -> None:
+    """Dashboards, alerts and the lab read these: exactly what prometheus_client exported."""
+    metrics.bind_verdict("INPUT", "filter", "h", "accept").count(1)
+    metrics.decision_histogram("INPUT").observe(1e-5)
+    fams = _families(registry)
+    expected = {
+        "nfhooks_packets": ("counter", "Packets decided, by hook, table and verdict.",
+                            {"hook", "table", "verdict"}),
+        "nfhooks_bytes": ("counter", "Bytes of the packets decided, by hook, table and verdict.",
+                          {"hook", "table", "verdict"}),
+        "nfhooks_handler_packets": (
+            "counter", "Packets decided per handler ((default) is the hook's default verdict).",
+            {"hook", "handler", "verdict"}),
+        "nfhooks_decision_seconds": ("histogram", "Time from reading a queued packet to giving its verdict.",
+                                     {"hook"}),
+    }
+    for name, (type_, help_, labels) in expected.items():
+        fam = fams[name]
+        assert (fam.type, fam.documentation) == (type_, help_), name
+        for s in fam.samples:
+            assert set(s.labels) - {"le"} == labels, (name, s)
+        # _created, as prometheus_client's Counter and Histogram export it by default.
+        assert any(s.name == name + "_created" for s in fam.samples), name
+
+
+def test_scrape_while_the_engine_thread_counts(metrics: Metrics, registry: CollectorRegistry) -> None:
+    """One writer, one reader: scrapes never fail, never go backwards, end exact."""
+    v = metrics.bind_verdict("INPUT", "filter", "h", "accept")
+    h = metrics.decision_histogram("INPUT")
+    labels = {"hook": "INPUT", "table": "filter", "verdict": "accept"}
+    n = 200_000
+    done = threading.Event()
+
+    def engine() -> None:
+        for _ in range(n):
+            v.count(3)
+            h.observe(2e-5)
+        done.set()
+
+    t = threading.Thread(target=engine)
+    t.start()
+    seen = [0.0]
+    while not done.is_set():
+        value = registry.get_sample_value("nfhooks_packets_total", labels)
+        assert value is not None and value >= seen[-1]
+        seen.append(value)
+        # A rebind (reload) during scrapes must not break the collector's iteration.
+        metrics.bind_verdict("INPUT", "filter", f"h{len(seen) % 50}", "accept")
+    t.join()
+    get = registry.get_sample_value
+    assert get("nfhooks_packets_total", labels) == n
+    assert get("nfhooks_bytes_total", labels) == 3 * n
+    assert get("nfhooks_decision_seconds_count", {"hook": "INPUT"}) == n
+    assert get("nfhooks_decision_seconds_bucket", {"hook": "INPUT", "le": "2.5e-05"}) == n
 
 
 # ----------------------------------------------------------------- kernel queue stats
