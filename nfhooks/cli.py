@@ -182,6 +182,21 @@ def flush(force: bool = typer.Option(False, "--force", help="flush even while a 
 
 
 @app.command()
+def top(url: str = typer.Option("http://127.0.0.1:9477/metrics", "--url", help="the engine's metrics endpoint"),
+        interval: float = typer.Option(2.0, "--interval", "-n"),
+        once: bool = typer.Option(False, "--once", help="print the table once and exit")) -> None:
+    """Live per-hook table of verdicts (packets and rates), read from the metrics endpoint."""
+    from .top import run as run_top
+
+    try:
+        run_top(url, interval, once)
+    except OSError as e:
+        _fail(f"cannot read {url}: {e}. Is `nfhooks run` serving metrics there (and in this namespace)?")
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
 def hooks() -> None:
     """Explain where each verdict works and how nfhooks carries it out."""
     out.print(explain())

@@ -135,3 +135,16 @@ def test_a_flooded_slow_handler_does_not_starve_other_queues(nfh_lab):
     # the slow queue holds seconds of work; a SYN on another queue is still answered at once
     assert lab.tcp_connect("client", lab.addr("router"), 7001, timeout=2) == "ok"
     assert flood.poll() is None or metric(lab, "nfhooks_handler_packets_total", handler="slow") > 0
+
+
+def test_top_shows_the_engine_verdicts_per_hook(nfh_lab):
+    lab = nfh_lab
+    lab.tcp_server("router", 7001)
+    lab.start_engine(str(POLICIES / "verdicts.py"))
+    assert lab.tcp_connect("client", lab.addr("router"), 7003) == "refused"
+    import sys
+    out = lab.exec("router", sys.executable, "-m", "nfhooks", "top", "--once").stdout
+    row = next(line for line in out.splitlines() if "INPUT" in line)
+    assert "filter" in row and "reject" in out
+    r = lab.exec("client", sys.executable, "-m", "nfhooks", "top", "--once", check=False)
+    assert r.returncode == 2 and "cannot read" in r.stderr  # no engine in the client's namespace
