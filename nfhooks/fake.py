@@ -9,6 +9,7 @@ would make every policy test suite pay for its import.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address
 from typing import Final
 
@@ -181,3 +182,37 @@ def fake_packet(
     pkt.set_ifnames(iif, oif)
     return pkt
 
+
+
+@dataclass
+class FakeQueuedPacket:
+    """Stands in for ``netfilterqueue.Packet`` when a test drives the dispatcher without root:
+    records every verdict call (``calls``), every mark written and the rewritten payload."""
+
+    payload: bytes
+    mark: int = 0
+    indev: int = 0
+    outdev: int = 0
+    calls: list[str] = field(default_factory=list)
+    set_marks: list[int] = field(default_factory=list)
+    new_payload: bytes | None = None
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def set_mark(self, m: int) -> None:
+        assert 0 <= m <= 0xFFFFFFFF, "a packet mark is an unsigned 32-bit value"
+        self.set_marks.append(m)
+
+    def set_payload(self, b: bytes) -> None:
+        self.new_payload = b
+        self.calls.append("set_payload")
+
+    def accept(self) -> None:
+        self.calls.append("accept")
+
+    def drop(self) -> None:
+        self.calls.append("drop")
+
+    def repeat(self) -> None:
+        self.calls.append("repeat")

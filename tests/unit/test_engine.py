@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -15,34 +14,7 @@ from nfhooks.fake import fake_bytes
 from nfhooks.marks import ACTION_CONNSAVE, ACTION_REJECT
 from nfhooks.metrics import Metrics
 from nfhooks.rules import compile_policy
-
-
-@dataclass
-class FakeNfPacket:
-    """Stands in for netfilterqueue.Packet and records every verdict call."""
-
-    payload: bytes
-    mark: int = 0
-    indev: int = 0
-    outdev: int = 0
-    calls: list[str] = field(default_factory=list)
-    set_marks: list[int] = field(default_factory=list)
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def set_mark(self, m: int) -> None:
-        assert 0 <= m <= 0xFFFFFFFF
-        self.set_marks.append(m)
-
-    def accept(self) -> None:
-        self.calls.append("accept")
-
-    def drop(self) -> None:
-        self.calls.append("drop")
-
-    def repeat(self) -> None:
-        self.calls.append("repeat")
+from nfhooks.fake import FakeQueuedPacket as FakeNfPacket
 
 
 def build(func, hook="INPUT", default=None, **match):

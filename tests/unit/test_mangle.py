@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from nfhooks.metrics import Metrics
 from nfhooks.policy import load_policy
 from nfhooks.rules import compile_policy
 from nfhooks.verdict import Mangle
+from nfhooks.fake import FakeQueuedPacket as NfPacket
 
 scapy = pytest.importorskip("scapy")
 from scapy.layers.inet import ICMP, IP, TCP, UDP  # noqa: E402
@@ -145,35 +145,6 @@ def test_mangle_needs_the_mangle_table_and_the_example_loads():
     assert p.handlers[-1].table == "mangle"  # chosen for it: header rewrites are mangle work
     pol = load_policy(ROOT / "policies" / "mangle.py")
     assert {h.table for h in pol.handlers} == {"mangle"}
-
-
-@dataclass
-class NfPacket:
-    payload: bytes
-    mark: int = 0
-    indev: int = 0
-    outdev: int = 0
-    calls: list[str] = field(default_factory=list)
-    new_payload: bytes | None = None
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def set_mark(self, m: int) -> None:
-        self.calls.append("set_mark")
-
-    def set_payload(self, b: bytes) -> None:
-        self.new_payload = b
-        self.calls.append("set_payload")
-
-    def accept(self) -> None:
-        self.calls.append("accept")
-
-    def drop(self) -> None:
-        self.calls.append("drop")
-
-    def repeat(self) -> None:
-        self.calls.append("repeat")
 
 
 def dispatcher(func, hook="FORWARD"):

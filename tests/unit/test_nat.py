@@ -16,6 +16,7 @@ from nfhooks.metrics import Metrics
 from nfhooks.nat import NatError, NatTargets
 from nfhooks.policy import load_policy
 from nfhooks.rules import compile_policy, nat_rule
+from nfhooks.fake import FakeQueuedPacket as NfPacket
 
 ROOT = Path(__file__).parents[2]
 
@@ -225,34 +226,6 @@ def test_wrong_family_portless_protocol_and_a_refused_rule():
 
 
 # -- the dispatcher --------------------------------------------------------------------------
-
-@dataclass
-class NfPacket:
-    payload: bytes
-    mark: int = 0
-    indev: int = 0
-    outdev: int = 0
-    calls: list[str] = field(default_factory=list)
-    set_marks: list[int] = field(default_factory=list)
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def set_mark(self, m: int) -> None:
-        self.set_marks.append(m)
-
-    def set_payload(self, b: bytes) -> None:
-        self.calls.append("set_payload")
-
-    def accept(self) -> None:
-        self.calls.append("accept")
-
-    def drop(self) -> None:
-        self.calls.append("drop")
-
-    def repeat(self) -> None:
-        self.calls.append("repeat")
-
 
 def test_dispatcher_sets_the_nat_field_masked_and_accepts():
     p = nat_policy()
