@@ -3,10 +3,11 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 APT_PACKAGES := iptables nftables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
-                iperf3 netcat-openbsd curl procps tcpdump util-linux prometheus
+                iperf3 netcat-openbsd curl procps tcpdump util-linux prometheus \
+                docker.io docker-compose debootstrap
 STAMP := $(VENV)/.installed
 
-.PHONY: deps venv test unit lab lab-down bench bench-quick clean flush
+.PHONY: deps venv test unit lab lab-down bench bench-quick clean flush lab-containers lab-containers-down docs-images
 
 # apt: only when a package is missing, so repeated runs are fast and offline-safe.
 deps:
@@ -36,11 +37,24 @@ lab: venv
 lab-down: venv
 	$(VENV)/bin/nfhooks lab down
 
+# The compose lab (client, NET_ADMIN router running nfhooks, server, Prometheus): docs/containers.md
+lab-containers: deps
+	deploy/compose/lab.sh up
+
+lab-containers-down:
+	deploy/compose/lab.sh down
+
 bench-quick: venv
 	$(PY) -m nfhooks.bench --quick
 
 bench: venv
 	$(PY) -m nfhooks.bench
+
+# docs/img/dashboard.png: the Grafana panels drawn from real Prometheus data of a lab run
+# (root; ~2 minutes); see docs/metrics.md
+docs-images: venv
+	$(PY) -m pip install -q -e '.[docs]'
+	$(PY) tools/render_dashboard.py --out docs/img/dashboard.png
 
 flush: venv
 	$(VENV)/bin/nfhooks flush

@@ -11,6 +11,7 @@ from .verdict import (
     clamp_mss, connmark, dnat, drop, mangle, mark, masquerade, payload, redirect, reject,
     set_dscp, set_tos, set_ttl, snat,
 )
+from .verdict import Route, Shape, route, shape
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "Accept", "Drop", "Mark", "Reject", "Verdict", "accept", "connmark", "drop", "mark", "reject",
     "Nat", "Dnat", "Snat", "Masquerade", "Redirect", "dnat", "snat", "masquerade", "redirect",
     "Mangle", "mangle", "set_ttl", "set_dscp", "set_tos", "clamp_mss", "payload",
+    "Route", "Shape", "route", "shape",
     "__version__",
 ]

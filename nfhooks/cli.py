@@ -89,6 +89,30 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     sys.stdout.write(rs.render())
 
 
+def _pcap_writer(path: Optional[Path], max_bytes: int, files: int, metrics):  # type: ignore[no-untyped-def]
+    """The --pcap writer (nfhooks/pcap.py), or None without --pcap."""
+    if path is None:
+        return None
+    from .pcap import PcapWriter
+
+    try:
+        tap = PcapWriter(path, max_bytes=max_bytes, files=files, registry=metrics.registry)
+    except (OSError, ValueError) as e:
+        _fail(f"--pcap {path}: {e}")
+    say(f"nfhooks: recording queued packets and verdicts to {path} (pcapng, rotated at "
+        f"{max_bytes} bytes, {files} file(s) kept)")
+    return tap
+
+
+def _queue_options(maxlen: int, rcvbuf: Optional[int], gso: bool):  # type: ignore[no-untyped-def]
+    from .queue import QueueOptions
+
+    try:
+        return QueueOptions(maxlen=maxlen, rcvbuf=rcvbuf, gso=gso)
+    except ValueError as e:
+        _fail(str(e))
+
+
 @app.command()
 def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
         fail_open: bool = typer.Option(False, "--fail-open", help="queue rules use --queue-bypass everywhere"),
@@ -101,20 +125,43 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                          help="HOST:PORT for Prometheus metrics; 'off' disables"),
         public_metrics: bool = typer.Option(False, "--public-metrics",
                                             help="allow a non-loopback --metrics-addr"),
+        pcap: Optional[Path] = typer.Option(None, "--pcap", help="record every queued packet with its "
+                                            "hook, handler and verdict in this pcapng file"),
+        pcap_max_bytes: int = typer.Option(64 * 1024 * 1024, "--pcap-max-bytes",
+                                           help="rotate the --pcap file before it exceeds this size"),
+        pcap_files: int = typer.Option(3, "--pcap-files", help="--pcap files kept: FILE, FILE.1, ..."),
+        queue_maxlen: int = typer.Option(4096, "--queue-maxlen", help="packets that may wait in each "
+                                         "queue; beyond, the kernel drops (fail-closed) or accepts (fail-open)"),
+        queue_rcvbuf: Optional[int] = typer.Option(None, "--queue-rcvbuf", help="netlink receive buffer "
+                                                   "bytes per queue (SO_RCVBUFFORCE); default: room for a full queue"),
+        gso: bool = typer.Option(False, "--gso", help="queue GSO/GRO packets whole (NFQA_CFG_F_GSO) for "
+                                 "handlers that neither read nor rewrite the payload"),
+        handler_budget: float = typer.Option(50.0, "--handler-budget", help="ms a handler may take per packet; "
+                                             "a later verdict is replaced by the hook's default (0: off)"),
+        handler_timeout: float = typer.Option(1.0, "--handler-timeout", help="s after which a handler that has "
+                                              "not returned is interrupted; the packet gets the default (0: off)"),
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
-    """Run POLICY: bind its queues, install its rules, decide packets until Ctrl-C/SIGTERM."""
+    """Run POLICY: bind its queues, install its rules, decide packets until Ctrl-C/SIGTERM.
+
+    SIGHUP (or `nfhooks reload`) loads POLICY again; a broken file leaves the running policy.
+    """
     from .engine import Engine, _stderr_logging, hooks_summary
     from .install import KernelError
     from .metrics import Metrics
-    from .owner import OwnedElsewhere
+    from .owner import OwnedElsewhere, status_path
 
     _stderr_logging(logging.DEBUG if verbose else logging.INFO)
     pol = _load(policy, set_)
+    sets = parse_sets(set_)
     try:
         metrics = Metrics()
+        tap = _pcap_writer(pcap, pcap_max_bytes, pcap_files, metrics)
         engine = Engine(pol, metrics=metrics, queue_base=queue_base,
                         fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask),
-                        nat_targets=nat_targets)
+                        nat_targets=nat_targets, pcap=tap,
+                        loader=lambda: load_policy(policy, sets), status_file=status_path(),
+                        queue_options=_queue_options(queue_maxlen, queue_rcvbuf, gso),
+                        handler_budget=handler_budget / 1000, handler_timeout=handler_timeout or None)
     except PolicyError as e:
         _fail(str(e))
         return
@@ -135,6 +182,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
         engine.serve()
     finally:
         engine.stop()
+        if tap is not None:
+            tap.close()  # flushes the buffered packets
         metrics.close()
         say("nfhooks: stopped, rules removed")
 
@@ -215,7 +264,11 @@ def lab(ctx: typer.Context,
         duration: float = typer.Option(5.0, "--duration", help="seconds of steady traffic"),
         metrics_addr: str = typer.Option("127.0.0.1:9477", "--metrics-addr",
                                          help="the engine's metrics address inside the router namespace"),
-        keep: bool = typer.Option(False, "--keep", help="leave the lab running (see `lab exec`, `lab down`)")) -> None:
+        keep: bool = typer.Option(False, "--keep", help="leave the lab running (see `lab exec`, `lab down`)"),
+        pcap: Optional[Path] = typer.Option(None, "--pcap", help="passed to the engine: `nfhooks run --pcap FILE`"),
+        json_: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout (progress on stderr)"),
+        scenario: List[str] = typer.Option([], "--scenario", help="a scenario or group: standard (default), "
+                                           "vpn, all, or a scenario's name (repeatable)")) -> None:
     """Build the lab, run the policy on its router, drive traffic across every hook, explain it.
 
     Needs root; everything happens in network namespaces named nfhlab-*, removed at the end
@@ -227,7 +280,8 @@ def lab(ctx: typer.Context,
 
     try:
         code = run_lab(LabConfig(policy=policy, sets=list(set_), duration=duration,
-                                 metrics_addr=metrics_addr, keep=keep))
+                                 metrics_addr=metrics_addr, keep=keep, pcap=pcap, json=json_,
+                                 scenarios=list(scenario)))
     except LabError as e:
         _fail(str(e))
         return
@@ -257,6 +311,67 @@ def lab_down() -> None:
         _fail(str(e))
         return
     raise typer.Exit(code)
+
+
+@app.command()
+def tunnel(dev: str = typer.Option("tun0", "--dev", help="tun device to create"),
+           listen: str = typer.Option(..., "--listen", help="local UDP ADDR:PORT ([v6]:port)"),
+           peer: str = typer.Option(..., "--peer", help="the other end's UDP ADDR:PORT"),
+           verbose: bool = typer.Option(False, "--verbose", "-v", help="print every packet")) -> None:
+    """A tiny IP-in-UDP tunnel through a tun device (a teaching aid, no encryption; the lab's vpn).
+
+    Give the device addresses and routes yourself (ip addr/route ... dev tun0); it goes
+    away when this exits (Ctrl-C/SIGTERM).
+    """
+    from .tunnel import run as run_tunnel
+
+    try:
+        run_tunnel(dev, listen, peer, verbose)
+    except (OSError, ValueError) as e:
+        _fail(f"tunnel: {e}")
+
+
+@app.command()
+def reload(timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the engine's answer")) -> None:
+    """Reload the policy of the engine running in this network namespace (as SIGHUP does).
+
+    The engine validates the file first: if it is broken, the running policy stays in force
+    and this prints the error (file:line) and exits 1. Run it where the engine runs, e.g.
+    `ip netns exec NS nfhooks reload`.
+    """
+    import json
+    import os
+    import signal
+    import time
+
+    from .owner import live_owner, status_path
+
+    def status() -> dict:  # type: ignore[type-arg]
+        try:
+            with open(status_path()) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    owner = live_owner()
+    if owner is None or owner[0] is None:
+        _fail("no nfhooks engine runs in this network namespace (nothing to reload)")
+        return
+    pid = owner[0]
+    before = status()
+    seq = before.get("seq", -1) if before.get("pid") == pid else -1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        _fail(f"cannot signal the engine (pid {pid}): {e}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = status()
+        if now.get("pid") == pid and now.get("seq", -1) > seq:
+            say(f"nfhooks: {now.get('message')}")
+            raise typer.Exit(0 if now.get("ok") else 1)
+        time.sleep(0.05)  # polling the engine's status file with a deadline
+    _fail(f"the engine (pid {pid}) did not answer within {timeout:g} s; see its log")
 
 
 def main() -> None:

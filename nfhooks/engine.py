@@ -32,7 +32,10 @@ mangle     the packet rewritten in Python (mangle.py: lengths, checksums), set_p
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -48,13 +51,16 @@ from .nat import NatError, NatTargets
 from .packet import Malformed, parse
 from .policy import Handler, Policy
 from .rules import RuleSet, compile_policy, reject_action
-from .verdict import NAT_KINDS, Accept, Drop, Mangle, Mark, Nat, Reject, Verdict, placement_kind
+from .watchdog import DEFAULT_BUDGET, DEFAULT_TIMEOUT, HandlerTimeout, Watchdog
+from . import routing
+from .routing import RouteShapeError
+from .verdict import NAT_KINDS, ROUTESHAPE_KINDS, Accept, Drop, Mangle, Mark, Nat, Reject, Verdict, placement_kind
 
 log = logging.getLogger("nfhooks.engine")
 NONE_LABEL = "continue"
 VERDICT_LABELS = ("accept", "drop", "reject", "mark", "connmark", NONE_LABEL)
 #: Labels bound only for handlers that may return them (queued from mangle where they work).
-REWRITE_LABELS = (*sorted(NAT_KINDS), "mangle")
+REWRITE_LABELS = (*sorted(NAT_KINDS), "mangle", *sorted(ROUTESHAPE_KINDS))
 
 
 class RateLimitedLog:
@@ -96,6 +102,10 @@ class Dispatcher:
     metrics: Metrics
     errlog: RateLimitedLog = field(default_factory=RateLimitedLog)
     nat: NatTargets | None = None  # None: the policy has no nat mark field
+    tap: Any = None  # a pcap.PcapWriter (--pcap): records each packet with its verdict
+    offload: Any = None  # an offload.FlowOffload when the policy has flow handlers
+    budget: float = 0.0  # --handler-budget seconds: a later verdict is replaced by the default
+    watchdog: Watchdog | None = None  # --handler-timeout: interrupts a hung handler (watchdog.py)
 
     def callback(self, handler: Handler) -> Callable[[Any], None]:
         hook, table, func, name = handler.hook, handler.table, handler.func, handler.name
@@ -119,7 +129,13 @@ class Dispatcher:
         errors = m.handler_errors(hook, name)
         malformed = m.malformed(hook)
         errlog, pfile = self.errlog, handler.file
+        watch = self.watchdog.current if self.watchdog is not None else [0.0]
+        budget = self.budget
+        overruns = m.handler_overruns(hook, name)
         perf = time.perf_counter
+        # flow=True (offload.py): an accept also saves the decision in the connmark (NF_REPEAT)
+        flow_save = self.offload.save(handler) if self.offload is not None else None
+        flow_bits, flow_clear = flow_save if flow_save else (0, 0)
 
         def apply(nfpkt: Any, v: Verdict, mark: int, nbytes: int, ctr: dict[str, Any]) -> None:
             t = type(v)
@@ -167,9 +183,23 @@ class Dispatcher:
                     apply(nfpkt, default, mark, nbytes, default_counters)
                     return
                 try:
+                    watch[0] = t0
                     v = func(pkt)
+                    watch[0] = 0.0
+                except HandlerTimeout as e:
+                    overruns.inc()
+                    fail(nfpkt, mark, nbytes, f"{e} (interrupted)", None)
+                    return
                 except Exception as e:  # noqa: BLE001 -- the guard: every packet gets a verdict
+                    watch[0] = 0.0
                     fail(nfpkt, mark, nbytes, f"raised {type(e).__name__}: {e}", e)
+                    return
+                if budget and perf() - t0 > budget:
+                    overruns.inc()
+                    errlog.error(f"overrun:{name}", f"{handler.where}: handler {name!r} at {hook} took "
+                                 f"{(perf() - t0) * 1e3:.1f} ms, past --handler-budget {budget * 1e3:g} ms; "
+                                 f"applied the {hook} default ({default.kind})", None, pfile)
+                    apply(nfpkt, default, mark, nbytes, default_counters)
                     return
                 if v is None:
                     counters[NONE_LABEL].count(nbytes)
@@ -199,6 +229,19 @@ class Dispatcher:
                     counters[v.kind].count(nbytes)
                     nfpkt.set_mark((mark & nat_clear) | bits)
                     nfpkt.accept()
+                elif v.kind in ROUTESHAPE_KINDS:  # route/shape: a mark field, acted on by routing.py's rules
+                    rshape = self.ruleset.routeshape
+                    try:
+                        if rshape is None:
+                            raise RouteShapeError(f"returned {v}, but the policy declares no routing table or "
+                                                  "shaping (policy.routing_table / policy.shaping)")
+                        bits = rshape.bits(pkt, v)
+                    except RouteShapeError as e:
+                        fail(nfpkt, mark, nbytes, str(e), None)
+                        return
+                    counters[v.kind].count(nbytes)
+                    nfpkt.set_mark((mark & rshape.clear_mask(v.kind)) | bits)
+                    nfpkt.accept()  # ACCEPT, not REPEAT: at OUTPUT only nf_reinject's ACCEPT re-routes
                 elif type(v) is Mangle:
                     try:
                         new = rewrite(raw, v, pkt)  # type: ignore[arg-type]
@@ -216,6 +259,10 @@ class Dispatcher:
                     if new is not raw:
                         nfpkt.set_payload(new)
                     nfpkt.accept()
+                elif flow_save is not None and type(v) is Accept:
+                    counters["accept"].count(nbytes)
+                    nfpkt.set_mark((mark & flow_clear) | flow_bits)
+                    nfpkt.repeat()
                 else:
                     apply(nfpkt, v, mark, nbytes, counters)
             except Exception as e:  # noqa: BLE001 -- last resort: never leave a packet undecided
@@ -227,6 +274,8 @@ class Dispatcher:
             finally:
                 histogram.observe(perf() - t0)
 
+        if self.tap is not None:  # --pcap: wraps the counters above; without it nothing changes
+            return self.tap.wrap(on_packet, counters, default_counters, hook, table, name)
         return on_packet
 
 
@@ -237,26 +286,85 @@ class Engine:
     Lifecycle: take ownership of the namespace, remove a stale set, bind the queues, then
     install the rules (so bypass never hides a missing engine), serve; on the way out remove
     the rules before unbinding.
+
+    Hot reload (``reload()``, on SIGHUP or ``nfhooks reload``): the new policy is loaded and
+    compiled first -- an error leaves the running one untouched, logged and counted. Then it
+    becomes the next *generation* (1 and 2 alternate: chain names, queue numbers and the
+    ``gen`` mark field differ): its queues are bound, its chains installed and jumped to in
+    front of the old ones (install.install: reverse traversal order), the old chains stop
+    stamping new packets (install.retire_stamps), and once the old generation's queues are
+    empty it is removed and unbound. Every packet is stamped by the first nfhooks chain it
+    meets and decided by that generation only (rules.generation_rules): none by both, none by
+    neither.
     """
+
+    RETIRE_GRACE = 0.2  # seconds the old queues must stay empty before the old set goes
+    RETIRE_TIMEOUT = 10.0  # then it goes anyway (a packet still queued there is dropped)
 
     def __init__(self, policy: Policy, *, metrics: Metrics | None = None, queue_base: int = 0,
                  fail: str | None = None, mark_mask: int | None = None,
-                 ruleset: RuleSet | None = None, nat_targets: int = DEFAULT_NAT_TARGETS) -> None:
+                 ruleset: RuleSet | None = None, nat_targets: int = DEFAULT_NAT_TARGETS,
+                 pcap: Any = None, loader: Callable[[], Policy] | None = None,
+                 status_file: str | None = None, flow_generation: int | None = None,
+                 queue_options: Any = None, handler_budget: float = DEFAULT_BUDGET,
+                 handler_timeout: float | None = DEFAULT_TIMEOUT) -> None:
         from .marks import DEFAULT_MARK_MASK
 
-        self.policy = policy
         self.metrics = metrics or Metrics()
-        self.ruleset = ruleset or compile_policy(policy, queue_base=queue_base, fail=fail,
-                                                 mark_mask=mark_mask or DEFAULT_MARK_MASK,
+        self.compile_args: dict[str, Any] = dict(fail=fail, mark_mask=mark_mask or DEFAULT_MARK_MASK,
                                                  nat_targets=nat_targets)
-        policy.self_mark = self.ruleset.layout["self"].mask
-        self.nat = (NatTargets(self.ruleset.layout, self.ruleset.nat_targets,
-                               on_change=self.metrics.set_nat_targets)
-                    if "nat" in self.ruleset.layout else None)
-        self.dispatcher = Dispatcher(policy, self.ruleset, self.metrics, nat=self.nat)
+        self.queue_base = queue_base
+        self.queue_options = queue_options  # a queue.QueueOptions (maxlen, rcvbuf, gso) or None
+        self.pcap = pcap  # a pcap.PcapWriter or None; its owner (cli `run`) closes it
+        self.loader = loader  # reads the policy again for reload(); None: reload is refused
+        self.status_file = status_file
+        self.reloads = 0
+        self.last_reload = "never reloaded"
+        self.retiring: list[tuple[RuleSet, float, float]] = []  # (ruleset, since, empty since)
+        self._reload_wanted = False
+        self.flow_generation = flow_generation  # None: offload.next_flow_generation() per compile
+        self.offload: Any = None
+        if handler_budget < 0:
+            raise ValueError(f"--handler-budget {handler_budget}: give 0 (off) or a positive number of seconds")
+        self.handler_budget = handler_budget
+        self.watchdog = Watchdog(handler_timeout) if handler_timeout else None
+        self._use(policy, ruleset or compile_policy(policy, queue_base=queue_base, **self.compile_args,
+                                                    **self._flow_args(policy)))
         self.queues: Any = None
         self.owner: Any = None
         self.installed = False
+
+    def _use(self, policy: Policy, ruleset: RuleSet) -> None:
+        """Make (policy, ruleset) the current generation's: its dispatcher and NAT targets."""
+        self.policy, self.ruleset = policy, ruleset
+        policy.self_mark = ruleset.layout["self"].mask
+        self.nat = (NatTargets(ruleset.layout, ruleset.nat_targets, on_change=self.metrics.set_nat_targets,
+                               generation=ruleset.generation)
+                    if "nat" in ruleset.layout else None)
+        from .offload import FlowOffload, OffloadCollector
+        self.offload = FlowOffload(ruleset, policy) if ruleset.flow_generation else None
+        if self.offload is not None and not getattr(self, "_offload_metrics", None):
+            self._offload_metrics = OffloadCollector(lambda: self.offload)
+            self.metrics.registry.register(self._offload_metrics)
+        self.dispatcher = Dispatcher(policy, ruleset, self.metrics, nat=self.nat, tap=self.pcap,
+                                     offload=self.offload, budget=self.handler_budget,
+                                     watchdog=self.watchdog)
+
+    def _flow_args(self, policy: Policy) -> dict[str, int]:
+        """A new flow generation for every compile (start, reload) of a policy with flow handlers:
+        connections decided before are asked again (offload.py)."""
+        from .offload import flow_handlers, next_flow_generation
+        if not flow_handlers(policy.handlers):
+            return {}
+        if self.flow_generation is not None:  # given (tests): the next one on each reload
+            gen, self.flow_generation = self.flow_generation, self.flow_generation % 7 + 1
+            return {"flow_generation": gen}
+        return {"flow_generation": next_flow_generation()}
+
+    def _publish(self) -> None:
+        queues = {n: h for rs in [self.ruleset, *(r for r, _, _ in self.retiring)] for n, h in rs.queues.items()}
+        self.metrics.set_policy(self.policy.name or "policy", self.policy.version,
+                                [(n, h.hook, h.name) for n, h in sorted(queues.items())])
 
     def start(self) -> None:
         from .install import check_kernel, install, installed, remove_all
@@ -270,30 +378,156 @@ class Engine:
             if stale:
                 log.warning("removing a stale nfhooks rule set left by an engine that is gone: %s",
                             "; ".join(remove_all()))
-            self.queues = QueueSet()
+            self.queues = QueueSet(self.queue_options)
             for num, h in self.ruleset.queues.items():
-                self.queues.bind(num, self.dispatcher.callback(h))
-            self.metrics.set_policy(self.policy.name or "policy", self.policy.version,
-                                    [(n, h.hook, h.name) for n, h in self.ruleset.queues.items()])
+                self.queues.bind(num, self.dispatcher.callback(h), handler=h,
+                                 fail_open=self.ruleset.fail_open[h.hook])
+            self.queues.export(self.metrics.registry)
+            self._publish()
+            routing.start(self.ruleset)  # ip rules, routes, qdiscs exist before any rule marks a packet
             install(self.ruleset)
             self.installed = True
+            self._write_status(True, f"policy {self.policy.name} started (generation {self.ruleset.generation})")
         except BaseException:
             self.stop()
             raise
 
+    # -- hot reload ------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Signal-safe: only sets a flag; the loop reloads between packets."""
+        self._reload_wanted = True
+
+    def _next_queue_base(self, count: int) -> int:
+        used = set(self.ruleset.queues) | {n for rs, _, _ in self.retiring for n in rs.queues}
+        base = self.queue_base
+        while any(n in used for n in range(base, base + count)):
+            base += 1
+        return base
+
+    def reload(self) -> tuple[bool, str]:
+        """Load, check and install the policy again; keep the running one on any error."""
+        from .install import install, remove_generation, retire_stamps
+        from .policy import PolicyError
+
+        if self.retiring:
+            self._retire(force=True)
+        old_rs, old_policy, old_nat, old_disp = self.ruleset, self.policy, self.nat, self.dispatcher
+        try:
+            if self.loader is None:
+                raise PolicyError("this engine was started without a policy file to reload")
+            policy = self.loader()
+            gen = 2 if old_rs.generation == 1 else 1
+            rs = compile_policy(policy, queue_base=self._next_queue_base(len(policy.handlers)),
+                                generation=gen, **self.compile_args, **self._flow_args(policy))
+        except PolicyError as e:
+            return self._reload_done(False, f"reload failed, policy {old_policy.name} (generation "
+                                            f"{old_rs.generation}) keeps running: {e}")
+        bound: list[int] = []
+        try:
+            self._use(policy, rs)
+            for num, h in rs.queues.items():
+                self.queues.bind(num, self.dispatcher.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
+                bound.append(num)
+            install(rs)
+        except Exception as e:  # noqa: BLE001 -- kernel refusal: undo the new half, keep the old
+            try:
+                remove_generation(rs.generation)
+            finally:
+                for num in bound:
+                    self.queues.unbind(num)
+                self.policy, self.ruleset, self.nat, self.dispatcher = old_policy, old_rs, old_nat, old_disp
+            return self._reload_done(False, f"reload failed installing generation {rs.generation}, policy "
+                                            f"{old_policy.name} keeps running: {e}")
+        retire_stamps(old_rs.generation)
+        now = time.monotonic()
+        self.retiring.append((old_rs, now, 0.0))
+        self._publish()
+        return self._reload_done(True, f"reloaded policy {policy.name} {policy.version}".rstrip()
+                                       + f" as generation {rs.generation}: {len(rs.queues)} handler queue(s)")
+
+    def _reload_done(self, ok: bool, message: str) -> tuple[bool, str]:
+        self.reloads += 1
+        self.last_reload = message
+        (self.metrics.reloaded if ok else self.metrics.reload_failed)()
+        (log.info if ok else log.error)("%s", message)
+        self._write_status(ok, message)
+        return ok, message
+
+    def _retire(self, force: bool = False) -> None:
+        """Remove old generations whose queues have stayed empty for RETIRE_GRACE."""
+        from .install import remove_generation
+        from .metrics import DEFAULT_PROC_PATH, parse_queue_stats
+
+        if not self.retiring:
+            return
+        try:
+            with open(DEFAULT_PROC_PATH) as f:
+                waiting = {s.queue_number: s.queue_total for s in parse_queue_stats(f.read())}
+        except OSError:
+            waiting = {}
+        now = time.monotonic()
+        keep = []
+        for rs, since, empty_since in self.retiring:
+            empty = all(waiting.get(n, 0) == 0 for n in rs.queues)
+            if empty and not empty_since:
+                empty_since = now
+            elif not empty:
+                empty_since = 0.0
+            if force or now - since > self.RETIRE_TIMEOUT or (empty_since and now - empty_since >= self.RETIRE_GRACE):
+                removed = remove_generation(rs.generation)
+                for num in rs.queues:
+                    self.queues.unbind(num)
+                log.info("generation %d retired: %s", rs.generation, "; ".join(removed) or "nothing installed")
+            else:
+                keep.append((rs, since, empty_since))
+        self.retiring = keep
+        if not keep:
+            self._publish()
+
+    def _write_status(self, ok: bool, message: str) -> None:
+        """What `nfhooks reload` waits for: one JSON line, replaced atomically."""
+        if not self.status_file:
+            return
+        doc = {"pid": os.getpid(), "seq": self.reloads, "ok": ok, "message": message,
+               "policy": self.policy.name, "generation": self.ruleset.generation, "time": time.time()}
+        tmp = f"{self.status_file}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f)
+            os.replace(tmp, self.status_file)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.status_file, e)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _on_wake(self) -> None:
+        if self._reload_wanted:
+            self._reload_wanted = False
+            self.reload()
+        if self.retiring:
+            self._retire()
+
     def serve(self) -> None:
-        """Run until SIGINT/SIGTERM; signals only wake the loop (see queue.py)."""
+        """Run until SIGINT/SIGTERM; SIGHUP reloads. Signals only wake the loop (see queue.py)."""
         assert self.queues is not None
         q = self.queues
 
         def on_signal(signum: int, frame: Any) -> None:
-            q.stopping = True
+            if signum == signal.SIGHUP:
+                self.request_reload()
+            else:
+                q.stopping = True
 
-        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         old_fd = signal.set_wakeup_fd(q.wakeup_fd, warn_on_full_buffer=False)
+        if self.watchdog is not None:
+            self.watchdog.start()
         try:
-            q.run()
+            q.run(on_wake=self._on_wake, tick=lambda: 0.05 if self.retiring else None)
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
                 signal.signal(s, h)
@@ -307,10 +541,15 @@ class Engine:
                 if removed:
                     log.info("removed: %s", "; ".join(removed))
                 self.installed = False
+                self.retiring = []
         finally:
+            routing.stop(self.ruleset, owned=self.owner is not None)  # after the rules that mark packets
             if self.queues is not None:
                 self.queues.close()
                 self.queues = None
+            if self.status_file:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.status_file)
             if self.owner is not None:
                 self.owner.release()
                 self.owner = None

@@ -36,6 +36,17 @@ TABLE_HOOKS: Final[dict[str, tuple[str, ...]]] = {
 #: Priority order of the tables at a hook (lower runs first).
 TABLE_ORDER: Final = ("raw", "mangle", "nat", "filter")
 
+#: (hook, table) in the order a packet meets them (each path through the hooks is a
+#: subsequence: PREROUTING then INPUT or FORWARD; OUTPUT; then POSTROUTING). At INPUT the nat
+#: table (SNAT, priority 100) comes after filter; at OUTPUT nat (DNAT, -100) before it.
+TRAVERSAL: Final = (
+    ("PREROUTING", "raw"), ("PREROUTING", "mangle"), ("PREROUTING", "nat"),
+    ("OUTPUT", "raw"), ("OUTPUT", "mangle"), ("OUTPUT", "nat"), ("OUTPUT", "filter"),
+    ("INPUT", "mangle"), ("INPUT", "filter"), ("INPUT", "nat"),
+    ("FORWARD", "mangle"), ("FORWARD", "filter"),
+    ("POSTROUTING", "mangle"), ("POSTROUTING", "nat"),
+)
+
 #: Where the kernel has decided the route already, and what each hook sees.
 HOOK_DOC: Final[dict[str, str]] = {
     "PREROUTING": "every packet arriving on an interface, before the routing decision",
@@ -162,6 +173,21 @@ PLACEMENTS: Final[dict[str, Placement]] = {
             "header rewrites (TTL, DSCP, MSS) and payload replacement are mangle-table work; "
             "nfhooks queues such handlers from mangle and gives the rewritten packet (lengths "
             "and checksums recomputed) back with the verdict",
+        ),
+        Placement(
+            "route", ("PREROUTING", "OUTPUT"), ("mangle",), "ip rule (fwmark)",
+            "a routing table can only be chosen before routing is final: at PREROUTING for "
+            "forwarded packets (the routing decision comes right after), at OUTPUT for local "
+            "ones (the kernel re-routes a packet whose mark changed in mangle OUTPUT); at INPUT "
+            "and FORWARD the route is chosen already and POSTROUTING is on the way out. "
+            "nfhooks sets the route mark field from mangle, its `ip rule fwmark` picks the table",
+        ),
+        Placement(
+            "shape", ("PREROUTING", "FORWARD", "OUTPUT"), ("mangle",), "mangle POSTROUTING (CLASSIFY)",
+            "nfhooks' CLASSIFY rules in mangle POSTROUTING put the packet in its htb class on the "
+            "way out, so the class must be decided before POSTROUTING (at FORWARD or OUTPUT, "
+            "which know the outgoing interface, or at PREROUTING); packets to this host (INPUT) "
+            "never leave by an interface",
         ),
     )
 }

@@ -23,10 +23,10 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-from .hooks import TABLE_HOOKS, TABLE_ORDER
-from .rules import CHAIN_PREFIX, COMMENT, FAMILIES, MatchSpec, Rule, RuleSet
+from .hooks import HOOKS, TABLE_HOOKS, TABLE_ORDER, TRAVERSAL
+from .rules import CHAIN_PREFIX, COMMENT, FAMILIES, MatchSpec, Rule, RuleSet, chain_name
 
 XTABLES_LOCK = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 PROTO_NUMBERS = {"tcp": "6", "udp": "17", "icmp": "1", "ipv6-icmp": "58", "icmpv6": "58", "sctp": "132"}
@@ -119,7 +119,13 @@ def _build_rule(rule: Rule, family: int) -> Any:
 
 
 def install(rs: RuleSet) -> None:
-    """Install ``rs``: chains and their rules first, then the jumps into them."""
+    """Install ``rs``: chains and their rules first, then the jumps into them.
+
+    Jumps go in at the top of each built-in chain (in front of an older generation's during a
+    hot reload), one built-in chain per commit, in the reverse of the order packets meet them
+    (``hooks.TRAVERSAL``): by the time a packet can be stamped with this generation at one
+    (hook, table), every later one already has this generation's chain.
+    """
     with xtables_lock():
         for fam, table in rs.tables():
             t = _table(fam, table)
@@ -132,16 +138,56 @@ def install(rs: RuleSet) -> None:
                     c.append_rule(_build_rule(rule, fam))
             t.commit()
             t.refresh()
-        for fam, table in rs.tables():
-            t = _table(fam, table)
-            iptc = _iptc()
-            for j in reversed(rs.jumps[(fam, table)]):
-                iptc.Chain(t, j.chain).insert_rule(_build_rule(j, fam))
-            t.commit()
-            t.refresh()
+        iptc = _iptc()
+        for hook, table in reversed(TRAVERSAL):
+            for fam in FAMILIES:
+                jumps = [j for j in rs.jumps.get((fam, table), []) if j.chain == hook]
+                if not jumps:
+                    continue
+                t = _table(fam, table)
+                for j in reversed(jumps):
+                    iptc.Chain(t, hook).insert_rule(_build_rule(j, fam))
+                t.commit()
+                t.refresh()
 
 
-def append_rule(family: int, table: str, hook: str, rule: Rule) -> None:
+def generation_chains(generation: int) -> set[str]:
+    """Names of every chain a generation may own (its hooks' chains and its CONNSAVE)."""
+    return {chain_name(h, generation) for h in (*HOOKS, "CONNSAVE")}
+
+
+def retire_stamps(generation: int) -> int:
+    """Stop ``generation``'s chains from stamping new packets (hot reload, step 2).
+
+    Packets it already stamped still get its verdicts until it is removed; unstamped ones pass
+    through its chains untouched, to the new generation. Returns the stamp rules removed.
+    """
+    ours = generation_chains(generation)
+    n = 0
+    with xtables_lock():
+        for fam in FAMILIES:
+            for table in TABLE_ORDER:
+                t = _table(fam, table)
+                changed = False
+                for c in t.chains:
+                    if c.name not in ours:
+                        continue
+                    for r in list(c.rules)[:1]:
+                        if r.target is not None and r.target.name == "MARK" and _comment_of(r) == f"{COMMENT} gen":
+                            c.delete_rule(r)
+                            changed = True
+                            n += 1
+                if changed:
+                    t.commit()
+                t.refresh()
+    return n
+
+
+def remove_generation(generation: int) -> list[str]:
+    """Remove one generation's jumps and chains, leaving the other's (hot reload, last step)."""
+    return remove_all(generation_chains(generation))
+
+def append_rule(family: int, table: str, hook: str, rule: Rule, prelude: Sequence[Rule] = ()) -> None:
     """Append ``rule`` to our chain ``rule.chain`` while the engine runs (NAT targets, nat.py).
 
     Through ``ip(6)tables-legacy-restore --noflush -w`` fed the rule's iptables-save text, not
@@ -151,7 +197,8 @@ def append_rule(family: int, table: str, hook: str, rule: Rule) -> None:
     for IPv6 (ldx/python-iptables#316, #325). The restore is one commit of one table, so
     atomic; ``-w`` takes the same xtables lock. If the chain is missing (a handler returned a
     NAT verdict its source did not show, so the policy compiled no chain for it), the chain,
-    the rule and the jump from ``hook`` go in that same commit.
+    the chain's ``prelude`` rules (the generation guard), the rule and the jump from ``hook`` go
+    in that same commit.
     """
     tool = "ip6tables-legacy-restore" if family == 6 else "iptables-legacy-restore"
     if not shutil.which(tool):
@@ -163,38 +210,47 @@ def append_rule(family: int, table: str, hook: str, rule: Rule) -> None:
         lines.append(f":{rule.chain} - [0:0]")
         jump = Rule(hook, rule.chain, matches=(MatchSpec("comment", (("comment", COMMENT, False),)),))
         lines.append("-I" + jump.render()[2:])
+        lines += [r.render() for r in prelude]
     lines += [rule.render(), "COMMIT", ""]
     cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(lines), capture_output=True, text=True)
     if cp.returncode:
         raise KernelError(f"{tool} refused `{rule.render()}`: {cp.stderr.strip() or cp.returncode}")
 
 
-def _is_ours(rule: Any) -> bool:
-    if rule.target is not None and rule.target.name.startswith(CHAIN_PREFIX):
-        return True
+def _comment_of(rule: Any) -> str | None:
     for m in rule.matches:
         if m.name == "comment":
-            c = (m.comment or "").strip('"')
-            if c == COMMENT or c.startswith(COMMENT + " "):
-                return True
-    return False
+            return (m.comment or "").strip('"')
+    return None
 
 
-def remove_all() -> list[str]:
+def _is_ours(rule: Any, chains: set[str] | None = None) -> bool:
+    """A jump into one of ``chains`` (None: any nfhooks chain, or any nfhooks-tagged rule)."""
+    if rule.target is not None and rule.target.name.startswith(CHAIN_PREFIX):
+        return chains is None or rule.target.name in chains
+    if chains is not None:
+        return False
+    c = _comment_of(rule)
+    return c is not None and (c == COMMENT or c.startswith(COMMENT + " "))
+
+
+def remove_all(only: set[str] | None = None) -> list[str]:
     """Remove every nfhooks rule and chain in this namespace (IPv4 and IPv6, all tables).
 
-    Returns what was removed, one line per table. Other rules and chains are left alone.
+    ``only``: remove just these chains and the jumps into them (one generation). Returns what
+    was removed, one line per table. Other rules and chains are left alone.
     """
     removed: list[str] = []
     with xtables_lock():
         for fam in FAMILIES:
             for table in TABLE_ORDER:
                 t = _table(fam, table)
-                ours = [c for c in t.chains if c.name.startswith(CHAIN_PREFIX)]
+                ours = [c for c in t.chains if c.name.startswith(CHAIN_PREFIX)
+                        and (only is None or c.name in only)]
                 n_jumps = 0
                 for builtin in TABLE_HOOKS[table]:
                     c = _iptc().Chain(t, builtin)
-                    for r in [r for r in c.rules if _is_ours(r)]:
+                    for r in [r for r in c.rules if _is_ours(r, only)]:
                         c.delete_rule(r)
                         n_jumps += 1
                 if not ours and not n_jumps:

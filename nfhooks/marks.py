@@ -25,7 +25,16 @@ ACTION_REJECT = 1          # REJECT: tcp-reset for TCP, port unreachable otherwi
 ACTION_REJECT_ADMIN = 2    # REJECT --reject-with icmp-admin-prohibited
 ACTION_REJECT_HOST = 3     # REJECT --reject-with icmp-host-unreachable
 ACTION_CONNSAVE = 4        # CONNMARK --save-mark of the user bits, then ACCEPT
+ACTION_FLOWSAVE = 5        # a flow handler accepted: save the decision in the connmark (offload.py)
 ACTION_BITS = 3
+
+#: The ``gen`` field: which rule-set generation a packet belongs to (1 or 2; 0 = not yet seen
+#: by nfhooks). Stamped by the first nfhooks chain a packet meets, so that during a hot reload,
+#: when two generations' chains are installed side by side, every packet is decided by exactly
+#: one of them at every hook (rules.generation_rules). ``self``, ``gen`` and ``action`` have
+#: fixed widths and come first, so their positions never change between generations.
+GEN_BITS = 2
+GENERATIONS = (1, 2)
 
 #: Distinct NAT targets a policy may use unless told otherwise (``--nat-targets``): the
 #: ``nat`` field holds a target's index, 1..N (0 = no NAT), so 63 takes 6 bits.
@@ -109,8 +118,9 @@ def bits_for(count: int) -> int:
 
 def core_layout(max_handlers_per_chain: int, mask: int = DEFAULT_MARK_MASK,
                 extra: Iterable[tuple[str, int]] = ()) -> MarkLayout:
-    """The layout for a policy: a bit for nfhooks' own packets, the action, the resume index."""
+    """The layout for a policy: nfhooks' own packets, the generation, the action, the resume index."""
     return MarkLayout(
-        [("self", 1), ("action", ACTION_BITS), ("resume", bits_for(max_handlers_per_chain)), *extra],
+        [("self", 1), ("gen", GEN_BITS), ("action", ACTION_BITS), ("resume", bits_for(max_handlers_per_chain)),
+         *extra],
         mask,
     )

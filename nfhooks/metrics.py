@@ -465,6 +465,12 @@ class Metrics:
             "Exceptions raised by handlers (the hook's fail-mode verdict was given instead).",
             ["hook", "handler"], registry=r,
         )
+        self._overruns = Counter(
+            "nfhooks_handler_overruns",
+            "Handler calls past --handler-budget or interrupted at --handler-timeout "
+            "(the hook's default verdict was given instead).",
+            ["hook", "handler"], registry=r,
+        )
         self._malformed = Counter(
             "nfhooks_malformed_packets",
             "Queued packets whose headers could not be parsed.",
@@ -521,6 +527,9 @@ class Metrics:
         """The error counter child for a handler at a hook; call ``.inc()``."""
         return self._handler_errors.labels(hook, _handler_label(handler))
 
+    def handler_overruns(self, hook: str, handler: str) -> Counter:
+        return self._overruns.labels(hook, _handler_label(handler))
+
     def malformed(self, hook: str) -> Counter:
         return self._malformed.labels(hook)
 
@@ -543,6 +552,7 @@ class Metrics:
             label = _handler_label(handler)
             queues[int(queue_num)] = (hook, label)
             self.handler_errors(hook, handler)
+            self.handler_overruns(hook, handler)
             self.malformed(hook)
             self.truncated(hook)
             self.decision_histogram(hook)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .marks import MarkLayout
 from .packet import Packet
-from .rules import Rule, nat_rule
+from .rules import Rule, generation_rules, nat_rule
 from .verdict import Nat
 
 #: Protocols whose ports a NAT target may name (what iptables' DNAT/SNAT accept with ports).
@@ -37,12 +37,6 @@ class NatError(RuntimeError):
     """A NAT verdict that cannot be carried out; the text says why and what to do."""
 
 
-def _default_installer(family: int, table: str, hook: str, rule: Rule) -> None:
-    from .install import append_rule  # python-iptables needs root; keep nat.py importable
-
-    append_rule(family, table, hook, rule)
-
-
 class NatTargets:
     """target -> index in the ``nat`` mark field, installing the nat rule of a new target.
 
@@ -50,18 +44,24 @@ class NatTargets:
     neither root nor a metrics registry.
     """
 
-    def __init__(self, layout: MarkLayout, limit: int, installer: Installer = _default_installer,
-                 on_change: Callable[[int], None] | None = None) -> None:
+    def __init__(self, layout: MarkLayout, limit: int, installer: Installer | None = None,
+                 on_change: Callable[[int], None] | None = None, generation: int = 1) -> None:
         self.field = layout["nat"]
         self.layout = layout
         self.limit = min(limit, (1 << self.field.width) - 1)
-        self.installer = installer
+        self.generation = generation
+        self.installer = installer or self._install
         self.on_change = on_change
         self.index: dict[Key, int] = {}
         self.failed: dict[Key, str] = {}  # a target the kernel refused is not retried per packet
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def _install(self, family: int, table: str, hook: str, rule: Rule) -> None:
+        from .install import append_rule  # python-iptables needs root; keep nat.py importable
+
+        append_rule(family, table, hook, rule, prelude=generation_rules(rule.chain, self.layout, self.generation))
 
     def key(self, pkt: Packet, v: Nat) -> Key:
         if v.family is not None and v.family != pkt.version:
@@ -92,7 +92,7 @@ class NatTargets:
         idx = len(self.index) + 1
         family, hook, _, proto = k
         try:
-            self.installer(family, "nat", hook, nat_rule(hook, idx, v, self.layout, proto))
+            self.installer(family, "nat", hook, nat_rule(hook, idx, v, self.layout, proto, self.generation))
         except Exception as e:  # noqa: BLE001 -- python-iptables raises its own types
             msg = f"the kernel refused the nat rule for {v} at {hook} (IPv{family}): {e}"
             self.failed[k] = msg

@@ -34,6 +34,11 @@ def lock_path() -> str:
     return os.path.join(LOCK_DIR, f"netns-{netns_id()}.lock")
 
 
+def status_path() -> str:
+    """Where the owner reports its start and each reload (JSON), for `nfhooks reload`."""
+    return os.path.join(LOCK_DIR, f"netns-{netns_id()}.status")
+
+
 @dataclass
 class Ownership:
     fd: int

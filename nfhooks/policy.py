@@ -113,6 +113,7 @@ class Handler:
     verdict_kinds: dict[str, int] = field(default_factory=dict)  # kind -> source line
     index: int = 0  # position in the policy, which is also its queue offset
     match_args: dict[str, Any] = field(default_factory=dict)  # as declared, options unresolved
+    flow: bool = False  # decided once per connection, later packets offloaded (offload.py)
 
     @property
     def where(self) -> str:
@@ -141,6 +142,9 @@ class Policy:
         self.options: dict[str, Option[Any]] = {}
         self.defaults: dict[str, Verdict] = {}
         self.self_mark = 0  # set by the engine from the mark layout (see socket())
+        self.routing_tables: dict[str, Any] = {}  # name -> routing.RoutingTable (routing_table())
+        self.routing_settings: Any = _routing_defaults()  # routing.RoutingSettings (routing())
+        self.shaping_decls: dict[str, Any] = {}  # interface -> shaping.Shaping (shaping())
         for hook, v in (defaults or {}).items():
             try:
                 h = normalize_hook(hook)
@@ -169,9 +173,44 @@ class Policy:
         self.options[name] = opt
         return opt
 
-    def handler(self, hook: str, *, table: str | None = None, name: str | None = None,
+    def routing_table(self, name: str, routes: "list[str] | str", *, table_id: int | None = None,
+                      masquerade: bool = False, snat: "str | list[str] | None" = None) -> Any:
+        """Declare a routing table that ``route(name)`` sends a connection to (nfhooks/routing.py).
+
+        ``routes`` in ``ip route`` words (``"default via 10.0.2.1 dev up2"``); ``masquerade`` or
+        ``snat`` pair the uplink with source NAT (a re-routed local packet keeps the source
+        address of its first route). Installed at start, removed on exit.
+        """
+        from .routing import declare_table
+
+        file, line = _caller()
+        return declare_table(self, name, routes, table_id=table_id, masquerade=masquerade, snat=snat,
+                             file=file, line=line)
+
+    def routing(self, *, priority: int = 10000, main_first: bool = True, src_valid_mark: bool | None = None,
+                rp_filter: "int | str | None" = None, dynamic_routes: int = 3) -> Any:
+        """Where nfhooks' ip rules go and the sysctls it may set in its namespace (routing.py)."""
+        from .routing import declare_settings
+
+        file, line = _caller()
+        return declare_settings(self, priority=priority, main_first=main_first, src_valid_mark=src_valid_mark,
+                                rp_filter=rp_filter, dynamic_routes=dynamic_routes, file=file, line=line)
+
+    def shaping(self, dev: str, classes: dict[str, dict[str, Any]], *, default: str | None = None,
+                rate: Any = None) -> Any:
+        """Declare shaping classes on ``dev`` that ``shape(name)`` puts a connection in (shaping.py)."""
+        from .shaping import declare_shaping
+
+        file, line = _caller()
+        return declare_shaping(self, dev, classes, default=default, rate=rate, file=file, line=line)
+
+    def handler(self, hook: str, *, table: str | None = None, name: str | None = None, flow: bool = False,
                 **match: Any) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Declare ``func`` as the handler for packets at ``hook`` that the match selects."""
+        """Declare ``func`` as the handler for packets at ``hook`` that the match selects.
+
+        ``flow=True``: the decision depends only on the connection (addresses, ports, protocol,
+        interfaces); once it accepts, the connection's later packets skip Python (offload.py).
+        """
 
         def decorate(func: HandlerFunc) -> HandlerFunc:
             file = func.__code__.co_filename
@@ -180,7 +219,7 @@ class Policy:
                 h = normalize_hook(hook)
                 kinds = verdict_calls(func)
                 # NAT and header rewrites must be decided before the nat table / in mangle
-                needs_mangle = {"dnat", "snat", "masquerade", "redirect", "mangle"} & set(kinds)
+                needs_mangle = {"dnat", "snat", "masquerade", "redirect", "mangle", "route", "shape"} & set(kinds)
                 t = table or ("mangle" if needs_mangle else default_table(h))
                 check_table(h, t)
                 m = Match.build(**match)
@@ -190,12 +229,19 @@ class Policy:
                         check_verdict(kind, h, t)
                     except PlacementError as e:
                         raise PolicyError(f"handler {func.__name__!r} returns {kind}: {e}", file, kline) from None
+                if flow:
+                    from .offload import FlowError, check_flow
+                    try:
+                        check_flow(func, h, t, m, kinds)
+                    except FlowError as e:
+                        raise PolicyError(f"handler {func.__name__!r} {e}", file, e.line or line) from None
             except (PlacementError, MatchError, TypeError) as e:
                 raise PolicyError(f"handler {func.__name__!r} at {hook}: {e}", file, line) from None
             hname = name or func.__name__
             if any(x.name == hname for x in self.handlers):
                 raise PolicyError(f"two handlers are named {hname!r}; give one name=...", file, line)
-            self.handlers.append(Handler(hname, h, t, m, func, file, line, kinds, len(self.handlers), match))
+            self.handlers.append(Handler(hname, h, t, m, func, file, line, kinds, len(self.handlers), match,
+                                         flow=bool(flow)))
             return func
 
         return decorate
@@ -273,6 +319,12 @@ class Policy:
 
     def hooks_used(self) -> list[str]:
         return [h for h in HOOKS if any(x.hook == h for x in self.handlers) or h in self.defaults]
+
+
+def _routing_defaults() -> Any:
+    from .routing import RoutingSettings
+
+    return RoutingSettings()
 
 
 def verdict_calls(func: Callable[..., Any]) -> dict[str, int]:

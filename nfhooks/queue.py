@@ -10,39 +10,136 @@ by handing ``run_socket`` a socket wrapper that reports "would block" once the b
 
 Signals only set a flag and wake the loop through a pipe (``signal.set_wakeup_fd``), so a
 packet is never left half-decided by an exception raised in the middle of a callback.
+
+Overload (what happens when packets come faster than the handlers decide):
+
+* ``--queue-maxlen`` packets may wait in the kernel per queue (default 4096). A full queue
+  drops (fail-closed, counted by the kernel as ``queue_dropped``) or, on a hook whose fail
+  mode is open, accepts: the queue is bound with NFQA_CFG_F_FAIL_OPEN (netlink.py), and
+  the kernel counts those accepts nowhere -- :class:`OverloadCollector` derives them.
+* The netlink socket's receive buffer (``--queue-rcvbuf``, set with SO_RCVBUFFORCE; by
+  default room for a full queue of maximal copies) overrunning makes recv() fail with
+  ENOBUFS once (the kernel counts ``user_dropped``, or accepts on a fail-open queue);
+  NetfilterQueue's ``run_socket`` swallows that error, the wrapper below counts it first.
+* Copy range: NetfilterQueue's ``run_socket`` reads each message into a 4096-byte buffer,
+  and the kernel adds up to 128 bytes of attributes (header, ifindexes, mark, hardware
+  address, timestamp, cap_len, skb info, payload header) to the copied bytes. A larger
+  datagram is cut short by recv(), libnetfilter_queue cannot parse it, and that packet
+  would wait in the kernel forever without a verdict: so at most ``MAX_COPY`` bytes are
+  copied (measured: a 5000-byte packet arriving on a veth with timestamps made a 4104-byte
+  message at NetfilterQueue's own 4016). Longer packets arrive truncated, which packet.py
+  sees (IP total length > captured bytes) and mangle.py refuses to rewrite.
+* GSO (``--gso``): see :func:`gso_safe`.
 """
 
 from __future__ import annotations
 
+import ast
 import errno
+import inspect
 import logging
 import os
+import re
 import selectors
 import socket
-from typing import Any, Callable
+import textwrap
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from .install import KernelError
 
 log = logging.getLogger("nfhooks.queue")
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
-COPY_RANGE = 0xFFFF
+COPY_RANGE = 0xFFFF  # asked for; clamped to MAX_COPY (tests lower it to force truncation)
+#: NetfilterQueue's recv buffer (4096) minus the most metadata the kernel adds (128 bytes).
+MAX_COPY = 4096 - 128
 BUDGET = 64  # packets per queue per pass of the loop
+DEFAULT_MAXLEN = 4096
+#: Bytes one queued message may take in the socket buffer (NetfilterQueue's SockCopySize:
+#: a 4 KB copy plus skb overhead); the default rcvbuf holds ``maxlen`` of them.
+MESSAGE_TRUESIZE = 4096 + 780
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """How every queue of an engine is bound (``nfhooks run --queue-maxlen/--queue-rcvbuf/--gso``)."""
+
+    maxlen: int = DEFAULT_MAXLEN
+    rcvbuf: int | None = None  # bytes; None: room for ``maxlen`` maximal messages
+    gso: bool = False  # NFQA_CFG_F_GSO on the queues whose handlers allow it (gso_safe)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.maxlen <= 1 << 20:
+            raise ValueError(f"--queue-maxlen {self.maxlen}: give 1..1048576 packets")
+        if self.rcvbuf is not None and not 4096 <= self.rcvbuf <= 1 << 30:
+            raise ValueError(f"--queue-rcvbuf {self.rcvbuf}: give 4096..1073741824 bytes")
+
+    @property
+    def socket_buffer(self) -> int:
+        return self.rcvbuf if self.rcvbuf is not None else self.maxlen * MESSAGE_TRUESIZE
+
+
+_PAYLOAD_ATTRS = frozenset({"payload", "scapy", "raw", "captured", "truncated", "get_payload"})
+
+
+def gso_safe(handler: Any) -> tuple[bool, str]:
+    """May ``handler``'s queue take GSO super-packets whole? ``(ok, reason)``.
+
+    With NFQA_CFG_F_GSO the kernel queues a GSO/GRO packet (up to 64 KB) as one packet: its
+    copy is truncated to MAX_COPY bytes and its transport checksum may be unfinished
+    (CHECKSUM_PARTIAL: only the pseudo-header sum is in the field). Headers, ports,
+    addresses, the IP length and the conntrack state are all right, which is all most
+    handlers read. Not safe: a handler that can return a payload/header rewrite (the
+    rewrite needs the whole packet), or whose source reads the payload (``pkt.payload``,
+    ``pkt.scapy``, ``pkt.raw``...): it would see only the first MAX_COPY bytes of a
+    super-packet instead of one whole segment. A best-effort scan of the handler's own
+    source (a helper it calls is not followed), hence GSO only when asked for (``--gso``).
+    """
+    kinds = getattr(handler, "verdict_kinds", {}) or {}
+    if "mangle" in kinds:
+        return False, "it can rewrite packets"
+    func = getattr(handler, "func", None)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))  # type: ignore[arg-type]
+    except (OSError, TypeError, SyntaxError):
+        return False, "its source cannot be read"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in _PAYLOAD_ATTRS:
+            return False, f"it reads pkt.{node.attr}"
+    return True, "headers only"
 
 
 class _Budgeted:
-    """A socket whose recv() says EAGAIN after ``budget`` datagrams (see the module docstring)."""
+    """A socket whose recv() says EAGAIN after ``budget`` datagrams (see the module docstring).
 
-    __slots__ = ("sock", "left")
+    Also counts what NetfilterQueue cannot tell: datagrams received (each one packet
+    message, given its verdict before the next recv) and ENOBUFS overruns (run_socket
+    swallows them; re-raised here so it still does).
+    """
+
+    __slots__ = ("sock", "left", "received", "enobufs")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.left = 0
+        self.received = 0
+        self.enobufs = 0
 
     def recv(self, size: int) -> bytes:
         if self.left <= 0:
             raise BlockingIOError(errno.EAGAIN, "budget spent")
         self.left -= 1
-        return self.sock.recv(size)
+        try:
+            data = self.sock.recv(size)
+        except OSError as e:
+            if e.errno == errno.ENOBUFS:
+                self.enobufs += 1
+            raise
+        self.received += 1
+        return data
 
 
 def queue_holder(num: int) -> str:
@@ -64,37 +161,100 @@ def queue_holder(num: int) -> str:
     return "another process"
 
 
+@dataclass
+class BoundQueue:
+    """What the overload metrics need to know about one bound queue."""
+
+    num: int
+    hook: str
+    handler: str
+    fail_open: bool
+    gso: bool
+    maxlen: int
+    rcvbuf: int  # what the kernel granted (SO_RCVBUF reads back twice the value set)
+    counter: _Budgeted
+    bypassed_high: int = 0  # the derived bypass count exported so far (never goes down)
+
+
 class QueueSet:
     """The bound queues of one engine and the loop that serves them."""
 
-    def __init__(self) -> None:
+    def __init__(self, options: QueueOptions | None = None) -> None:
+        self.options = options or QueueOptions()
         self.queues: dict[int, Any] = {}
+        self.bound: dict[int, BoundQueue] = {}
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         self.stopping = False
+        self._exported: list[tuple[Any, Any]] = []  # (registry, collector)
 
     @property
     def wakeup_fd(self) -> int:
         return self._wake_w
 
-    def bind(self, num: int, callback: Callable[[Any], None], max_len: int = 4096) -> None:
+    def bind(self, num: int, callback: Callable[[Any], None], max_len: int | None = None, *,
+             handler: Any = None, fail_open: bool = False) -> None:
+        """Bind queue ``num`` and configure it before any rule can feed it.
+
+        ``fail_open``: the kernel accepts instead of dropping when the queue is full.
+        ``handler`` (policy.Handler): labels for the metrics and the GSO decision.
+        """
         from netfilterqueue import NetfilterQueue  # noqa: PLC0415 -- needs root; check works without
 
+        from .netlink import NFQA_CFG_F_FAIL_OPEN, NFQA_CFG_F_GSO, NetlinkError, set_queue_config
+
+        opts = self.options
+        maxlen = max_len if max_len is not None else opts.maxlen
+        gso, why = gso_safe(handler) if opts.gso and handler is not None else (False, "--gso not given")
+        hook, name = getattr(handler, "hook", ""), getattr(handler, "name", "")
         q = NetfilterQueue(af=socket.AF_INET)
         try:
-            q.bind(num, callback, max_len=max_len, range=COPY_RANGE)
+            with warnings.catch_warnings():
+                # NetfilterQueue warns when the kernel grants another rcvbuf size than it
+                # computed; the size is checked below against what was asked for.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                q.bind(num, callback, max_len=maxlen, range=min(COPY_RANGE, MAX_COPY),
+                       sock_len=opts.socket_buffer)
         except OSError as e:
             raise KernelError(
                 f"cannot bind NFQUEUE {num}: it is already bound by {queue_holder(num)}. "
                 "Stop that program or give nfhooks other queue numbers with --queue-base N"
             ) from e
         self.queues[num] = q
+        flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
+        try:
+            set_queue_config(q.get_fd(), num, flags=flags, mask=NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO,
+                             maxlen=maxlen)
+        except NetlinkError as e:
+            what = ", ".join(x for x in ("fail-open" if fail_open else "", "gso" if gso else "",
+                                         f"queue length {maxlen}") if x)
+            raise KernelError(
+                f"the kernel refused to configure NFQUEUE {num} ({what}): {e.strerror} "
+                f"(errno {e.errno}). Fail-open queues need Linux >= 3.6 and GSO >= 3.10: run "
+                "without --gso, or with --fail-closed"
+            ) from e
         sock = socket.socket(fileno=os.dup(q.get_fd()))  # a dup: closing it leaves the queue's fd alone
         sock.setblocking(False)
-        self.selector.register(sock, selectors.EVENT_READ, (q, _Budgeted(sock)))
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        if granted < opts.socket_buffer:
+            log.warning("queue %d: socket receive buffer is %d bytes, asked for %d (SO_RCVBUFFORCE "
+                        "needs CAP_NET_ADMIN; net.core.rmem_max caps SO_RCVBUF)", num, granted,
+                        opts.socket_buffer)
+        budgeted = _Budgeted(sock)
+        self.selector.register(sock, selectors.EVENT_READ, (q, budgeted))
+        self._set_bound({**self.bound, num: BoundQueue(num, hook, name, fail_open, gso, maxlen, granted, budgeted)})
+        log.debug("queue %d bound: maxlen %d, rcvbuf %d, %s, gso %s (%s)", num, maxlen, granted,
+                  "fail-open" if fail_open else "fail-closed", "on" if gso else "off", why)
+
+    def export(self, registry: Any) -> OverloadCollector:
+        """Register this set's overload metrics on ``registry`` (unregistered by close())."""
+        collector = OverloadCollector(self.bound)
+        registry.register(collector)
+        self._exported.append((registry, collector))
+        return collector
 
     def stop(self) -> None:
         self.stopping = True
@@ -103,10 +263,37 @@ class QueueSet:
         except OSError:
             pass
 
-    def run(self, on_wake: Callable[[], None] | None = None) -> None:
-        """Serve packets until stop() (or a signal written to the wakeup fd)."""
+    def unbind(self, num: int) -> None:
+        """Unbind one queue (hot reload retires an old generation's queues this way).
+
+        Its rules must be gone first: the kernel drops what still waits in the queue."""
+        for key in list(self.selector.get_map().values()):
+            if key.data is not None and key.data[0] is self.queues.get(num):
+                self.selector.unregister(key.fileobj)
+                key.data[1].sock.close()
+        q = self.queues.pop(num, None)
+        if q is not None:
+            q.unbind()
+        if num in self.bound:
+            self._set_bound({n: b for n, b in self.bound.items() if n != num})
+
+    def _set_bound(self, bound: dict[int, BoundQueue]) -> None:
+        """Replace the map whole (never mutated: a scrape thread may be reading it)."""
+        self.bound = bound
+        for _, collector in self._exported:
+            collector.bound = bound
+
+    def run(self, on_wake: Callable[[], None] | None = None,
+            tick: Callable[[], float | None] | None = None) -> None:
+        """Serve packets until stop() (or a signal written to the wakeup fd).
+
+        ``tick()`` returns how long the loop may sleep before calling ``on_wake`` anyway
+        (None: until woken); asked again on every pass. Under steady traffic select() never
+        times out, so the deadline is kept by the clock, not by idle passes."""
+        next_tick = 0.0
         while not self.stopping:
-            for key, _ in self.selector.select():
+            timeout = tick() if tick is not None else None
+            for key, _ in self.selector.select(timeout):
                 if key.data is None:
                     try:
                         while os.read(self._wake_r, 512):
@@ -115,12 +302,21 @@ class QueueSet:
                         pass
                     if on_wake:
                         on_wake()
-                    continue
+                    break  # on_wake may have unbound queues: the next select reports the rest again
                 q, budgeted = key.data
                 budgeted.left = BUDGET
                 q.run_socket(budgeted)
+            if timeout is not None and on_wake and time.monotonic() >= next_tick:
+                on_wake()
+                next_tick = time.monotonic() + timeout
 
     def close(self) -> None:
+        for registry, collector in self._exported:
+            try:
+                registry.unregister(collector)
+            except KeyError:
+                pass
+        self._exported.clear()
         for key in list(self.selector.get_map().values()):
             if key.data is not None:
                 self.selector.unregister(key.fileobj)
@@ -134,3 +330,134 @@ class QueueSet:
                 os.close(fd)
             except OSError:
                 pass
+
+
+# --------------------------------------------------------------------------- overload metrics
+
+_QUEUE_RULE = re.compile(r"^\[(\d+):\d+\] -A NFH-\S+ .*-j NFQUEUE --queue-num (\d+)(?: |$)")
+
+
+def rule_packets(texts: Iterable[str]) -> dict[int, int]:
+    """Packets each queue's rules sent to it: iptables-save -c text of our chains, summed
+    per ``--queue-num`` over rules (a handler has one rule per address family)."""
+    out: dict[int, int] = {}
+    for text in texts:
+        for line in text.splitlines():
+            m = _QUEUE_RULE.match(line)
+            if m:
+                q = int(m.group(2))
+                out[q] = out.get(q, 0) + int(m.group(1))
+    return out
+
+
+def _saved_with_counters() -> list[str]:
+    from .install import saved_text
+
+    texts = []
+    for fam in (4, 6):
+        try:
+            texts.append(saved_text(fam, counters=True))
+        except Exception:  # noqa: BLE001 -- a failing scrape would hide every other metric
+            log.debug("iptables-save -c failed for IPv%d", fam, exc_info=True)
+    return texts
+
+
+def bypassed(rule: int, queue_dropped: int, user_dropped: int, waiting: int, received: int) -> int:
+    """Packets a queue rule sent to the queue that the kernel accepted without asking us.
+
+    From net/netfilter/nfnetlink_queue.c (``__nfqnl_enqueue_packet``): a packet the rule
+    queues either (a) finds the queue full: fail-closed counts ``queue_dropped``, fail-open
+    accepts it *before* taking an id (``id_sequence`` unchanged, counted nowhere); or
+    (b) takes the next id and is unicast to our socket; if the socket buffer is full,
+    fail-closed counts ``user_dropped``, fail-open accepts it (counted nowhere); or (c) waits
+    in the queue (``queue_total``) until we read it and give the verdict (``received``).
+    So ``rule = queue_dropped + user_dropped + fail-open accepts + waiting + received``
+    (plus, rarely, packets the kernel drops uncounted: a dying unconfirmed conntrack entry,
+    no memory for the message). Without NFQA_CFG_F_GSO, one GSO packet the rule counted
+    once may be queued as several segments, which makes this an undercount.
+    """
+    return max(0, rule - queue_dropped - user_dropped - waiting - received)
+
+
+class OverloadCollector:
+    """Per-queue overload metrics, computed at scrape time (no per-packet cost beyond the
+    two counters in :class:`_Budgeted`).
+
+    * ``nfhooks_queue_received_packets_total``: packet messages read from the queue (each
+      gets exactly one verdict before the next is read);
+    * ``nfhooks_queue_enobufs_total``: socket receive buffer overruns reported to us;
+    * ``nfhooks_queue_bypassed_packets_total``: fail-open queues only, packets the kernel
+      accepted without asking nfhooks because the queue or socket was full (derived, see
+      :func:`bypassed`; exported as a high-water mark so it never goes down);
+    * ``nfhooks_queue_config_info``: 1 per queue, labelled with its fail mode, GSO and sizes.
+
+    Read order for the derived value: rule counters first, then the kernel's queue table,
+    then ``received``; every packet counted by the rule is by then in one of the other
+    terms or accepted, so a race can only undercount (never report a bypass that was not).
+    """
+
+    def __init__(self, bound: Mapping[int, BoundQueue], proc_path: str = PROC_QUEUES,
+                 saved: Callable[[], list[str]] = _saved_with_counters) -> None:
+        self.bound = bound
+        self.proc_path = proc_path
+        self.saved = saved
+        self.created = time.time()
+
+    @staticmethod
+    def _families() -> tuple[Any, Any, Any, Any]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        labels = ["queue", "hook", "handler"]
+        return (
+            CounterMetricFamily("nfhooks_queue_received_packets",
+                                "Packets read from the queue; each got one verdict before the next.",
+                                labels=labels),
+            CounterMetricFamily("nfhooks_queue_enobufs",
+                                "recv() reported ENOBUFS: the queue's socket receive buffer overran.",
+                                labels=labels),
+            CounterMetricFamily("nfhooks_queue_bypassed_packets",
+                                "Fail-open queues: packets the kernel accepted without asking nfhooks "
+                                "(queue or socket full); derived from the rule counter and the "
+                                "queue's statistics.", labels=labels),
+            GaugeMetricFamily("nfhooks_queue_config_info",
+                              "How each queue is bound (always 1).",
+                              labels=[*labels, "fail_mode", "gso", "maxlen", "rcvbuf"]),
+        )
+
+    def describe(self) -> Iterator[Any]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Any]:
+        from .metrics import parse_queue_stats
+
+        bound = dict(self.bound)
+        if not bound:
+            return
+        received, enobufs, bypass, info = self._families()
+        open_queues = [b for b in bound.values() if b.fail_open]
+        rules: dict[int, int] = rule_packets(self.saved()) if open_queues else {}
+        stats = {}
+        if open_queues:
+            try:
+                with open(self.proc_path, encoding="ascii", errors="replace") as f:
+                    stats = {st.queue_number: st for st in parse_queue_stats(f.read())}
+            except OSError:
+                stats = {}
+        for num, b in sorted(bound.items()):
+            labels = [str(num), b.hook, b.handler or "(default)"]
+            n = b.counter.received
+            received.add_metric(labels, n, created=self.created)
+            enobufs.add_metric(labels, b.counter.enobufs, created=self.created)
+            info.add_metric([*labels, "open" if b.fail_open else "closed", "on" if b.gso else "off",
+                             str(b.maxlen), str(b.rcvbuf)], 1)
+            if b.fail_open:
+                st = stats.get(num)
+                if st is not None and num in rules:
+                    value = bypassed(rules[num], st.queue_dropped, st.user_dropped, st.queue_total, n)
+                    b.bypassed_high = max(b.bypassed_high, value)
+                bypass.add_metric(labels, b.bypassed_high, created=self.created)
+        yield received
+        yield enobufs
+        if open_queues:
+            yield bypass
+        yield info

@@ -30,12 +30,12 @@ belongs to one (family, hook, target), so no other nat rule can match them again
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 from .hooks import HOOKS, TABLE_ORDER, decision_table
 from .marks import (
     ACTION_CONNSAVE, ACTION_REJECT, ACTION_REJECT_ADMIN, ACTION_REJECT_HOST,
-    DEFAULT_MARK_MASK, DEFAULT_NAT_TARGETS, MarkLayout, bits_for, core_layout,
+    DEFAULT_MARK_MASK, DEFAULT_NAT_TARGETS, GENERATIONS, MarkLayout, bits_for, core_layout,
 )
 from .match import Addr, Iface, Match, Ports
 from .policy import Handler, Policy, PolicyError
@@ -120,6 +120,27 @@ def _xmark(value: int, mask: int) -> tuple[tuple[str, str], ...]:
     return (("set-xmark", f"{value:#x}/{mask:#x}"),)
 
 
+def chain_name(hook: str, generation: int = 1) -> str:
+    """``NFH-<HOOK>`` for generation 1, ``NFH-<HOOK>-2`` for generation 2 (hot reload)."""
+    return CHAIN_PREFIX + hook + ("" if generation == 1 else f"-{generation}")
+
+
+def generation_rules(chain: str, layout: MarkLayout, generation: int) -> list[Rule]:
+    """The first two rules of every chain: stamp an unstamped packet with this generation,
+    then return anything stamped by the other one.
+
+    During a hot reload both generations' chains are installed, the new one jumped to first;
+    a packet is stamped by the first nfhooks chain it meets and ignored by every chain of the
+    other generation at this and every later hook, so no packet is decided by both policies,
+    and one the old generation already holds (queued, or repeated from its queue) finishes
+    there. ``retire_rules`` then stops the old chains from stamping anything new.
+    """
+    g = layout["gen"]
+    mine = g.encode(generation)
+    return [Rule(chain, "MARK", _xmark(mine, g.mask), matches=(_mark(0, g.mask), _comment(f"{COMMENT} gen"))),
+            Rule(chain, "RETURN", matches=(_mark(mine, g.mask, negate=True), _comment(f"{COMMENT} gen")))]
+
+
 @dataclass
 class RuleSet:
     """Everything nfhooks will install for one policy, per (family, table)."""
@@ -133,6 +154,12 @@ class RuleSet:
     defaults: dict[str, Verdict] = field(default_factory=dict)
     positions: dict[str, int] = field(default_factory=dict)  # handler name -> resume index
     nat_targets: int = 0  # bound on distinct NAT targets (0: the policy does no NAT)
+    generation: int = 1  # 1 or 2: chain names and the gen stamp (rules.generation_rules)
+    flow_generation: int = 0  # connmark generation of flow offload (offload.py); 0: no flow handlers
+    routeshape: Any = None  # routing.RouteShape when the policy routes or shapes (routing.compile_rules)
+
+    def chain(self, hook: str) -> str:
+        return chain_name(hook, self.generation)
 
     def tables(self) -> list[tuple[int, str]]:
         return [(f, t) for f in FAMILIES for t in TABLE_ORDER if (f, t) in self.chains]
@@ -235,25 +262,30 @@ def does_nat(h: Handler) -> bool:
     return not NAT_KINDS.isdisjoint(h.verdict_kinds)
 
 
-def nat_rule(hook: str, index: int, verdict: Nat, layout: MarkLayout, proto: str | None = None) -> Rule:
+def nat_rule(hook: str, index: int, verdict: Nat, layout: MarkLayout, proto: str | None = None,
+             generation: int = 1) -> Rule:
     """The rule in the nat table's ``NFH-<hook>`` that applies target ``index``.
 
     ``proto`` (tcp/udp/sctp/dccp) is needed when the target names ports: iptables refuses a
     port mapping on a rule that does not say which transport header holds the port.
     """
     f = layout["nat"]
-    return Rule(CHAIN_PREFIX + hook, verdict.target, verdict.target_opts(),
+    return Rule(chain_name(hook, generation), verdict.target, verdict.target_opts(),
                 proto=proto if verdict.ports else None,
                 matches=(_mark(f.encode(index), f.mask), _comment(f"{COMMENT} nat {index}")))
 
 
 def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = None,
-                   mark_mask: int = DEFAULT_MARK_MASK, nat_targets: int = DEFAULT_NAT_TARGETS) -> RuleSet:
+                   mark_mask: int = DEFAULT_MARK_MASK, nat_targets: int = DEFAULT_NAT_TARGETS,
+                   generation: int = 1, flow_generation: int = 1) -> RuleSet:
     """Build the RuleSet. ``fail``: 'open', 'closed' or None (per hook: open iff default accept).
 
     ``nat_targets`` bounds the distinct NAT targets (it sizes the ``nat`` mark field, which
-    exists only when some handler calls a NAT verdict).
+    exists only when some handler calls a NAT verdict). ``generation`` (1 or 2) names the
+    chains and stamps packets, so a hot reload can install the next set beside this one.
     """
+    if generation not in GENERATIONS:
+        raise ValueError(f"generation must be one of {GENERATIONS}, not {generation}")
     per_chain: dict[tuple[str, str], list[Handler]] = {}
     for h in policy.handlers:
         per_chain.setdefault((h.table, h.hook), []).append(h)
@@ -262,6 +294,14 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
     if nat_handlers and not 0 < nat_targets < 1 << 16:
         raise PolicyError(f"--nat-targets {nat_targets}: give 1..65535 distinct NAT targets", policy.file)
     extra = [("nat", bits_for(nat_targets))] if nat_handlers else []
+    from . import offload  # flow offload: fields only when the policy has flow handlers
+    flow_fields = offload.layout_fields(policy)
+    extra += flow_fields
+    from . import routing  # route / class fields: only when the policy routes or shapes
+    extra += routing.mark_fields(policy)
+    if flow_fields and not 0 < flow_generation <= offload.FLOW_GENERATIONS:
+        raise ValueError(f"flow_generation must be 1..{offload.FLOW_GENERATIONS}, not {flow_generation}")
+    flow_ords = offload.ordinals(policy)
     try:
         layout = core_layout(longest, mark_mask, extra)
     except ValueError as e:
@@ -271,7 +311,9 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
     if queue_base < 0 or queue_base + len(policy.handlers) - 1 > MAX_QUEUE:
         raise PolicyError(f"queues {queue_base}..{queue_base + len(policy.handlers) - 1} do not fit 0..{MAX_QUEUE}",
                           policy.file)
-    rs = RuleSet(layout, nat_targets=nat_targets if nat_handlers else 0)
+    rs = RuleSet(layout, nat_targets=nat_targets if nat_handlers else 0, generation=generation,
+                 flow_generation=flow_generation if flow_fields else 0)
+    connsave = chain_name("CONNSAVE", generation)
     for h in policy.handlers:
         _check_user_mark(h, layout)
         rs.queues[queue_base + h.index] = h
@@ -289,14 +331,16 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
             tables.add("nat")
         for fam in FAMILIES:
             for table in (t for t in TABLE_ORDER if t in tables):
-                chain = CHAIN_PREFIX + hook
+                chain = chain_name(hook, generation)
                 handlers = [h for h in per_chain.get((table, hook), []) if fam in h.match.families()]
                 rules: list[Rule] = []
                 if table == "filter":
                     rules += _reject_rules(chain, fam, layout)
                 if table in ("filter", "mangle") and handlers:
-                    rules.append(Rule(chain, CONNSAVE_CHAIN, goto=True, matches=(
+                    rules.append(Rule(chain, connsave, goto=True, matches=(
                         _mark(act.encode(ACTION_CONNSAVE), act.mask), _comment(f"{COMMENT} connmark"))))
+                if offload.flow_handlers(handlers):
+                    rules.append(offload.save_jump(chain, hook, layout, generation))
                 for pos, h in enumerate(per_chain.get((table, hook), []), 1):
                     rs.positions[h.name] = pos
                     if fam not in h.match.families():
@@ -306,10 +350,12 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                     topts: tuple[tuple[str, str], ...] = (("queue-num", str(q)),)
                     if rs.fail_open[hook]:
                         topts += (("queue-bypass", ""),)
+                    if h.name in flow_ords:
+                        rules += offload.offload_rules(chain, h, fam, layout, guard, flow_ords[h.name], flow_generation)
                     rules.append(Rule(
                         chain, "NFQUEUE", topts, src=m.src, dst=m.dst, iif=m.iif, oif=m.oif,
                         proto=proto_name(m.proto, fam),
-                        matches=(*_match_specs(m, fam, layout, does_nat(h)), _mark(0, guard),
+                        matches=(*_match_specs(m, fam, layout, does_nat(h) or routing.per_connection(h)), _mark(0, guard),
                                  _comment(f"{COMMENT} {h.name}")),
                     ))
                     res = layout["resume"]
@@ -322,20 +368,23 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                 elif not rules:
                     continue
                 key = (fam, table)
-                rs.rules.setdefault(key, []).extend(rules)
+                rs.rules.setdefault(key, []).extend(generation_rules(chain, layout, generation) + rules)
                 rs.chains.setdefault(key, []).append(chain)
                 rs.jumps.setdefault(key, []).append(Rule(hook, chain, matches=(_comment(COMMENT),)))
     for key, rules in rs.rules.items():
-        if any(r.target == CONNSAVE_CHAIN for r in rules):
-            rs.chains[key].append(CONNSAVE_CHAIN)
+        if any(r.target == connsave for r in rules):
+            rs.chains[key].append(connsave)
             user = layout.user_mask
             rules.extend([
-                Rule(CONNSAVE_CHAIN, "CONNMARK",
+                Rule(connsave, "CONNMARK",
                      (("save-mark", ""), ("nfmask", f"{user:#x}"), ("ctmask", f"{user:#x}")),
                      matches=(_comment(COMMENT),)),
-                Rule(CONNSAVE_CHAIN, "MARK", _xmark(0, act.mask), matches=(_comment(COMMENT),)),
-                Rule(CONNSAVE_CHAIN, "ACCEPT", matches=(_comment(COMMENT),)),
+                Rule(connsave, "MARK", _xmark(0, act.mask), matches=(_comment(COMMENT),)),
+                Rule(connsave, "ACCEPT", matches=(_comment(COMMENT),)),
             ])
+    if flow_fields:
+        offload.add_to_ruleset(rs, policy, flow_generation)
+    routing.compile_rules(rs, policy)  # connmark restore/save, CLASSIFY, uplink NAT (routing.py)
     for key in rs.chains:
         rs.chains[key].sort()
     return rs

@@ -161,6 +161,56 @@ class Mangle(Verdict):
         return replace(self, allow_resize=self.allow_resize or other.allow_resize, **changes)
 
 
+@dataclass(frozen=True, slots=True)
+class Route(Verdict):
+    """Route the packet, and the rest of its connection, by another routing table.
+
+    ``table`` names a table the policy declared (``policy.routing_table(...)``); ``via``/``dev``
+    instead ask for a one-route table ``default via VIA dev DEV`` that nfhooks creates on
+    first use. The verdict writes the table's index into the ``route`` mark field; nfhooks'
+    ``ip rule fwmark ... lookup`` does the routing and the connmark keeps the connection on
+    it (see nfhooks/routing.py).
+    """
+
+    kind: ClassVar[str] = "route"
+    table: str | None = None
+    via: str | None = None
+    dev: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.table is None) == (self.via is None and self.dev is None):
+            raise ValueError("route(): give a declared table name, or via=ADDRESS and/or dev=INTERFACE")
+        if self.via is not None:
+            try:
+                ipaddress.ip_address(self.via)
+            except ValueError:
+                raise ValueError(f"route(via={self.via!r}): not an IP address") from None
+        if self.dev is not None and (not self.dev or len(self.dev) > 15 or "/" in self.dev or " " in self.dev):
+            raise ValueError(f"route(dev={self.dev!r}): not an interface name")
+
+    def __str__(self) -> str:
+        if self.table is not None:
+            return f"route({self.table})"
+        return "route(" + " ".join(f"{k} {v}" for k, v in (("via", self.via), ("dev", self.dev)) if v) + ")"
+
+
+@dataclass(frozen=True, slots=True)
+class Shape(Verdict):
+    """Put the packet, and the rest of its connection, in a shaping class the policy declared
+    (``policy.shaping(dev, classes=...)``); nfhooks' CLASSIFY rule puts it in that htb class
+    on the way out (see nfhooks/shaping.py)."""
+
+    kind: ClassVar[str] = "shape"
+    cls: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cls, str) or not self.cls:
+            raise ValueError(f"shape({self.cls!r}): give the name of a declared shaping class")
+
+    def __str__(self) -> str:
+        return f"shape({self.cls})"
+
+
 ACCEPT = Accept()
 DROP = Drop()
 
@@ -272,6 +322,20 @@ def redirect(ports: Any = None) -> Redirect:
     return Redirect(None, _ports(ports, "redirect"), None)
 
 
+def route(table: Any = None, *, via: Any = None, dev: str | None = None) -> Route:
+    """Route by a declared table (``route("uplink2")``) or a next hop (``route(via=..., dev=...)``):
+    PREROUTING (forwarded traffic) or OUTPUT (local traffic), before routing is final."""
+    table = getattr(table, "value", table) if hasattr(table, "option_name") else table
+    via = getattr(via, "value", via) if hasattr(via, "option_name") else via
+    return Route(table, None if via is None else str(via), dev)
+
+
+def shape(cls: Any) -> Shape:
+    """Send the packet's connection through the declared shaping class ``cls``."""
+    cls = getattr(cls, "value", cls) if hasattr(cls, "option_name") else cls
+    return Shape(cls)
+
+
 def mangle(*, ttl: int | None = None, dscp: int | None = None, tos: int | None = None,
            mss: int | None = None) -> Mangle:
     """Several header rewrites in one verdict (each is also its own factory below)."""
@@ -320,9 +384,11 @@ FACTORIES: dict[str, str] = {
     "accept": "accept", "drop": "drop", "reject": "reject", "mark": "mark", "connmark": "connmark",
     "dnat": "dnat", "snat": "snat", "masquerade": "masquerade", "redirect": "redirect",
     "mangle": "mangle", "set_ttl": "mangle", "set_dscp": "mangle", "set_tos": "mangle",
-    "clamp_mss": "mangle", "payload": "mangle",
+    "clamp_mss": "mangle", "payload": "mangle", "route": "route", "shape": "shape",
 }
 NAT_KINDS = frozenset(("dnat", "snat", "masquerade", "redirect"))
+#: Verdicts decided once per connection and kept on it by the connmark (routing.py, shaping.py).
+ROUTESHAPE_KINDS = frozenset(("route", "shape"))
 
 
 def parse_default(v: "Verdict | str") -> Verdict:

@@ -10,10 +10,18 @@ What each hook does on the lab's router (client on ``lan``, server and proxy on 
                  reset / ICMP port unreachable; the rest is dropped (the INPUT default)
     FORWARD      the LAN may go out, replies come back; the WAN cannot open connections
                  into the LAN (the FORWARD default: drop)
-    OUTPUT       the seed's first example: locally generated HTTP to port 80 is dropped;
-                 the router's other own traffic is accepted
+    OUTPUT       the seed's two examples, on two different destinations: the router's own
+                 HTTP to ``dnat_dst`` (port 80) is DNATed to the proxy's 8080, its HTTP to
+                 ``drop_dst`` is dropped; the router's other own traffic is accepted
     POSTROUTING  connections to the NAT port are masqueraded (the server sees the router's
-                 address); everything else leaving on an interface is seen and accepted
+                 address); UDP to the mangle port leaves with TTL/hop limit ``mangle_ttl``
+                 and DSCP ``mangle_dscp``; everything else leaving is seen and accepted
+    port forward connections from the WAN to the router's ``forward_port`` are DNATed at
+                 PREROUTING to ``inside`` (the client) and accepted at FORWARD
+    tunnel       (``nfhooks lab --scenario vpn``) the inner packets routed into / out of
+                 ``tun_if`` are counted at FORWARD (to_tunnel / from_tunnel), the UDP
+                 carrying them at OUTPUT / POSTROUTING / INPUT (tunnel_out / tunnel_wire /
+                 tunnel_in)
 
 Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
 
@@ -29,26 +37,32 @@ Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
     iptables -A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
     iptables -A FORWARD -i lan -j ACCEPT
     iptables -P FORWARD DROP
-    iptables -A OUTPUT -p tcp --dport 80 -j DROP
+    iptables -t nat -A OUTPUT -d 192.0.2.80 -p tcp --dport 80 -j DNAT --to-destination 192.0.2.3:8080
+    iptables -A OUTPUT -d 0.0.0.0/0 -p tcp --dport 80 -j DROP
     iptables -A OUTPUT ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
+    iptables -t nat -A PREROUTING -i wan -p tcp --dport 8022 -j DNAT --to-destination 192.0.2.2:8022
+    iptables -A FORWARD -o lan -p tcp --dport 8022 -j ACCEPT
     iptables -t nat -A POSTROUTING -p tcp --dport 8081 -j MASQUERADE
+    iptables -t mangle -A POSTROUTING -p udp --dport 5060 -j DSCP --set-dscp 46
+    iptables -t mangle -A POSTROUTING -p udp --dport 5060 -j TTL --ttl-set 33
     iptables -t mangle -A POSTROUTING ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
 
 Loopback is told apart by address, not by ``-i lo``: python-iptables 1.2.0 installs IPv6
 interface matches with a mask of 0x01 per byte instead of 0xff, so in ip6tables "lo" also
 matches "lan" (their names differ only in bits that mask ignores).
 
-Options: lan_if (the router's LAN interface, default lan), service_port (2222),
+Options: lan_if / wan_if (the router's interfaces, lan / wan), service_port (2222),
 reject_port (tcp, 23), reject_udp_port (514), nat_port (masqueraded, 8081),
-web_port (the OUTPUT drop, 80).
+web_port (80: the OUTPUT drop and DNAT), drop_dst / drop_dst6 (where the router's HTTP is
+dropped: anywhere by default), dnat_dst / dnat_dst6 (whose HTTP goes to the proxy),
+proxy / proxy6 (the DNAT target), forward_port (8022) and inside / inside6 (the port
+forward's target host), mangle_port (udp 5060), mangle_ttl (33), mangle_dscp (46),
+tunnel_port (udp 51820) and tun_if (tun0). The addresses default to documentation ranges;
+``nfhooks lab`` sets them to the lab's with ``--set``.
 """
 
 from nfhooks import Policy, accept, drop, reject
-
-try:
-    from nfhooks.verdict import masquerade
-except ImportError:  # an nfhooks without NAT verdicts: the lab runs without its NAT scenario
-    masquerade = None
+from nfhooks.verdict import dnat, masquerade, set_dscp, set_ttl
 
 policy = Policy(defaults={"INPUT": "drop", "FORWARD": "drop"})
 
@@ -67,7 +81,28 @@ reject_udp_port = policy.option("reject_udp_port", default=514, type="port",
 nat_port = policy.option("nat_port", default=8081, type="port",
                          help="forwarded connections to this port leave masqueraded")
 web_port = policy.option("web_port", default=80, type="port",
-                         help="the router's own connections to this port are dropped (OUTPUT)")
+                         help="the router's own HTTP port: dropped to drop_dst, DNATed from dnat_dst")
+wan_if = policy.option("wan_if", default="wan", help="the router's WAN interface")
+drop_dst = policy.option("drop_dst", default="0.0.0.0/0", type="network",
+                         help="the router's own HTTP to here is dropped at OUTPUT")
+drop_dst6 = policy.option("drop_dst6", default="::/0", type="network", help="drop_dst for IPv6")
+dnat_dst = policy.option("dnat_dst", default="192.0.2.80", type="address",
+                         help="the router's own HTTP to this address goes to the proxy (DNAT at OUTPUT)")
+dnat_dst6 = policy.option("dnat_dst6", default="2001:db8::80", type="address", help="dnat_dst for IPv6")
+proxy = policy.option("proxy", default="192.0.2.3:8080", type=dnat, help="the DNAT target (IPv4)")
+proxy6 = policy.option("proxy6", default="[2001:db8::3]:8080", type=dnat, help="the DNAT target (IPv6)")
+forward_port = policy.option("forward_port", default=8022, type="port",
+                             help="WAN connections to the router's port are forwarded to inside")
+inside = policy.option("inside", default="192.0.2.2", type="address",
+                       help="the port forward's target host (IPv4), same port")
+inside6 = policy.option("inside6", default="2001:db8::2", type="address", help="inside for IPv6")
+mangle_port = policy.option("mangle_port", default=5060, type="port",
+                            help="UDP to this port leaves with mangle_ttl and mangle_dscp")
+mangle_ttl = policy.option("mangle_ttl", default=33, type="int", help="TTL / hop limit set")
+mangle_dscp = policy.option("mangle_dscp", default=46, type="int", help="DSCP set (46: EF)")
+tunnel_port = policy.option("tunnel_port", default=51820, type="port",
+                            help="UDP port of the lab's tunnel (nfhooks tunnel)")
+tun_if = policy.option("tun_if", default="tun0", help="the tunnel's interface")
 
 
 # -- PREROUTING (mangle): every packet that arrives on an interface ---------------------------
@@ -76,6 +111,12 @@ web_port = policy.option("web_port", default=80, type="port",
 def invalid(pkt):
     """What conntrack cannot place in a connection never gets further: dropped before routing."""
     return drop()
+
+
+@policy.prerouting(iif=wan_if, proto="tcp", dport=forward_port)
+def port_forward(pkt):
+    """A port forward: WAN connections to the router's forward_port reach the inside host."""
+    return dnat(str(inside6.value if pkt.version == 6 else inside.value), forward_port.value)
 
 
 @policy.prerouting(src="!127.0.0.0/8")
@@ -115,6 +156,11 @@ def icmpv6(pkt):
     return accept()  # echo, and neighbour discovery: without it IPv6 stops working
 
 
+@policy.input(proto="udp", dport=tunnel_port)
+def tunnel_in(pkt):
+    return accept()  # the tunnel's UDP from the other office (the encapsulated packets)
+
+
 @policy.input(proto="tcp", dport=service_port)
 def service(pkt):
     return accept()
@@ -132,6 +178,17 @@ def refused_udp(pkt):
 
 # -- FORWARD: packets routed through the router --------------------------------------------------
 
+@policy.forward(oif=tun_if)
+def to_tunnel(pkt):
+    """Inner packets: office A -> office B, routed into the tunnel's interface."""
+    return accept()
+
+
+@policy.forward(iif=tun_if)
+def from_tunnel(pkt):
+    return accept()  # inner packets coming out of the tunnel
+
+
 @policy.forward(ctstate={"ESTABLISHED", "RELATED"})
 def replies(pkt):
     return accept()
@@ -142,12 +199,38 @@ def from_lan(pkt):
     return accept()
 
 
+@policy.forward(oif=lan_if, proto="tcp", dport=forward_port)
+def forwarded_in(pkt):
+    return accept()  # the port forward's connections (already DNATed at PREROUTING)
+
+
 # -- OUTPUT: packets the router itself sends ------------------------------------------------------
 
-@policy.output(proto="tcp", dport=web_port)
+@policy.output(proto="tcp", dport=web_port, dst=dnat_dst)
+def to_proxy(pkt):
+    """The seed's second example: the router's own HTTP to dnat_dst goes to the proxy."""
+    return dnat(proxy)
+
+
+@policy.output(proto="tcp", dport=web_port, dst=dnat_dst6)
+def to_proxy6(pkt):
+    return dnat(proxy6)
+
+
+@policy.output(proto="tcp", dport=web_port, dst=drop_dst)
 def no_web(pkt):
     """Locally generated HTTP to port 80 is dropped (the seed's first example)."""
     return drop()
+
+
+@policy.output(proto="tcp", dport=web_port, dst=drop_dst6)
+def no_web6(pkt):
+    return drop()
+
+
+@policy.output(proto="udp", dport=tunnel_port)
+def tunnel_out(pkt):
+    return accept()  # the tunnel's UDP: the encapsulated inner packets leave here
 
 
 @policy.output(dst="!127.0.0.0/8", ctstate=SEEN_OUT)
@@ -162,12 +245,22 @@ def local_out6(pkt):
 
 # -- POSTROUTING (mangle): every packet leaving on an interface ----------------------------------
 
-if masquerade is not None:
-    @policy.postrouting(proto="tcp", dport=nat_port)
-    def nat_out(pkt):
-        """Connections to nat_port leave with the router's address (the server never sees the
-        client's); the kernel's nat table translates the replies back."""
-        return masquerade()
+@policy.postrouting(proto="tcp", dport=nat_port)
+def nat_out(pkt):
+    """Connections to nat_port leave with the router's address (the server never sees the
+    client's); the kernel's nat table translates the replies back."""
+    return masquerade()
+
+
+@policy.postrouting(proto="udp", dport=mangle_port)
+def marked(pkt):
+    """Header rewrite: TTL (hop limit) and DSCP, seen by the receiver."""
+    return set_ttl(mangle_ttl.value) | set_dscp(mangle_dscp.value)
+
+
+@policy.postrouting(proto="udp", dport=tunnel_port)
+def tunnel_wire(pkt):
+    return accept()  # the encapsulated packets on the wire
 
 
 @policy.postrouting(dst="!127.0.0.0/8", ctstate=SEEN_OUT)

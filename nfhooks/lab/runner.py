@@ -11,6 +11,44 @@ summary says for each one whether the kernel dropped it before any hook or the e
 Everything lives in lab namespaces (``nfhlab-<id>-*``) and is removed at the end, also on
 failure or Ctrl-C, unless ``--keep``: then the lab is handed over to its engine process and
 recorded in :data:`STATE_FILE` for ``nfhooks lab exec`` and ``nfhooks lab down``.
+
+The scenario registry (``--scenario NAME``)
+-------------------------------------------
+A scenario is a :class:`Scenario`; :func:`register` adds one (or replaces the one with the
+same key). ``--scenario`` takes a scenario's key or a group name, repeatable: ``standard``
+(the default set), ``vpn``, ``all``, or any group a scenario declares. A scenario that lives
+in its own module -- e.g. ``nfhooks/lab/routeshape.py`` -- registers itself at import time,
+and the module is listed in :data:`PLUGINS` (imported on first use; a listed module that
+does not exist yet is skipped)::
+
+    # nfhooks/lab/routeshape.py
+    from .runner import Check, Ctx, Scenario, register
+
+    def setup(lab, ports):          # optional: before servers and the engine start
+        lab.add_node(...)           # extra nodes/links/processes (all removed at close)
+        return {"anything": "the run function needs"}   # -> ctx.state["route-shape"]
+
+    def run(c: Ctx) -> list[Check]:  # drive traffic, return what was observed
+        got = c.lab.tcp_connect("client", c.lab.addr("server"), 8080)
+        return [Check(f"client -> server: {got}", got == "ok")]
+
+    register(Scenario("route-shape", "route shaping: ...", "one line for the summary",
+                      hooks=("PREROUTING", "FORWARD"), run=run, setup=setup,
+                      groups=("route-shape",), options=lambda lab: {"some_option": "value"}))
+
+Fields: ``key`` (unique, also selectable), ``title``/``description`` (shown), ``hooks`` (the
+hooks its traffic must cross: the result fails if the engine's metrics do not show them),
+``run(ctx) -> list[Check]`` (every Check false or an exception fails the scenario; other
+scenarios still run), ``groups`` (default ``("standard",)``: part of the default set),
+``setup(lab, ports)`` (optional, its return value is ``ctx.state[key]``), ``options(lab)``
+(optional: policy options passed to the engine with ``--set``, only those the policy
+declares; the user's ``--set`` wins), ``needs`` (names in nfhooks.verdict it depends on).
+``ctx`` (:class:`Ctx`) gives the lab (``ctx.lab.exec/popen/tcp_connect/udp_send/ping/addr``),
+the engine, the metrics scraper (``ctx.scraper.scrape()`` -> :class:`Snapshot`), the policy's
+ports/options (``ctx.ports``), the standard servers (``ctx.servers``), ``ctx.progress(text)``
+for the progress line and ``ctx.add_table(title, columns, rows)`` for an extra table in the
+summary (and in ``--json``). Which hooks a scenario crossed, with which verdicts, is
+measured around ``run`` by the runner itself.
 """
 
 from __future__ import annotations
@@ -41,11 +79,14 @@ from ..hooks import HOOK_DOC, HOOKS, decision_table
 from ..metrics import DEFAULT_METRICS_ADDR, parse_listen_addr
 from .topology import ID_PREFIX_ENV, NS_MARKER, EngineProc, Lab, TcpServer, cleanup_stale
 
-__all__ = ["LabConfig", "SCENARIOS", "Scenario", "down", "exec_in_node", "run"]
+__all__ = ["Check", "Ctx", "LabConfig", "PLUGINS", "SCENARIOS", "Scenario", "down", "exec_in_node",
+           "register", "run", "select"]
 
 #: Where a kept lab (``--keep``) is recorded for ``lab exec`` / ``lab down``.
 STATE_DIR = Path(os.environ.get("NFHOOKS_LAB_STATE_DIR", "/run/nfhooks-lab"))
-STATE_FILE = STATE_DIR / "current.json"
+#: One kept lab per NFHOOKS_LAB_PREFIX: people sharing a machine each have their own.
+STATE_FILE = STATE_DIR / (f"current-{os.environ[ID_PREFIX_ENV]}.json"
+                          if os.environ.get(ID_PREFIX_ENV) else "current.json")
 #: Lab ids of `nfhooks lab` runs carry this tag, so `lab down` only ever clears lab runs
 #: (test suites' labs use plain hex ids, which never contain an "l").
 RUN_TAG = "lab"
@@ -53,7 +94,8 @@ DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "lab.py"
 
 # Ports the lab's servers listen on; the router's ones come from the policy's options.
 WEB_PORT = 8080      # server (and client, for the WAN -> LAN attempt)
-HTTP_PORT = 80       # server: the seed's OUTPUT drop
+HTTP_PORT = 80       # server: the seed's OUTPUT drop; proxy: DNATed to PROXY_PORT
+PROXY_PORT = 8080    # proxy: where the router's HTTP to the proxy is DNATed
 CONNECT_TIMEOUT = 1.0  # for connections that are expected to be dropped
 SCRAPE_INTERVAL = 0.5
 _EXIT_SIGTERM = 128 + signal.SIGTERM
@@ -71,6 +113,12 @@ class LabConfig:
     duration: float = 5.0
     metrics_addr: str = DEFAULT_METRICS_ADDR
     keep: bool = False
+    #: passed through to the engine as ``nfhooks run --pcap FILE``
+    pcap: Path | None = None
+    #: print the summary as JSON on stdout (everything else goes to stderr)
+    json: bool = False
+    #: scenario keys or groups (empty: "standard")
+    scenarios: list[str] = field(default_factory=list)
 
 
 class LabError(Exception):
@@ -216,11 +264,19 @@ class Ctx:
     #: extra rows a scenario wants shown in the summary (the malformed packets' table)
     rows: list[tuple[str, ...]] = field(default_factory=list)
     progress: Callable[[str], None] = lambda _text: None
+    #: what each scenario's setup returned, by scenario key
+    state: dict[str, Any] = field(default_factory=dict)
+    #: extra tables of the current scenario: (title, columns, rows)
+    tables: list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]] = field(default_factory=list)
+
+    def add_table(self, title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+        """An extra table for the summary (and --json), e.g. the packets a scenario captured."""
+        self.tables.append((title, tuple(columns), [tuple(map(str, r)) for r in rows]))
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """Traffic as data: add one by writing its function and appending it to SCENARIOS.
+    """Traffic as data: write its function and `register` it (see the module docstring).
 
     `needs` names verdict factories of nfhooks.verdict the scenario depends on; while one is
     missing (or `run` is None) the scenario is listed as "not yet" instead of run.
@@ -232,6 +288,9 @@ class Scenario:
     hooks: tuple[str, ...]
     run: Callable[[Ctx], list[Check]] | None
     needs: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ("standard",)
+    setup: Callable[[Lab, Mapping[str, Any]], Any] | None = None
+    options: Callable[[Lab], Mapping[str, str]] | None = None
 
     def missing(self) -> list[str]:
         from .. import verdict
@@ -561,8 +620,197 @@ def malformed(c: Ctx) -> list[Check]:
     return checks
 
 
-#: The lab's traffic, in order. NAT and mangling scenarios wait for their verdicts: they
-#: are listed (with run=None) so the summary says what is not there yet.
+
+# -- NAT, mangling, forwarding off ----------------------------------------------------------------
+
+def _fetch(c: Ctx, node: str, addr: str, port: int, timeout: float = 3.0) -> str:
+    """The body of http://addr:port/ fetched with curl in `node` ("" if nothing came)."""
+    host = f"[{addr}]" if ":" in addr else addr
+    cp = c.lab.exec(node, "curl", "-s", "-g", "-m", f"{timeout:g}", f"http://{host}:{port}/",
+                    check=False, timeout=timeout + 5)
+    return cp.stdout.strip()
+
+
+def dnat_local(c: Ctx) -> list[Check]:
+    """The seed's second example: the router's own HTTP to the proxy's port 80 (nothing
+    listens there) is DNATed at OUTPUT to the proxy's 8080, whose page comes back; at the
+    same time HTTP to the server (the drop's destination) still times out."""
+    port = c.ports["web_port"]
+
+    def fetch(f: int) -> Check:
+        addr = c.lab.addr("proxy", f)
+        body = _fetch(c, "router", addr, port)
+        shown = f"[{addr}]" if f == 6 else addr
+        return Check(f"{_fam(f)} router fetches http://{shown}:{port}/ → {body or 'nothing'!r} "
+                     f"(DNAT to the proxy's {PROXY_PORT})", body == "nfhooks-lab proxy")
+    checks = _both(fetch)
+
+    def peer(f: int) -> Check:
+        srv, want = c.servers[f"proxy{f}"], c.lab.addr("router", f, facing="proxy")
+        try:
+            c.lab.wait_for(lambda: want in srv.log_peers(), timeout=3, what="the router in the proxy's log")
+        except TimeoutError:
+            pass
+        return Check(f"{_fam(f)} proxy port {PROXY_PORT} saw {', '.join(srv.log_peers()) or 'nobody'}",
+                     want in srv.log_peers())
+    checks += _both(peer)
+    checks += _both(lambda f: _connect(c, "router", "server", port, f, "timeout", timeout=CONNECT_TIMEOUT))
+    return checks
+
+
+def port_forward(c: Ctx) -> list[Check]:
+    """DNAT at PREROUTING: the server connects to the router's WAN address and port and
+    reaches the client's service; the client sees the server's own address (no SNAT)."""
+    port = c.ports["forward_port"]
+    checks = _both(lambda f: _connect(c, "server", "router", port, f, "ok",
+                                      dst_addr=c.lab.addr("router", f, facing="server")))
+
+    def seen(f: int) -> Check:
+        srv, want = c.servers[f"forward{f}"], c.lab.addr("server", f)
+        try:
+            c.lab.wait_for(lambda: want in srv.log_peers(), timeout=3, what=f"{want} in {srv}'s log")
+        except TimeoutError:
+            pass
+        return Check(f"{_fam(f)} client port {port} (behind the router) saw "
+                     f"{', '.join(srv.log_peers()) or 'nobody'} (the server is {want})",
+                     want in srv.log_peers())
+    return checks + _both(seen)
+
+
+# A UDP receiver that reports the TTL / hop limit and TOS / traffic class of each datagram
+# as the receiving host's kernel saw them (IP_RECVTTL/IP_RECVTOS, IPV6_RECVHOPLIMIT/
+# IPV6_RECVTCLASS ancillary data), and echoes it so the sender returns at once.
+_TTL_RECEIVER = r"""
+import json, select, socket, sys
+fam, host, log_path, ready = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+ports = [int(p) for p in sys.argv[5:]]
+v6 = fam == "6"
+socks = []
+for port in ports:
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+    if v6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_RECVTCLASS", 66), 1)
+    else:
+        s.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_RECVTTL", 12), 1)
+        s.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_RECVTOS", 13), 1)
+    s.bind((host, port))
+    socks.append((s, port))
+log = open(log_path, "a", buffering=1)
+open(ready, "w").close()
+while True:
+    readable = select.select([x for x, _ in socks], [], [])[0]
+    for s, port in socks:
+        if s not in readable:
+            continue
+        data, anc, _flags, peer = s.recvmsg(2048, 256)
+        rec = {"port": port, "peer": peer[0], "ttl": None, "tos": None}
+        for level, typ, raw in anc:
+            val = int.from_bytes(raw[:4], sys.byteorder) if len(raw) >= 4 else raw[0]
+            if typ in (getattr(socket, "IP_TTL", 2), getattr(socket, "IPV6_HOPLIMIT", 52)):
+                rec["ttl"] = val
+            else:
+                rec["tos"] = val & 0xFF
+        log.write(json.dumps(rec) + "\n")
+        s.sendto(data, peer)
+"""
+
+
+def _ttl_receiver(lab: Lab, node: str, family: int, ports: Sequence[int]) -> Path:
+    base = lab.tmpdir / f"ttl-{node}-{family}"
+    log, ready = base.with_suffix(".jsonl"), base.with_suffix(".ready")
+    proc = lab.popen(node, sys.executable, "-c", _TTL_RECEIVER, family, lab.addr(node, family), log,
+                     ready, *ports, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the TTL receiver in {node} exited with {proc.returncode}")
+        return ready.exists()
+    lab.wait_for(up, timeout=10, what=f"the TTL receiver in {node}")
+    return log
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def mangled(c: Ctx) -> list[Check]:
+    """set_ttl | set_dscp at POSTROUTING on UDP to mangle_port, as the server's kernel
+    reports them; a datagram to the next port (not matched) shows the untouched values."""
+    port, ttl, dscp = c.ports["mangle_port"], int(c.ports["mangle_ttl"]), int(c.ports["mangle_dscp"])
+    control = port + 1
+    logs = c.state.get("mangle") or {}
+    checks: list[Check] = []
+    rows = []
+    for f in (4, 6):
+        log = logs[f]
+        for p in (port, control):
+            c.lab.udp_send("client", c.lab.addr("server", f), p, b"nfhooks-lab mangle", timeout=2)
+        def both(log: Path = log) -> bool:
+            return len({x["port"] for x in _records(log)}) >= 2
+        try:
+            c.lab.wait_for(both, timeout=3, what="both datagrams at the receiver")
+        except TimeoutError:
+            pass
+        recs = _records(log)
+        got = {r["port"]: r for r in recs}
+        m, k = got.get(port, {}), got.get(control, {})
+        ttl_name = "TTL" if f == 4 else "hop limit"
+        m_dscp = None if m.get("tos") is None else m["tos"] >> 2
+        k_dscp = None if k.get("tos") is None else k["tos"] >> 2
+        rows.append((_fam(f), f"udp {port} (marked)", str(m.get("ttl")), str(m_dscp), str(m.get("tos"))))
+        rows.append((_fam(f), f"udp {control} (control)", str(k.get("ttl")), str(k_dscp), str(k.get("tos"))))
+        checks.append(Check(f"{_fam(f)} server received udp {port} with {ttl_name} {m.get('ttl')} and "
+                            f"DSCP {m_dscp} (the policy sets {ttl} and {dscp})",
+                            m.get("ttl") == ttl and m_dscp == dscp))
+        checks.append(Check(f"{_fam(f)} server received udp {control} (not matched) with {ttl_name} "
+                            f"{k.get('ttl')} and DSCP {k_dscp} (64 minus the router's hop, DSCP 0)",
+                            k.get("ttl") == 63 and k_dscp == 0))
+    c.add_table("mangling: what the server's kernel saw (IP_RECVTTL/IP_RECVTOS, IPV6_RECVHOPLIMIT/TCLASS)",
+                ("family", "datagram", "TTL / hop limit", "DSCP", "TOS byte"), rows)
+    return checks
+
+
+def mangle_setup(lab: Lab, ports: Mapping[str, Any]) -> dict[int, Path]:
+    p = int(ports["mangle_port"])
+    return {f: _ttl_receiver(lab, "server", f, (p, p + 1)) for f in (4, 6)}
+
+
+def _hook_packets(c: Ctx, hook: str) -> float:
+    """Every packet the engine and the hook's default rule saw at `hook` so far."""
+    snap = c.scraper.scrape()
+    queued = sum(v for l, v in snap.series("nfhooks_packets_total") if l["hook"] == hook)
+    return queued + default_rule_counts(c.lab).get(hook, 0)
+
+
+def forwarding_off(c: Ctx) -> list[Check]:
+    """net.ipv4.ip_forward=0 in the router's namespace: the routing decision (after
+    PREROUTING) has nowhere to send a packet for another host, so FORWARD never sees it."""
+    server = c.lab.addr("server", 4)
+    checks: list[Check] = []
+    pre0, fwd0 = _hook_packets(c, "PREROUTING"), _hook_packets(c, "FORWARD")
+    c.lab.sysctl("router", {"net.ipv4.ip_forward": 0})
+    try:
+        c.progress("ip_forward=0")
+        got = c.lab.tcp_connect("client", server, WEB_PORT, timeout=CONNECT_TIMEOUT)
+        pre1, fwd1 = _hook_packets(c, "PREROUTING"), _hook_packets(c, "FORWARD")
+    finally:
+        c.lab.sysctl("router", {"net.ipv4.ip_forward": 1})
+    checks.append(Check(f"ip_forward=0: IPv4 client → server {server}:{WEB_PORT}: {got} "
+                        "(not ok: the router does not route)", got != "ok"))
+    checks.append(Check(f"ip_forward=0: PREROUTING +{pre1 - pre0:g} packets, FORWARD +{fwd1 - fwd0:g} "
+                        "(must stay 0)", fwd1 == fwd0 and pre1 > pre0))
+    c.progress("ip_forward=1")
+    got = c.lab.tcp_connect("client", server, WEB_PORT)
+    fwd2 = _hook_packets(c, "FORWARD")
+    checks.append(Check(f"ip_forward=1 again: client → server: {got}, FORWARD +{fwd2 - fwd1:g}",
+                        got == "ok" and fwd2 > fwd1))
+    return checks
+
+#: The lab's traffic, in order (see the module docstring: `register` adds to it).
 SCENARIOS: list[Scenario] = [
     Scenario("forwarded", "forwarded: client → server",
              "the client's connection is routed through the router", ("PREROUTING", "FORWARD", "POSTROUTING"),
@@ -589,15 +837,76 @@ SCENARIOS: list[Scenario] = [
     Scenario("masquerade", "NAT: masquerade client → server (nat_port)",
              "the server sees the router's WAN address instead of the client's",
              ("PREROUTING", "FORWARD", "POSTROUTING"), masqueraded, needs=("masquerade",)),
-    Scenario("dnat-local", "NAT: router-local HTTP to port 80 → proxy:8080",
-             "DNAT at OUTPUT sends the router's own HTTP to the proxy",
-             ("OUTPUT", "POSTROUTING"), None, needs=("dnat",)),
-    Scenario("port-forward", "NAT: a port forward WAN → client",
-             "DNAT at PREROUTING: the server reaches the client's service via the router's WAN address",
-             ("PREROUTING", "FORWARD", "POSTROUTING"), None, needs=("dnat",)),
-    Scenario("mangle", "mangling: set_ttl on forwarded packets",
-             "the server sees the TTL the policy set", ("FORWARD",), None, needs=("set_ttl",)),
+    Scenario("dnat-local", "seed example: router's own HTTP to port 80 → proxy:8080 (DNAT at OUTPUT)",
+             "HTTP to the proxy's address is DNATed to its 8080 and returns its page; HTTP to the "
+             "server (drop_dst) still times out", ("OUTPUT", "POSTROUTING"), dnat_local, needs=("dnat",)),
+    Scenario("port-forward", "NAT: a port forward WAN → client (DNAT at PREROUTING)",
+             "the server reaches the client's service via the router's WAN address and forward_port",
+             ("PREROUTING", "FORWARD", "POSTROUTING"), port_forward, needs=("dnat",)),
+    Scenario("mangle", "mangling: TTL and DSCP set at POSTROUTING",
+             "client → server UDP to mangle_port; the server's kernel reports the TTL/hop limit and DSCP",
+             ("PREROUTING", "FORWARD", "POSTROUTING"), mangled, needs=("set_ttl", "set_dscp"),
+             setup=mangle_setup),
+    Scenario("forwarding-off", "forwarding off: net.ipv4.ip_forward=0 on the router",
+             "forwarded packets stop after PREROUTING and never reach FORWARD; then forwarding is on again",
+             ("PREROUTING", "FORWARD"), forwarding_off),
 ]
+
+#: Modules that register scenarios of their own when imported (see the module docstring);
+#: one that does not exist (yet) is skipped.
+PLUGINS: list[str] = ["nfhooks.lab.vpn", "nfhooks.lab.routeshape"]
+_plugins_loaded = False
+
+
+def register(scenario: Scenario) -> Scenario:
+    """Add a scenario to the registry (replacing one with the same key); returns it."""
+    for i, sc in enumerate(SCENARIOS):
+        if sc.key == scenario.key:
+            SCENARIOS[i] = scenario
+            return scenario
+    SCENARIOS.append(scenario)
+    return scenario
+
+
+def load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    import importlib
+
+    for name in PLUGINS:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # the module exists but something it imports does not
+                raise
+
+
+def groups() -> dict[str, list[str]]:
+    """Group name -> scenario keys ("all" included)."""
+    load_plugins()
+    out: dict[str, list[str]] = {}
+    for sc in SCENARIOS:
+        for g in sc.groups:
+            out.setdefault(g, []).append(sc.key)
+    out["all"] = [sc.key for sc in SCENARIOS]
+    return out
+
+
+def select(names: Sequence[str]) -> list[Scenario]:
+    """The scenarios `--scenario NAME...` asks for (keys or groups; none: "standard"),
+    in registry order. Unknown names are a LabError listing what exists."""
+    load_plugins()
+    wanted = [n for name in (names or ["standard"]) for n in name.split(",") if n.strip()]
+    g = groups()
+    keys = {sc.key for sc in SCENARIOS}
+    unknown = [n for n in wanted if n not in g and n not in keys]
+    if unknown:
+        raise LabError(f"unknown scenario {', '.join(map(repr, unknown))}: groups "
+                       f"{', '.join(sorted(g))}; scenarios {', '.join(sc.key for sc in SCENARIOS)}")
+    chosen = {k for n in wanted for k in (g.get(n) or [n])}
+    return [sc for sc in SCENARIOS if sc.key in chosen]
 
 
 # --------------------------------------------------------------------------- results
@@ -611,6 +920,7 @@ class Result:
     seconds: float
     rows: list[tuple[str, ...]] = field(default_factory=list)
     error: str | None = None
+    tables: list[tuple[str, tuple[str, ...], list[tuple[str, ...]]]] = field(default_factory=list)
 
     @property
     def crossed(self) -> list[str]:
@@ -629,6 +939,7 @@ class Result:
 def _run_one(ctx: Ctx, sc: Scenario, skip: set[str]) -> Result:
     assert sc.run is not None
     ctx.rows = []
+    ctx.tables = []
     before, rules_before = ctx.scraper.scrape(), default_rule_counts(ctx.lab)
     t0 = time.monotonic()
     try:
@@ -640,7 +951,7 @@ def _run_one(ctx: Ctx, sc: Scenario, skip: set[str]) -> Result:
     verdicts = [(l, v) for l, v in after.minus(before, "nfhooks_handler_packets_total")
                 if l["handler"] not in skip]
     verdicts += _default_verdicts(rules_before, default_rule_counts(ctx.lab), ctx.defaults)
-    return Result(sc, checks, verdicts, seconds, list(ctx.rows), error)
+    return Result(sc, checks, verdicts, seconds, list(ctx.rows), error, list(ctx.tables))
 
 
 # --------------------------------------------------------------------------- rendering
@@ -649,6 +960,17 @@ def _run_one(ctx: Ctx, sc: Scenario, skip: set[str]) -> Result:
 def _verdict_text(verdicts: Iterable[tuple[dict[str, str], float]], hook: str) -> str:
     parts = [f"{l['handler']}:{l['verdict']} {v:g}" for l, v in verdicts if l["hook"] == hook]
     return ", ".join(sorted(parts))
+
+
+#: Colours of the per-hook table: what the verdict does to the packet.
+VERDICT_STYLE = {"accept": "green", "drop": "bold red", "reject": "yellow", "mark": "blue",
+                 "connmark": "blue", "mangle": "magenta", "dnat": "cyan", "snat": "cyan",
+                 "masquerade": "cyan", "redirect": "cyan", "nat": "cyan"}
+HOOK_STYLE = "bold"
+
+
+def _vtext(verdict: str) -> Text:
+    return Text(verdict, style=VERDICT_STYLE.get(verdict, ""))
 
 
 def hook_table(snap: Snapshot, rules: Sequence[tuple[dict[str, str], float]] = (),
@@ -670,10 +992,11 @@ def hook_table(snap: Snapshot, rules: Sequence[tuple[dict[str, str], float]] = (
         for (h, table, verdict), v in rows:
             names = ", ".join(f"{l['handler']} {n:g}" for l, n in sorted(handlers, key=lambda x: -x[1])
                               if l["hook"] == h and l["verdict"] == verdict and n > 0)
-            t.add_row(h, table, verdict, f"{v:g}", f"{nbytes.get((h, table, verdict), 0):g}", names)
+            t.add_row(Text(h, style=HOOK_STYLE), table, _vtext(verdict), f"{v:g}",
+                      f"{nbytes.get((h, table, verdict), 0):g}", names)
         for l, v in kernel:
-            t.add_row(hook, decision_table(hook), l["verdict"], f"{v:g}", "",
-                      "(default rule) in the kernel: no handler queued these")
+            t.add_row(Text(hook, style=HOOK_STYLE), decision_table(hook), _vtext(l["verdict"]), f"{v:g}", "",
+                      Text("(default rule) in the kernel: no handler queued these", style="dim"))
     return t
 
 
@@ -692,13 +1015,18 @@ def _topology_table(lab: Lab) -> Table:
              "router": "forwarding on; runs the engine and the lab policy",
              "switch": "a bridge for the WAN segment (no addresses)",
              "server": "outside: web servers on 8080 and 80",
-             "proxy": "outside: the NAT scenarios' target"}
+             "proxy": "outside: the NAT scenarios' target (web server on 8080)",
+             "gw_b": "office B's gateway (vpn): the tunnel's other end",
+             "host_b": "office B's host (vpn): web server on 8080"}
     t = Table(title=f"topology: client --lan-- router --wan-- switch(br0) -- server, proxy "
                     f"(lan {lab.networks['lan'][4]} {lab.networks['lan'][6]}, "
                     f"wan {lab.networks['wan'][4]} {lab.networks['wan'][6]})",
               box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("node", "namespace", "addresses", "role"):
         t.add_column(col)
+    if "lan_b" in lab.networks:
+        t.title = str(t.title) + (f"; vpn: office B lan_b {lab.networks['lan_b'][4]} {lab.networks['lan_b'][6]}"
+                                  " behind gw_b, joined to the lan by tun0")
     for name, node in lab.nodes.items():
         addrs = " ".join(node.addrs.get(4, []) + node.addrs.get(6, [])) or "-"
         t.add_row(name, node.ns, addrs, roles.get(name, ""))
@@ -812,10 +1140,11 @@ def _not_yet_panel(pending: Sequence[Scenario]) -> Panel | None:
 # --------------------------------------------------------------------------- the run
 
 
-def _console() -> Console:
-    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
-        return Console()
-    return Console(width=160)
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr)
+    return Console(width=160, stderr=stderr)
 
 
 def _policy_ports(policy: Path, sets: list[str]) -> tuple[dict[str, int | str], Any]:
@@ -828,11 +1157,30 @@ def _policy_ports(policy: Path, sets: list[str]) -> tuple[dict[str, int | str], 
     except PolicyError as e:
         raise LabError(str(e)) from None
     defaults: dict[str, int | str] = {"service_port": 2222, "reject_port": 23,
-                                      "reject_udp_port": 514, "web_port": HTTP_PORT, "nat_port": 8081}
+                                      "reject_udp_port": 514, "web_port": HTTP_PORT, "nat_port": 8081,
+                                      "forward_port": 8022, "mangle_port": 5060, "mangle_ttl": 33,
+                                      "mangle_dscp": 46, "tunnel_port": 51820, "tun_if": "tun0"}
     for k in defaults:
         if k in pol.options:
             defaults[k] = pol.options[k].value
     return defaults, pol
+
+
+def _lab_sets(lab: Lab, pol: Any, scenarios: Sequence[Scenario]) -> list[str]:
+    """--set arguments for the lab's addresses, only for options the policy declares (the
+    user's own --set come after them on the command line, so they win)."""
+    a = lab.addr
+    values: dict[str, str] = {
+        "drop_dst": a("server", 4), "drop_dst6": a("server", 6),
+        "dnat_dst": a("proxy", 4), "dnat_dst6": a("proxy", 6),
+        "proxy": f"{a('proxy', 4)}:{PROXY_PORT}", "proxy6": f"[{a('proxy', 6)}]:{PROXY_PORT}",
+        "inside": a("client", 4), "inside6": a("client", 6),
+        "lan_if": lab.iface("router", "client"), "wan_if": lab.iface("router", "server"),
+    }
+    for sc in scenarios:
+        if sc.options is not None:
+            values.update(sc.options(lab))
+    return [f"{k}={v}" for k, v in values.items() if k in pol.options]
 
 
 def _loopback_handlers(pol: Any) -> set[str]:
@@ -863,8 +1211,9 @@ def _start_servers(lab: Lab, ports: Mapping[str, int | str]) -> dict[str, TcpSer
         servers[f"service{f}"] = lab.tcp_server("router", int(ports["service_port"]), f)
         servers[f"refused{f}"] = lab.tcp_server("router", int(ports["reject_port"]), f)
         lab.udp_server("router", int(ports["reject_udp_port"]), f)
-        if any(s.ready and s.key == "masquerade" for s in SCENARIOS):
-            servers[f"nat{f}"] = lab.tcp_server("server", int(ports["nat_port"]), f)
+        servers[f"nat{f}"] = lab.tcp_server("server", int(ports["nat_port"]), f)
+        servers[f"proxy{f}"] = lab.tcp_server("proxy", PROXY_PORT, f)
+        servers[f"forward{f}"] = lab.tcp_server("client", int(ports["forward_port"]), f)
     return servers
 
 
@@ -898,11 +1247,15 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 
 
 def run(cfg: LabConfig, console: Console | None = None) -> int:
-    """The whole lab run; returns the exit status (0 all scenarios passed, 1 not, 2 setup)."""
-    console = console or _console()
+    """The whole lab run; returns the exit status (0 all scenarios passed, 1 not, 2 setup).
+
+    With ``cfg.json`` everything human goes to stderr and stdout gets only the JSON summary.
+    """
+    console = console or _console(stderr=cfg.json)
     _check_root()
     policy = (cfg.policy or DEFAULT_POLICY).resolve()
     ports, pol = _policy_ports(policy, cfg.sets)
+    scenarios = select(cfg.scenarios)
     url = _metrics_url(cfg.metrics_addr)
     if cfg.keep:
         _refuse_second_kept_lab()
@@ -913,25 +1266,41 @@ def run(cfg: LabConfig, console: Console | None = None) -> int:
     try:
         with console.status("building the lab (namespaces, veths, bridge, IPv4 + IPv6)"):
             lab = Lab.router_topology(_lab_id())
+            state: dict[str, Any] = {}
+            for sc in scenarios:
+                if sc.setup is not None and sc.ready:
+                    state[sc.key] = sc.setup(lab, ports)
             servers = _start_servers(lab, ports)
             _warm_up(lab)
-            engine = lab.start_engine(str(policy), *[a for s in cfg.sets for a in ("--set", s)],
+            sets = _lab_sets(lab, pol, scenarios) + list(cfg.sets)
+            engine = lab.start_engine(str(policy), *[a for s in sets for a in ("--set", s)],
                                       "--metrics-addr", cfg.metrics_addr,
-                                      *(["--public-metrics"] if _public(cfg.metrics_addr) else []))
+                                      *(["--public-metrics"] if _public(cfg.metrics_addr) else []),
+                                      *(["--pcap", str(Path(cfg.pcap).resolve())] if cfg.pcap else []))
         console.print(f"lab [bold]{lab.id}[/bold] up in {lab.build_seconds:.1f}s; engine pid {engine.pid} "
                       f"runs {policy.name} in {lab.ns_name('router')}; metrics {url}")
+        if not cfg.json:
+            console.print(_topology_table(lab))
         scraper = Scraper(lab, url)
         scraper.scrape()
         defaults = {h: pol.default(h).kind for h in HOOKS}
-        results = _run_scenarios(lab, engine, scraper, cfg, ports, servers, skip, defaults, console)
+        results = _run_scenarios(lab, engine, scraper, cfg, ports, servers, skip, defaults, console,
+                                 scenarios, state)
         final = scraper.scrape()
         rules = _default_verdicts({}, default_rule_counts(lab), defaults)
         if cfg.keep:
             _keep(lab, engine, url, policy)
             kept = True
-        _summary(console, lab, results, final, rules, skip, cfg, url, kept)
-        return 0 if all(r.ok for r in results) else 1
-    except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
+        if cfg.json:
+            print(json.dumps(summary_json(lab, results, final, rules, cfg, url, kept, engine), indent=2),
+                  flush=True)
+        else:
+            _summary(console, lab, results, final, rules, skip, cfg, url, kept, scenarios)
+        return 0 if all(r.ok for r in results) and len(results) == len([s for s in scenarios if s.ready]) \
+            else 1
+    except LabError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any failure: the debug report, then the lab goes
         if lab is not None:
             console.print(Panel(lab.debug_report()[-6000:], title="lab debug report", title_align="left"))
         raise LabError(f"the lab run failed: {exc}") from exc
@@ -942,6 +1311,53 @@ def run(cfg: LabConfig, console: Console | None = None) -> int:
             console.print(f"lab {lab.id} removed: namespaces {NS_MARKER}{lab.id}-*, its processes and logs")
 
 
+def summary_json(lab: Lab, results: Sequence[Result], final: Snapshot,
+                 rules: Sequence[tuple[dict[str, str], float]], cfg: LabConfig, url: str, kept: bool,
+                 engine: EngineProc | None = None) -> dict[str, Any]:
+    """The summary for scripts (``--json``): topology, every scenario with the hooks it
+    crossed, the verdicts given and what was observed, and the per-hook totals."""
+    hooks: dict[str, list[dict[str, Any]]] = {h: [] for h in HOOKS}
+    for l, v in final.series("nfhooks_packets_total"):
+        if v > 0:
+            hooks[l["hook"]].append({"table": l["table"], "verdict": l["verdict"], "packets": v,
+                                     "handler": None})
+    for l, v in rules:
+        hooks[l["hook"]].append({"table": decision_table(l["hook"]), "verdict": l["verdict"],
+                                 "packets": v, "handler": KERNEL_DEFAULT})
+    return {
+        "lab": lab.id,
+        "ok": all(r.ok for r in results),
+        "passed": sum(r.ok for r in results),
+        "total": len(results),
+        "kept": kept,
+        "metrics": url,
+        "pcap": str(cfg.pcap) if cfg.pcap else None,
+        "engine": {"pid": engine.pid, "argv": engine.argv} if engine is not None else None,
+        "topology": {
+            "networks": lab.networks,
+            "nodes": {n: {"namespace": node.ns, "ipv4": node.addrs.get(4, []), "ipv6": node.addrs.get(6, [])}
+                      for n, node in lab.nodes.items()},
+        },
+        "scenarios": [
+            {
+                "key": r.scenario.key, "title": r.scenario.title, "ok": r.ok,
+                "seconds": round(r.seconds, 3),
+                "hooks_expected": list(r.scenario.hooks), "hooks_crossed": r.crossed,
+                "verdicts": [{"hook": l["hook"], "handler": l["handler"], "verdict": l["verdict"],
+                              "packets": v} for l, v in r.verdicts],
+                "checks": [{"text": c.text, "ok": c.ok} for c in r.checks],
+                "error": r.error,
+                "tables": [{"title": t, "columns": list(cols), "rows": [list(x) for x in rows]}
+                           for t, cols, rows in r.tables]
+                + ([{"title": "raw packets", "columns": ["packet", "what is wrong", "outcome", "result"],
+                     "rows": [list(x) for x in r.rows]}] if r.rows else []),
+            }
+            for r in results
+        ],
+        "hooks": hooks,
+    }
+
+
 def _public(addr: str) -> bool:
     host, _ = parse_listen_addr(addr)
     return host not in ("127.0.0.1", "::1", "localhost")
@@ -949,13 +1365,14 @@ def _public(addr: str) -> bool:
 
 def _run_scenarios(lab: Lab, engine: EngineProc, scraper: Scraper, cfg: LabConfig,
                    ports: dict[str, Any], servers: dict[str, TcpServer], skip: set[str],
-                   defaults: dict[str, str], console: Console) -> list[Result]:
-    runnable = [s for s in SCENARIOS if s.ready]
+                   defaults: dict[str, str], console: Console, scenarios: Sequence[Scenario],
+                   state: dict[str, Any]) -> list[Result]:
+    runnable = [s for s in scenarios if s.ready]
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         console=console)
     task = progress.add_task("scenarios", total=len(runnable))
-    ctx = Ctx(lab, engine, scraper, cfg, ports, servers, skip, defaults)
+    ctx = Ctx(lab, engine, scraper, cfg, ports, servers, skip, defaults, state=state)
     results: list[Result] = []
     scraper.start()
     try:
@@ -979,7 +1396,7 @@ def _run_scenarios(lab: Lab, engine: EngineProc, scraper: Scraper, cfg: LabConfi
 
 def _summary(console: Console, lab: Lab, results: Sequence[Result], final: Snapshot,
              rules: list[tuple[dict[str, str], float]], skip: set[str], cfg: LabConfig, url: str,
-             kept: bool) -> None:
+             kept: bool, scenarios: Sequence[Scenario] = ()) -> None:
     passed = sum(r.ok for r in results)
     console.print()
     console.rule(f"nfhooks lab {lab.id}: {passed}/{len(results)} scenarios passed")
@@ -988,10 +1405,18 @@ def _summary(console: Console, lab: Lab, results: Sequence[Result], final: Snaps
     rows = [row for r in results for row in r.rows]
     if rows:
         console.print(_malformed_table(rows))
+    for r in results:
+        for title, cols, trows in r.tables:
+            t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+            for col in cols:
+                t.add_column(col)
+            for row in trows:
+                t.add_row(*(Text(cell) for cell in row))
+            console.print(t)
     console.print(_hooks_explained(final, rules, skip))
     console.print(hook_table(final, rules))
     console.print(_metrics_panel(cfg, url, kept, final))
-    pending = _not_yet_panel([s for s in SCENARIOS if not s.ready])
+    pending = _not_yet_panel([s for s in (scenarios or SCENARIOS) if not s.ready])
     if pending is not None:
         console.print(pending)
     console.print(_next_panel(lab, kept))
@@ -1085,6 +1510,11 @@ def down(console: Console | None = None) -> int:
     _check_root()
     state = read_state()
     removed: list[str] = []
+    mine = f"{os.environ.get(ID_PREFIX_ENV, '')}{RUN_TAG}"
+    if state and not str(state.get("id", "")).startswith(mine):
+        console.print(f"the kept lab {state.get('id')} is not one of {ID_PREFIX_ENV}="
+                      f"{os.environ.get(ID_PREFIX_ENV, '')!r}'s runs: left alone")
+        state = None
     if state:
         console.print(_stop_engine(state.get("engine") or {}))
         # Its owner (the engine) is gone now, so cleanup_stale takes it; the processes left

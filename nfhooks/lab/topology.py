@@ -622,6 +622,8 @@ class Lab:
         self._seq = 0
         #: seconds the last build (router_topology) took
         self.build_seconds: float | None = None
+        #: (n, ula): the lab's 10.n.0.0/16 and ULA /48 (set by router_topology)
+        self.ranges: tuple[int, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Lab {self.id} nodes={list(self.nodes)}{' closed' if self._closed else ''}>"
@@ -777,6 +779,7 @@ class Lab:
 
     def _build_router_topology(self) -> None:
         v4_octet, ula = _pick_ranges(self.id)
+        self.ranges = (v4_octet, ula)
         nets = {
             "lan": {4: ipaddress.ip_network(f"10.{v4_octet}.1.0/24"), 6: ipaddress.ip_network(f"{ula}:1::/64")},
             "wan": {4: ipaddress.ip_network(f"10.{v4_octet}.2.0/24"), 6: ipaddress.ip_network(f"{ula}:2::/64")},
@@ -814,6 +817,65 @@ class Lab:
             self.add_route("server", "default", str(nets["wan"][fam][1]))
             self.add_route("proxy", "default", str(nets["wan"][fam][1]))
         self.wait_links_up()
+
+    def add_office(self, gw: str = "gw_b", host: str = "host_b", segment: str = "lan_b",
+                   index: int = 3) -> None:
+        """A second office for the vpn scenario: gateway `gw` on the WAN bridge (WAN address
+        .4, forwarding on) and `host` behind it on its own private segment
+        (10.n.<index>.0/24, <ula>:<index>::/64), default route via `gw`.
+
+        Call after router_topology(). Nothing routes between the offices until a tunnel
+        joins them (start_tunnel, route_via)."""
+        if self.ranges is None or "wan" not in self.networks:
+            raise RuntimeError("add_office needs the router topology first")
+        octet, ula = self.ranges
+        nets = {4: ipaddress.ip_network(f"10.{octet}.{index}.0/24"),
+                6: ipaddress.ip_network(f"{ula}:{index}::/64")}
+        wan = {f: ipaddress.ip_network(self.networks["wan"][f]) for f in (4, 6)}
+        self.networks[segment] = {f: str(n) for f, n in nets.items()}
+        self.add_node(gw, sysctls=_ROUTER_SYSCTLS)
+        self.add_node(host)
+        self.connect(gw, "wan", "switch", f"sw-{gw}"[:_IFNAME_MAX], b_master="br0")
+        self.connect(host, "eth0", gw, "lan")
+        self.segments["wan"][gw] = "wan"
+        self.segments[segment] = {gw: "lan", host: "eth0"}
+        for fam in (4, 6):
+            self.add_address(gw, "lan", f"{nets[fam][1]}/{nets[fam].prefixlen}")
+            self.add_address(gw, "wan", f"{wan[fam][4]}/{wan[fam].prefixlen}")
+            self.add_address(host, "eth0", f"{nets[fam][2]}/{nets[fam].prefixlen}")
+            self.add_route(host, "default", str(nets[fam][1]))
+        self.wait_links_up()
+
+    def start_tunnel(self, node: str | Node, listen: str, peer: str, dev: str = "tun0",
+                     addrs: Sequence[str] = (), routes: Sequence[str] = (),
+                     mtu: int = 1400) -> EngineProc:
+        """Run ``nfhooks tunnel`` in `node` (a tun device `dev` carried in UDP from `listen`
+        to `peer`), then -- inside that node only -- give the device `addrs`, bring it up
+        with `mtu` (room for the 28 bytes of UDP/IPv4 around each packet) and route
+        `routes` (CIDRs) into it. Stopped (SIGTERM, by PID) at close()."""
+        _check_ifname(dev)
+        self._seq += 1
+        log_path = self.tmpdir / f"tunnel-{self.node(node).name}-{self._seq}.log"
+        argv = [sys.executable, "-m", "nfhooks", "tunnel", "--dev", dev, "--listen", listen,
+                "--peer", peer]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "wb") as log:
+            proc = self.popen(node, *argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        tunnel = EngineProc(proc, log_path, argv, self.node(node).name)
+        self._engines.append(tunnel)  # its log goes into debug_report
+        tunnel.wait_log("nfhooks tunnel ready", timeout=15)
+        n = self.node(node)
+        with IPRoute(netns=n.ns) as ipr:
+            idx = ipr.link_lookup(ifname=dev)[0]
+            ipr.link("set", index=idx, mtu=mtu, state="up")
+        for cidr in addrs:
+            self.add_address(n, dev, cidr)
+        for cidr in routes:
+            net = ipaddress.ip_network(cidr)
+            with IPRoute(netns=n.ns) as ipr:
+                ipr.route("add", dst=str(net), oif=ipr.link_lookup(ifname=dev)[0],
+                          family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
+        return tunnel
 
     def _links_down(self, node: str) -> list[str]:
         """Interfaces of `node` that cannot pass traffic yet (operstate not UP, or a

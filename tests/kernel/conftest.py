@@ -36,10 +36,10 @@ def metric(lab, name: str, node: str = "router", port: int = 9477, **labels: str
     text = lab.exec(node, "curl", "-s", "-m", "2", f"http://127.0.0.1:{port}/metrics").stdout
     total = 0.0
     for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}\{{(.*)\}} (\S+)$", line)
+        m = re.match(rf"^{re.escape(name)}(?:\{{(.*)\}})? (\S+)$", line)
         if not m:
             continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(2))
     return total

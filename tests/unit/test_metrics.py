@@ -509,7 +509,7 @@ def test_metric_names_follow_prometheus_conventions(tmp_path: Path) -> None:
     reg = _full_registry(tmp_path)
     families = [f for f in reg.collect() if f.name.startswith("nfhooks_")]
     assert {f.name for f in families} == {
-        "nfhooks_packets", "nfhooks_bytes", "nfhooks_handler_packets",
+        "nfhooks_packets", "nfhooks_bytes", "nfhooks_handler_packets", "nfhooks_handler_overruns",
         "nfhooks_decision_seconds", "nfhooks_handler_errors", "nfhooks_malformed_packets",
         "nfhooks_truncated_packets", "nfhooks_policy_info", "nfhooks_policy_reloads",
         "nfhooks_policy_reload_errors", "nfhooks_nat_targets", "nfhooks_build_info",

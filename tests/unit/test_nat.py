@@ -127,11 +127,15 @@ def test_nat_queue_rule_matches_new_connections_only():
 def test_nat_chains_exist_empty_in_both_families_with_their_jumps():
     rs = compile_policy(nat_policy())
     for fam in (4, 6):
-        assert rs.chains[(fam, "nat")] == ["NFH-PREROUTING"] and rs.rules[(fam, "nat")] == []
+        assert rs.chains[(fam, "nat")] == ["NFH-PREROUTING"]
+        assert [r.comment for r in rs.rules[(fam, "nat")]] == ["nfhooks gen", "nfhooks gen"]  # guard only
         assert [j.render() for j in rs.jumps[(fam, "nat")]] == \
             ["-A PREROUTING -m comment --comment nfhooks -j NFH-PREROUTING"]
-    assert "*nat\n:NFH-PREROUTING - [0:0]\n-A PREROUTING -m comment --comment nfhooks -j NFH-PREROUTING\nCOMMIT" \
-        in rs.render()
+    assert "*nat\n:NFH-PREROUTING - [0:0]\n-A PREROUTING -m comment --comment nfhooks -j NFH-PREROUTING\n" \
+        "-A NFH-PREROUTING -m mark --mark 0x0/0x60000000 -m comment --comment \"nfhooks gen\" " \
+        "-j MARK --set-xmark 0x20000000/0x60000000\n" \
+        "-A NFH-PREROUTING -m mark ! --mark 0x20000000/0x60000000 -m comment --comment \"nfhooks gen\" -j RETURN\n" \
+        "COMMIT" in rs.render()
 
 
 def test_nat_mark_field_sized_by_the_target_bound():
@@ -149,16 +153,16 @@ def test_nat_mark_field_sized_by_the_target_bound():
 
 
 @pytest.mark.parametrize("verdict,proto,expected", [
-    (dnat("10.0.2.10:8080"), "tcp", "-p tcp -m mark --mark 0x400000/0x7e00000 -m comment "
+    (dnat("10.0.2.10:8080"), "tcp", "-p tcp -m mark --mark 0x100000/0x1f80000 -m comment "
                                     "--comment \"nfhooks nat 2\" -j DNAT --to-destination 10.0.2.10:8080"),
-    (dnat("10.0.2.10"), "tcp", "-m mark --mark 0x400000/0x7e00000 -m comment --comment \"nfhooks nat 2\" "
+    (dnat("10.0.2.10"), "tcp", "-m mark --mark 0x100000/0x1f80000 -m comment --comment \"nfhooks nat 2\" "
                                "-j DNAT --to-destination 10.0.2.10"),
-    (dnat("[fd00::1]:80"), "udp", "-p udp -m mark --mark 0x400000/0x7e00000 -m comment "
+    (dnat("[fd00::1]:80"), "udp", "-p udp -m mark --mark 0x100000/0x1f80000 -m comment "
                                   "--comment \"nfhooks nat 2\" -j DNAT --to-destination [fd00::1]:80"),
-    (masquerade(), None, "-m mark --mark 0x400000/0x7e00000 -m comment --comment \"nfhooks nat 2\" -j MASQUERADE"),
-    (redirect(8080), "tcp", "-p tcp -m mark --mark 0x400000/0x7e00000 -m comment "
+    (masquerade(), None, "-m mark --mark 0x100000/0x1f80000 -m comment --comment \"nfhooks nat 2\" -j MASQUERADE"),
+    (redirect(8080), "tcp", "-p tcp -m mark --mark 0x100000/0x1f80000 -m comment "
                             "--comment \"nfhooks nat 2\" -j REDIRECT --to-ports 8080"),
-    (snat("192.0.2.1"), None, "-m mark --mark 0x400000/0x7e00000 -m comment "
+    (snat("192.0.2.1"), None, "-m mark --mark 0x100000/0x1f80000 -m comment "
                               "--comment \"nfhooks nat 2\" -j SNAT --to-source 192.0.2.1"),
 ])
 def test_nat_rule_text(verdict, proto, expected):

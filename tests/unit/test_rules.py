@@ -89,7 +89,7 @@ def test_jumps_are_tagged_and_only_our_chains():
 
 def test_firewall_example_compiles_to_expected_ssh_rule():
     text = compile_policy(load_policy(ROOT / "policies/firewall.py", {"trusted": "192.0.2.0/24"})).render()
-    assert ('-A NFH-INPUT -s 192.0.2.0/24 -p tcp -m tcp --dport 22 -m mark --mark 0x0/0x8e000000 '
+    assert ('-A NFH-INPUT -s 192.0.2.0/24 -p tcp -m tcp --dport 22 -m mark --mark 0x0/0x83800000 '
             '-m comment --comment "nfhooks ssh" -j NFQUEUE --queue-num 5') in text
 
 
@@ -114,10 +114,30 @@ def test_too_many_handlers_for_the_mask():
     for i in range(20):
         p.input(proto="tcp", dport=i + 1, name=f"h{i}")(lambda pkt: accept())
     with pytest.raises(PolicyError, match="resume"):
-        compile_policy(p, mark_mask=0xF0000000)
+        compile_policy(p, mark_mask=0xFF000000)
 
 
 def test_save_string_quotes_like_iptables():
     assert save_string("nfhooks") == "nfhooks"
     assert save_string("nfhooks ssh") == '"nfhooks ssh"'
     assert save_string('a"b') == '"a\\"b"'
+
+
+def test_generation_two_has_its_own_chains_and_stamp():
+    p = Policy()
+    p.input(proto="tcp", dport=22, name="ssh")(lambda pkt: accept())
+    one, two = compile_policy(p), compile_policy(p, queue_base=1, generation=2)
+    assert one.chains[(4, "filter")] == ["NFH-CONNSAVE", "NFH-INPUT"]
+    assert two.chains[(4, "filter")] == ["NFH-CONNSAVE-2", "NFH-INPUT-2"]
+    assert [j.render() for j in two.jumps[(4, "filter")]] == ["-A INPUT -m comment --comment nfhooks -j NFH-INPUT-2"]
+    gen = two.layout["gen"]
+    assert gen.mask == one.layout["gen"].mask  # fixed position: both generations read the same bits
+    first, second = [r.render() for r in two.rules[(4, "filter")][:2]]
+    assert first == (f"-A NFH-INPUT-2 -m mark --mark 0x0/{gen.mask:#x} -m comment --comment \"nfhooks gen\" "
+                     f"-j MARK --set-xmark {gen.encode(2):#x}/{gen.mask:#x}")
+    assert second == (f"-A NFH-INPUT-2 -m mark ! --mark {gen.encode(2):#x}/{gen.mask:#x} "
+                      "-m comment --comment \"nfhooks gen\" -j RETURN")
+    assert list(two.queues) == [1]
+    assert "-g NFH-CONNSAVE-2" in two.render()
+    with pytest.raises(ValueError, match="generation"):
+        compile_policy(p, generation=3)
