@@ -7,7 +7,7 @@ APT_PACKAGES := iptables nftables libnetfilter-queue-dev iproute2 gcc python3-de
                 docker.io docker-compose debootstrap
 STAMP := $(VENV)/.installed
 
-.PHONY: deps venv test unit lab lab-down bench bench-quick clean flush lab-containers lab-containers-down docs-images
+.PHONY: deps venv test unit lab lab-down bench bench-quick soak fuzz clean flush lab-containers lab-containers-down docs-images
 
 # apt: only when a package is missing, so repeated runs are fast and offline-safe.
 deps:
@@ -47,12 +47,24 @@ lab-containers-down:
 bench-quick: venv
 	$(PY) -m nfhooks.bench --quick
 
-bench: venv
-	$(PY) -m nfhooks.bench
+# 10 minutes of mixed lab traffic with a policy reload every minute (RSS, unanswered
+# packets, leaked rules); writes docs/soak.md. Not part of `make test`.
+soak: venv
+	$(PY) -m nfhooks.soak --minutes 10 --reload-every 60
 
-# docs/img/dashboard.png: the Grafana panels drawn from real Prometheus data of a lab run
-# (root; ~2 minutes); see docs/metrics.md
+# the per-packet path's property tests with many more examples than `make test` runs
+fuzz: venv
+	NFHOOKS_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/unit/test_fuzz.py tests/unit/test_packet.py -p no:cacheprovider
+
+bench: venv
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[docs]'  # the chart
+	$(PY) -m nfhooks.bench --docs docs/performance.md
+
+# docs/img/dashboard.png (the Grafana panels drawn from real Prometheus data of a lab run) and
+# docs/img/top.png (`nfhooks top` captured from tmux); root, ~2 minutes; see docs/metrics.md
 docs-images: venv
+	@dpkg -s tmux >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends tmux >/dev/null; }
 	$(PY) -m pip install -q -e '.[docs]'
 	$(PY) tools/render_dashboard.py --out docs/img/dashboard.png
 

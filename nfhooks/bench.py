@@ -12,7 +12,20 @@ bare            a minimal NetfilterQueue script: ``lambda p: p.accept()``, bound
 scapy           the common approach: the same script, ``IP(p.get_payload())`` then accept
 nfhooks         ``nfhooks run policies/bench.py``: a handler that accepts unread
 nfhooks fields  the same engine, the handler reads pkt.src / pkt.dport / pkt.proto first
+nfhooks 20      ``nfhooks run policies/bench20.py``: a realistic 20-handler INPUT policy; for the
+handlers        flood 19 kernel matches do not fire, one does (its handler accepts)
+nfhooks flow    the bench.py engine, port 5203: a ``flow=True`` handler; Python sees each
+offload         connection's first packet, the kernel's offload rule accepts the rest
+nfhooks 2       ``nfhooks run --workers 2 policies/bench.py`` when ``run`` has ``--workers``
+workers         (otherwise the row says "not available")
 ==============  ==================================================================================
+
+Latency (``--latency-rate``, default 10,000 pps): a UDP echo server on the router (port 5204)
+and a pinger in the client namespace sending fixed-rate 12-byte probes from one fixed port
+and timing each reply (``perf_counter_ns`` in the probe): round-trip p50/p90/p99 with no
+queue rule (kernel), through a bare NetfilterQueue consumer, and through nfhooks' engine
+(``udp_echo``: every probe is queued at INPUT). "Added" = a consumer's percentile minus the
+kernel's, both from the same run.
 
 Traffic: iperf3 UDP with 64-byte payloads at full speed (``-u -b 0 -l 64``) and iperf3 TCP, each
 from a fixed client port (``--cport``): the conntrack table is machine-wide, so a flood is one
@@ -33,14 +46,16 @@ manager, so processes it started and its namespaces are removed on failure too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +77,68 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = ROOT / "policies" / "bench.py"
 PORT = 5201  # policies/bench.py: accept unread
 FIELDS_PORT = 5202  # policies/bench.py: read fields, then accept
+FLOW_PORT = 5203  # policies/bench.py: flow=True handlers (offloaded after the first packet)
+ECHO_PORT = 5204  # policies/bench.py: udp_echo, the latency probe's port (every packet queued)
+BENCH20_POLICY = ROOT / "policies" / "bench20.py"
 BARE_QUEUE = 100  # queue of the bare/scapy scripts (nfhooks uses 0..3)
 CPORT_BASE = 41000  # fixed client ports: one 5-tuple per flood
 UDP_LEN = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks fields")
+CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks fields", "nfhooks 20 handlers",
+         "nfhooks flow offload", "nfhooks 2 workers")
+#: Cases compared with kernel and bare in the ratios, the markdown table and the chart.
+NFHOOKS_CASES = CASES[3:]
+LATENCY_RATE = 10_000.0
+NOT_AVAILABLE = "not available"
+
+_ECHO_SCRIPT = r"""
+import socket, sys
+host, port, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+open(ready, "w").close()
+while True:
+    d, a = s.recvfrom(2048)
+    s.sendto(d, a)
+"""
+
+# Fixed-rate UDP probes from one fixed port; each reply's round trip (ns) is timed by the same
+# process that stamped it. Prints {"sent": N, "rtt_ns": [...]} as JSON.
+_PING_SCRIPT = r"""
+import json, select, socket, struct, sys, time
+host, port, rate, seconds, cport = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", cport))
+s.connect((host, port))
+s.setblocking(False)
+now, clock = time.perf_counter_ns, time.perf_counter
+rtts = []
+def drain():
+    while True:
+        try:
+            d = s.recv(64)
+        except (BlockingIOError, ConnectionRefusedError):
+            return
+        t = now()
+        rtts.append(t - struct.unpack("!Iq", d[:12])[1])
+n, interval = int(rate * seconds), 1.0 / rate
+sent, nxt = 0, clock()
+while sent < n:
+    t = clock()
+    if t >= nxt:
+        s.send(struct.pack("!Iq", sent, now()))
+        sent += 1
+        nxt = max(nxt + interval, t - 0.01)  # behind by more than 10 ms: do not burst to catch up
+        continue
+    if select.select([s], [], [], nxt - t)[0]:
+        drain()
+end = clock() + 0.5
+while clock() < end and len(rtts) < sent:
+    if select.select([s], [], [], end - clock())[0]:
+        drain()
+print(json.dumps({"sent": sent, "rtt_ns": rtts}))
+"""
 
 # A minimal NetfilterQueue consumer, as a user would write it (plus the queue length nfhooks
 # binds with, so the comparison is consumer against consumer, not queue size against queue
@@ -261,7 +333,8 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
     by = {(r.case, r.proto): r for r in rows if r.error is None}
     out: dict[str, float | None] = {}
     pairs = (("nfhooks", "bare"), ("nfhooks", "kernel"), ("bare", "kernel"), ("scapy", "bare"),
-             ("nfhooks fields", "nfhooks"), ("nfhooks", "scapy"))
+             ("nfhooks fields", "nfhooks"), ("nfhooks", "scapy"),
+             *((c, b) for c in NFHOOKS_CASES[1:] for b in ("kernel", "bare")))
     for proto, metric in (("udp", "pps"), ("tcp", "gbps")):
         for a, b in pairs:
             ra, rb = by.get((a, proto)), by.get((b, proto))
@@ -269,12 +342,160 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
                 continue
             out[f"{proto}_{metric} {a}/{b}"] = _ratio(getattr(ra, metric), getattr(rb, metric))
     for proto in ("udp", "tcp"):
-        for a, b in (("nfhooks", "bare"), ("scapy", "bare"), ("nfhooks fields", "nfhooks")):
+        for a, b in (("nfhooks", "bare"), ("scapy", "bare"), ("nfhooks fields", "nfhooks"),
+                     *((c, "bare") for c in NFHOOKS_CASES[1:])):
             ra, rb = by.get((a, proto)), by.get((b, proto))
             if ra is None or rb is None:
                 continue
             out[f"{proto}_cpu_per_packet {a}/{b}"] = _ratio(ra.cpu_us_per_packet, rb.cpu_us_per_packet)
     return out
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float | None:
+    """The ``pct`` percentile of already sorted values (nearest rank: an observed value)."""
+    if not sorted_values:
+        return None
+    k = max(0, min(len(sorted_values) - 1, math.ceil(pct / 100.0 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def latency_stats(rtt_ns: Sequence[int], sent: int, rate: float, warmup: int = 50) -> dict[str, Any]:
+    """p50/p90/p99/max round trip in microseconds from a probe run (the first ``warmup``
+    replies -- ARP, the conntrack entry, a cold queue -- are left out)."""
+    us = sorted(v / 1000.0 for v in rtt_ns[warmup:])
+    return {"rate": rate, "sent": sent, "received": len(rtt_ns),
+            "lost_pct": 100.0 * (sent - len(rtt_ns)) / sent if sent else None,
+            **{f"p{p}_us": percentile(us, p) for p in (50, 90, 99)},
+            "max_us": us[-1] if us else None}
+
+
+def added_latency(lat: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per consumer: its p50/p99 minus the kernel's (what the queue and the consumer add)."""
+    base = lat.get("kernel") or {}
+    out: dict[str, dict[str, float | None]] = {}
+    for case, st in lat.items():
+        if case == "kernel" or st.get("error"):
+            continue
+        out[case] = {k: (st[k] - base[k] if st.get(k) is not None and base.get(k) is not None else None)
+                     for k in ("p50_us", "p99_us")}
+    return out
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
+    """The results as markdown: throughput/CPU/RSS with ratios to kernel and bare, then latency."""
+    by = {(r.case, r.proto): r for r in rows}
+    out = [f"{meta.get('seconds', 0):g} s per row, {meta.get('cpus')} CPUs, kernel {meta.get('kernel')}, "
+           f"Python {meta.get('python')}, {meta.get('iperf3')}, {meta.get('time')}; one run.", "",
+           "| traffic | consumer | rx pps | rx Gbit/s | x kernel | x bare | decided in Python | "
+           "CPU us/pkt | CPU x bare | CPU % core | max RSS MiB |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
+        if r.error:
+            out.append(f"| {traffic} | {r.case} | {r.error.splitlines()[0][:90]} |" + " |" * 8)
+            continue
+        metric = "pps" if r.proto == "udp" else "gbps"
+        k, b = by.get(("kernel", r.proto)), by.get(("bare", r.proto))
+        xk = _ratio(getattr(r, metric), getattr(k, metric, None)) if r.case != "kernel" else None
+        xb = _ratio(getattr(r, metric), getattr(b, metric, None)) if r.case not in ("kernel", "bare") else None
+        cb = _ratio(r.cpu_us_per_packet, getattr(b, "cpu_us_per_packet", None)) \
+            if r.case not in ("kernel", "bare") else None
+        out.append(f"| {traffic} | {r.case} | {_fmt(r.pps, ',.0f')} | {_fmt(r.gbps, '.3f')} | {_x(xk)} | {_x(xb)} "
+                   f"| {_fmt(r.handled, ',')} | {_fmt(r.cpu_us_per_packet, '.2f')} | {_x(cb)} "
+                   f"| {_fmt(r.cpu_core_pct, '.0f')} | {_fmt(r.max_rss_mib, '.1f')} |")
+    if lat:
+        add = added_latency(lat)
+        rate = next((st.get("rate") for st in lat.values() if st.get("rate")), None)
+        out += ["", f"Latency: UDP echo round trip at {_fmt(rate, ',.0f')} probes/s (us)", "",
+                "| path | sent | received | p50 | p90 | p99 | max | added p50 | added p99 |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for case, st in lat.items():
+            if st.get("error"):
+                out.append(f"| {case} | {st['error'][:90]} |" + " |" * 7)
+                continue
+            a = add.get(case, {})
+            out.append(f"| {case} | {st['sent']:,} | {st['received']:,} | {_fmt(st['p50_us'], '.0f')} "
+                       f"| {_fmt(st['p90_us'], '.0f')} | {_fmt(st['p99_us'], '.0f')} | {_fmt(st['max_us'], '.0f')} "
+                       f"| {_fmt(a.get('p50_us'), '+.0f')} | {_fmt(a.get('p99_us'), '+.0f')} |")
+    return "\n".join(out) + "\n"
+
+
+DOCS_BEGIN = "<!-- bench:begin (written by python -m nfhooks.bench --docs) -->"
+DOCS_END = "<!-- bench:end -->"
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the part between the bench markers replaced (appended if absent)."""
+    new = f"{DOCS_BEGIN}\n{block.rstrip()}\n{DOCS_END}"
+    i, j = text.find(DOCS_BEGIN), text.find(DOCS_END)
+    if i < 0 or j < i:
+        return text.rstrip("\n") + "\n\n" + new + "\n"
+    return text[:i] + new + text[j + len(DOCS_END):]
+
+
+def chart(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
+    """docs/img/bench.png: throughput, CPU per packet and latency per consumer (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.error]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    panels = (
+        (axes[0][0], "tcp", "gbps", 1.0, "TCP Gbit/s (receiver)"),
+        (axes[0][1], "udp", "pps", 1e-3, f"UDP {UDP_LEN} B: thousand packets/s received"),
+        (axes[1][0], None, "cpu_us_per_packet", 1.0, "consumer CPU us per packet (UDP | TCP)"),
+    )
+    colors = {"kernel": "#777777", "bare": "#4c72b0", "scapy": "#dd8452"}
+    for ax, proto, attr, scale, label in panels:
+        if proto is None:
+            cases = [c for c in CASES if any(r.case == c and r.cpu_us_per_packet for r in ok)]
+            width = 0.4
+            for i, (p, col) in enumerate((("udp", "#55a868"), ("tcp", "#8172b2"))):
+                vals = [next((r.cpu_us_per_packet or 0 for r in ok if r.case == c and r.proto == p), 0) for c in cases]
+                ys = [y + (i - 0.5) * width for y in range(len(cases))]
+                ax.barh(ys, vals, height=width, color=col, label=p.upper())
+                for y, v in zip(ys, vals):
+                    ax.text(v, y, f" {v:.2f}", va="center", fontsize=7)
+            ax.set_yticks(range(len(cases)), cases)
+            ax.legend()
+        else:
+            sel = [r for c in CASES for r in ok if r.case == c and r.proto == proto and getattr(r, attr)]
+            base = next((getattr(r, attr) for r in sel if r.case == "kernel"), None)
+            vals = [getattr(r, attr) * scale for r in sel]
+            ax.barh(range(len(sel)), vals, color=[colors.get(r.case, "#c44e52") for r in sel])
+            ax.set_yticks(range(len(sel)), [r.case for r in sel])
+            for y, r in enumerate(sel):
+                if base:
+                    ax.text(getattr(r, attr) * scale, y, f" {getattr(r, attr) / base:.2f}x kernel", va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=10)
+    ax = axes[1][1]
+    good = [(c, st) for c, st in lat.items() if not st.get("error") and st.get("p50_us") is not None]
+    if good:
+        width = 0.4
+        for i, (k, col) in enumerate((("p50_us", "#4c72b0"), ("p99_us", "#c44e52"))):
+            ys = [y + (i - 0.5) * width for y in range(len(good))]
+            ax.barh(ys, [st[k] for _, st in good], height=width, color=col, label=k.split("_")[0])
+            for y, (_, st) in zip(ys, good):
+                ax.text(st[k], y, f" {st[k]:.0f}", va="center", fontsize=7)
+        ax.set_yticks(range(len(good)), [c for c, _ in good])
+        ax.invert_yaxis()
+        ax.legend()
+        rate = good[0][1].get("rate")
+        ax.set_title(f"UDP echo round trip, us ({rate:,.0f} probes/s)", fontsize=10)
+    else:
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def summarize_collapsed(text: str, top: int = 15) -> dict[str, list[tuple[str, float]]]:
@@ -384,8 +605,17 @@ class Bench:
         lab.add_address("client", "eth0", f"10.{octet}.1.2/24")
         lab.wait_links_up()
         self.server_addr = lab.addr("router")
-        for port in (PORT, FIELDS_PORT):
+        for port in (PORT, FIELDS_PORT, FLOW_PORT):
             self._start_iperf_server(port)
+        ready = lab.tmpdir / "echo.ready"
+        echo = lab.popen("router", sys.executable, "-c", _ECHO_SCRIPT, self.server_addr, ECHO_PORT, ready)
+
+        def echo_up() -> bool:
+            if echo.poll() is not None:
+                raise RuntimeError(f"UDP echo server exited with {echo.returncode}")
+            return ready.exists()
+
+        lab.wait_for(echo_up, timeout=10, what="UDP echo server")
 
     def _start_iperf_server(self, port: int) -> None:
         lab = self.lab
@@ -445,21 +675,52 @@ class Bench:
                 time.sleep(1.0)
         raise AssertionError("unreachable")
 
+    def offloaded(self) -> int:
+        """Packets nfhooks' offload rules accepted so far in the router (all rules, IPv4)."""
+        text = self.lab.exec("router", "iptables-legacy-save", "-c", check=False).stdout
+        return sum(int(line[1:line.index(":")]) for line in text.splitlines()
+                   if line.startswith("[") and '"nfhooks offload ' in line)
+
     def measure(self, case: str, proto: str, port: int, pid: int | None,
-                queues: Iterable[int] | None) -> Row:
+                queues: Iterable[int] | None, pids: Sequence[int] = ()) -> Row:
+        """One iperf3 test through a consumer: ``pid`` (and ``pids``, e.g. worker processes)
+        are the consumer's processes whose CPU time and peak RSS count."""
+        procs = [pid, *pids] if pid else []
         q0 = self.queue_stats() if pid else []
-        c0 = self.cpu_seconds(pid) if pid else None
+        c0 = [self.cpu_seconds(p) for p in procs]
+        off0 = self.offloaded() if case == "nfhooks flow offload" else 0
         t0 = time.monotonic()
         res = self.iperf(proto, port)
         wall = time.monotonic() - t0
-        c1 = self.cpu_seconds(pid) if pid else None
+        c1 = [self.cpu_seconds(p) for p in procs]
         q1 = self.queue_stats() if pid else []
-        cpu = c1 - c0 if c0 is not None and c1 is not None else None
+        cpu = (sum(b - a for a, b in zip(c0, c1) if a is not None and b is not None)
+               if procs and None not in c0 else None)
         queue = queue_handled(q0, q1, queues) if pid else None
-        rss = self.rss_kib(pid) if pid else None
+        rss = sum(self.rss_kib(p) or 0 for p in procs) if procs else None
         row = Row.build(case, res, wall=wall, cpu=cpu, queue=queue, rss_kib=rss)
+        if case == "nfhooks flow offload" and cpu is not None:
+            # CPU per packet of the whole flow: decided in Python + accepted by the offload rule
+            off = self.offloaded() - off0
+            row.extra["offloaded_packets"] = off
+            n = (row.rx_packets if proto == "udp" else None) or (row.handled or 0) + off
+            row.cpu_us_per_packet = 1e6 * cpu / n if n else None
         self.log(_describe(row))
         return row
+
+    def latency(self, case: str, rate: float, seconds: float) -> dict[str, Any]:
+        """Fixed-rate UDP echo probes from the client to the router's echo server."""
+        self._cport += 1
+        cp = self.lab.exec("client", sys.executable, "-c", _PING_SCRIPT, self.server_addr, ECHO_PORT,
+                           rate, seconds, self._cport, timeout=seconds + 30, check=False)
+        try:
+            doc = json.loads(cp.stdout)
+        except ValueError:
+            raise RuntimeError(f"latency probe failed (exit {cp.returncode}): {cp.stderr[-500:]}") from None
+        st = latency_stats(doc["rtt_ns"], doc["sent"], rate)
+        self.log(f"  latency {case:<10} {rate:,.0f}/s: p50 {_fmt(st['p50_us'], '.0f')} us, "
+                 f"p99 {_fmt(st['p99_us'], '.0f')} us, {st['received']:,}/{st['sent']:,} answered")
+        return st
 
     # -- consumers ---------------------------------------------------------------------
 
@@ -469,10 +730,12 @@ class Bench:
         self.lab.exec("router", "iptables-legacy", "-w", op, "INPUT", "-p", proto, "--dport", port,
                       "-j", "NFQUEUE", "--queue-num", queue)
 
-    def script_consumer(self, mode: str, proto: str) -> Row:
+    @contextlib.contextmanager
+    def consumer(self, mode: str, proto: str, port: int) -> Iterator[subprocess.Popen[Any]]:
+        """The bare/scapy script bound to BARE_QUEUE, with its queue rule for ``port``."""
         lab = self.lab
-        ready = lab.tmpdir / f"consumer-{mode}-{proto}.ready"
-        log_path = lab.tmpdir / f"consumer-{mode}-{proto}.log"
+        ready = lab.tmpdir / f"consumer-{mode}-{proto}-{port}.ready"
+        log_path = lab.tmpdir / f"consumer-{mode}-{proto}-{port}.log"
         with open(log_path, "wb") as logf:
             proc = lab.popen("router", sys.executable, "-c", _CONSUMER_SCRIPT, mode, BARE_QUEUE, ready,
                              stdout=logf, stderr=subprocess.STDOUT)
@@ -483,40 +746,111 @@ class Bench:
                                    f"{log_path.read_text(errors='replace')[-1500:]}")
             return ready.exists()
 
-        lab.wait_for(up, timeout=30, what=f"{mode} consumer bound to queue {BARE_QUEUE}")
-        self.rule("-A", proto, PORT, BARE_QUEUE)
         try:
-            return self.measure(mode, proto, PORT, proc.pid, [BARE_QUEUE])
+            lab.wait_for(up, timeout=30, what=f"{mode} consumer bound to queue {BARE_QUEUE}")
+            self.rule("-A", proto, port, BARE_QUEUE)
+            try:
+                yield proc
+            finally:
+                self.rule("-D", proto, port, BARE_QUEUE)
         finally:
-            self.rule("-D", proto, PORT, BARE_QUEUE)
             _stop(proc)
+
+    def script_consumer(self, mode: str, proto: str) -> Row:
+        with self.consumer(mode, proto, PORT) as proc:
+            return self.measure(mode, proto, PORT, proc.pid, [BARE_QUEUE])
 
     def kernel(self, proto: str) -> Row:
         return self.measure("kernel", proto, PORT, None, None)
 
-    def start_engine(self) -> Any:
+    def start_engine(self, *extra: str, policy: Path | None = None) -> Any:
+        if policy is not None:
+            return self.lab.start_engine(str(policy), "--set", f"port={PORT}", *extra, node="router",
+                                         ready_timeout=30)
         return self.lab.start_engine(str(self.policy), "--set", f"port={PORT}",
-                                     "--set", f"fields_port={FIELDS_PORT}", node="router",
+                                     "--set", f"fields_port={FIELDS_PORT}", "--set", f"flow_port={FLOW_PORT}",
+                                     "--set", f"echo_port={ECHO_PORT}", *extra, node="router",
                                      ready_timeout=30)
 
-    def engine_rows(self, protos: Sequence[str], fields: bool) -> list[Row]:
-        cases = [("nfhooks", PORT)] + ([("nfhooks fields", FIELDS_PORT)] if fields else [])
+    def engine_rows(self, protos: Sequence[str], fields: bool, flow: bool = True,
+                    latency: dict[str, Any] | None = None, rate: float = LATENCY_RATE) -> list[Row]:
+        """The policies/bench.py engine: nfhooks, nfhooks fields, nfhooks flow offload rows,
+        and the engine's latency probe (into ``latency``)."""
+        cases = [("nfhooks", PORT)] + ([("nfhooks fields", FIELDS_PORT)] if fields else []) \
+            + ([("nfhooks flow offload", FLOW_PORT)] if flow else [])
         try:
             engine = self.start_engine()
         except Exception as e:  # noqa: BLE001 -- the other rows are still worth reporting
             self.log(f"  nfhooks: engine did not start: {e}")
+            if latency is not None:
+                latency["nfhooks"] = {"error": f"engine did not start: {e}"}
             return [Row(c, p, error=f"engine did not start: {e}") for p in protos for c, _ in cases]
         rows = []
         try:
             for proto in protos:
-                for case, port in (("nfhooks", PORT), ("nfhooks fields", FIELDS_PORT)):
-                    if case == "nfhooks fields" and not fields:
-                        continue
+                for case, port in cases:
                     rows.append(self._guard(case, proto, lambda: self.measure(
                         case, proto, port, engine.pid, None)))
+            if latency is not None:
+                latency["nfhooks"] = self._guard_latency("nfhooks", rate)
         finally:
             engine.stop()
         return rows
+
+    def bench20_rows(self, protos: Sequence[str]) -> list[Row]:
+        case = "nfhooks 20 handlers"
+        try:
+            engine = self.start_engine(policy=BENCH20_POLICY)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"  {case}: engine did not start: {e}")
+            return [Row(case, p, error=f"engine did not start: {e}") for p in protos]
+        try:
+            return [self._guard(case, proto, lambda: self.measure(case, proto, PORT, engine.pid, None))
+                    for proto in protos]
+        finally:
+            engine.stop()
+
+    def workers_rows(self, protos: Sequence[str], workers: int = 2) -> list[Row]:
+        """``nfhooks run --workers N`` if this nfhooks has it; otherwise rows saying so."""
+        case = f"nfhooks {workers} workers"
+        helptext = subprocess.run([sys.executable, "-m", "nfhooks", "run", "--help"], capture_output=True,
+                                  text=True, env={**os.environ, "COLUMNS": "200"}).stdout
+        if "--workers" not in helptext:
+            self.log(f"  {case}: {NOT_AVAILABLE} (nfhooks run has no --workers)")
+            return [Row(case, p, error=f"{NOT_AVAILABLE}: nfhooks run has no --workers yet") for p in protos]
+        try:
+            engine = self.start_engine("--workers", str(workers))
+        except Exception as e:  # noqa: BLE001
+            self.log(f"  {case}: engine did not start: {e}")
+            return [Row(case, p, error=f"engine did not start: {e}") for p in protos]
+        try:
+            def children() -> list[int]:
+                out = subprocess.run(["pgrep", "-P", str(engine.pid)], capture_output=True, text=True).stdout
+                kids = [int(x) for x in out.split()]
+                # `ip netns exec` may exec in place or fork: include grandchildren
+                for k in list(kids):
+                    out = subprocess.run(["pgrep", "-P", str(k)], capture_output=True, text=True).stdout
+                    kids += [int(x) for x in out.split()]
+                return kids
+
+            return [self._guard(case, proto, lambda: self.measure(
+                case, proto, PORT, engine.pid, None, pids=children())) for proto in protos]
+        finally:
+            engine.stop()
+
+    def _guard_latency(self, case: str, rate: float, seconds: float | None = None) -> dict[str, Any]:
+        try:
+            return self.latency(case, rate, seconds or self.seconds)
+        except Exception as e:  # noqa: BLE001
+            self.log(f"  latency {case}: FAILED: {e}")
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    def bare_latency(self, rate: float) -> dict[str, Any]:
+        try:
+            with self.consumer("bare", "udp", ECHO_PORT):
+                return self._guard_latency("bare", rate)
+        except Exception as e:  # noqa: BLE001
+            return {"error": f"{type(e).__name__}: {e}"}
 
     def profile(self, out: Path, seconds: float, native: bool) -> dict[str, Any]:
         """py-spy on the engine while a UDP flood runs (a separate run: sampling slows it)."""
@@ -551,14 +885,23 @@ class Bench:
             self.log(f"  {case} {proto}: FAILED: {e}")
             return Row(case, proto, error=f"{type(e).__name__}: {e}")
 
-    def run(self, protos: Sequence[str], fields: bool, scapy: bool) -> list[Row]:
+    def run(self, protos: Sequence[str], fields: bool, scapy: bool, *, more: bool = True,
+            latency: dict[str, Any] | None = None, rate: float = LATENCY_RATE) -> list[Row]:
+        """Every row; ``more``: also the 20-handler, flow offload and workers rows.
+        ``latency`` (a dict) receives the latency probes: kernel, bare, nfhooks."""
         rows: list[Row] = []
+        if latency is not None:
+            latency["kernel"] = self._guard_latency("kernel", rate)
+            latency["bare"] = self.bare_latency(rate)
         for proto in protos:
             rows.append(self._guard("kernel", proto, lambda: self.kernel(proto)))
             rows.append(self._guard("bare", proto, lambda: self.script_consumer("bare", proto)))
             if scapy:
                 rows.append(self._guard("scapy", proto, lambda: self.script_consumer("scapy", proto)))
-        rows += self.engine_rows(protos, fields)
+        rows += self.engine_rows(protos, fields, flow=more, latency=latency, rate=rate)
+        if more:
+            rows += self.bench20_rows(protos)
+            rows += self.workers_rows(protos)
         order = {c: i for i, c in enumerate(CASES)}
         rows.sort(key=lambda r: (protos.index(r.proto), order.get(r.case, 99)))
         return rows
@@ -608,7 +951,9 @@ def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[s
     for r in rows:
         traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
         if r.error:
-            t.add_row(traffic, r.case, f"[red]failed: {escape(r.error.splitlines()[0][:80])}[/red]", *[""] * 8)
+            style = "yellow" if r.error.startswith(NOT_AVAILABLE) else "red"
+            what = "" if r.error.startswith(NOT_AVAILABLE) else "failed: "
+            t.add_row(traffic, r.case, f"[{style}]{what}{escape(r.error.splitlines()[0][:80])}[/{style}]", *[""] * 8)
             continue
         t.add_row(traffic, r.case, _fmt(r.tx_pps, ",.0f"), _fmt(r.pps, ",.0f"), _fmt(r.gbps, ".3f"),
                   _fmt(r.lost_pct, ".1f"), _fmt(r.handled, ","), _fmt(r.queue_dropped, ","),
@@ -646,6 +991,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, metavar="PATH",
                     help="also run py-spy on the engine under the UDP flood; raw stacks to PATH")
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
+    ap.add_argument("--latency-rate", type=float, default=LATENCY_RATE,
+                    help="UDP echo probes per second for the latency rows (default %(default)g)")
+    ap.add_argument("--no-latency", action="store_true", help="skip the latency probes")
+    ap.add_argument("--markdown", type=Path, default=Path("bench-results.md"),
+                    help="write the markdown tables here (default %(default)s)")
+    ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "img" / "bench.png",
+                    help="write the PNG chart here (needs matplotlib: pip install -e '.[docs]'); "
+                         "'-' for none (default docs/img/bench.png)")
+    ap.add_argument("--docs", type=Path, metavar="MD",
+                    help="also put the markdown tables into MD between the bench markers "
+                         "(e.g. docs/performance.md)")
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0:
@@ -669,7 +1025,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nfhooks bench: lab {lab.id} (client -- router), {seconds:g} s per row", flush=True)
         bench = Bench(lab, seconds, args.policy, log=lambda s: print(s, flush=True))
         bench.build()
-        rows = bench.run(protos, fields=not args.quick, scapy=not args.no_scapy)
+        latency: dict[str, Any] | None = None if args.no_latency else {}
+        rows = bench.run(protos, fields=not args.quick, scapy=not args.no_scapy, more=not args.quick,
+                         latency=latency, rate=args.latency_rate)
         if args.profile:
             try:
                 profile = bench.profile(args.profile, max(seconds, 5.0), args.profile_native)
@@ -678,7 +1036,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["wall_seconds"] = round(time.monotonic() - t0, 1)
     rat = ratios(rows)
     render(rows, rat, meta)
-    doc: dict[str, Any] = {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": rat}
+    doc: dict[str, Any] = {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": rat,
+                           "latency": latency or {}, "latency_added": added_latency(latency or {})}
+    md = markdown(rows, latency or {}, meta)
+    args.markdown.write_text(md)
+    print(md)
+    print(f"markdown: {args.markdown}")
+    if args.docs:
+        args.docs.write_text(replace_block(args.docs.read_text(), md))
+        print(f"tables written into {args.docs}")
+    if str(args.chart) != "-":
+        try:
+            chart(rows, latency or {}, args.chart,
+                  f"nfhooks bench, one run: {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['time']}")
+            print(f"chart: {args.chart}")
+        except ImportError:
+            print("nfhooks bench: no chart: matplotlib is not installed (pip install -e '.[docs]')", file=sys.stderr)
     if profile is not None:
         doc["profile"] = profile
         print(f"profile: {profile['samples']} samples in {args.profile}; top self time:")
@@ -689,7 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {pct:5.1f}%  {k}")
     Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"results: {args.json} ({meta['wall_seconds']} s)")
-    return 1 if any(r.error for r in rows) else 0
+    return 1 if any(r.error and not r.error.startswith(NOT_AVAILABLE) for r in rows) else 0
 
 
 if __name__ == "__main__":

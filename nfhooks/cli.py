@@ -104,6 +104,30 @@ def _pcap_writer(path: Optional[Path], max_bytes: int, files: int, metrics):  # 
     return tap
 
 
+def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: str,  # type: ignore[no-untyped-def]
+                   public_metrics: bool) -> None:
+    """`run --workers N` (workers.py): the main process owns the rules, N processes decide."""
+    from .engine import hooks_summary
+    from .install import KernelError
+    from .owner import OwnedElsewhere
+    from .workers import run_workers
+
+    if tap is not None:
+        _fail("--pcap cannot be combined with --workers yet")
+    for line in hooks_summary(engine.ruleset):
+        say(f"  {line}")
+    try:
+        code = run_workers(engine.policy, engine.ruleset, workers, options=engine.queue_options,
+                           cpu_fanout=cpu_fanout, metrics_addr=metrics_addr,
+                           allow_public=public_metrics, budget=getattr(engine, "handler_budget", 0.0),
+                           timeout=getattr(getattr(engine, "watchdog", None), "timeout", None), say=say)
+    except (KernelError, OwnedElsewhere, ValueError, OSError) as e:
+        _fail(str(e))
+        return
+    say("nfhooks: stopped, rules removed")
+    raise typer.Exit(code)
+
+
 def _queue_options(maxlen: int, rcvbuf: Optional[int], gso: bool):  # type: ignore[no-untyped-def]
     from .queue import QueueOptions
 
@@ -136,6 +160,10 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                                    "bytes per queue (SO_RCVBUFFORCE); default: room for a full queue"),
         gso: bool = typer.Option(False, "--gso", help="queue GSO/GRO packets whole (NFQA_CFG_F_GSO) for "
                                  "handlers that neither read nor rewrite the payload"),
+        workers: int = typer.Option(1, "--workers", help="processes deciding packets; each handler's "
+                                    "traffic is spread over N queues by address (--queue-balance)"),
+        queue_cpu_fanout: bool = typer.Option(False, "--queue-cpu-fanout", help="with --workers: pick the "
+                                              "queue by CPU instead of by address hash"),
         handler_budget: float = typer.Option(50.0, "--handler-budget", help="ms a handler may take per packet; "
                                              "a later verdict is replaced by the hook's default (0: off)"),
         handler_timeout: float = typer.Option(1.0, "--handler-timeout", help="s after which a handler that has "
@@ -165,6 +193,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     except PolicyError as e:
         _fail(str(e))
         return
+    if workers != 1:
+        _serve_workers(engine, workers, queue_cpu_fanout, tap, metrics_addr, public_metrics)
     where = "off"
     try:
         if metrics_addr != "off":

@@ -136,6 +136,8 @@ class Dispatcher:
         # flow=True (offload.py): an accept also saves the decision in the connmark (NF_REPEAT)
         flow_save = self.offload.save(handler) if self.offload is not None else None
         flow_bits, flow_clear = flow_save if flow_save else (0, 0)
+        # accept is the common verdict: given straight away where it is allowed and not a flow save
+        fast_accept = "accept" in allowed and flow_save is None
 
         def apply(nfpkt: Any, v: Verdict, mark: int, nbytes: int, ctr: dict[str, Any]) -> None:
             t = type(v)
@@ -201,7 +203,10 @@ class Dispatcher:
                                  f"applied the {hook} default ({default.kind})", None, pfile)
                     apply(nfpkt, default, mark, nbytes, default_counters)
                     return
-                if v is None:
+                if type(v) is Accept and fast_accept:  # no checks, no apply(): see docs/performance.md
+                    counters["accept"].count(nbytes)
+                    nfpkt.accept()
+                elif v is None:
                     counters[NONE_LABEL].count(nbytes)
                     nfpkt.set_mark((mark & res_clear) | resume_bits)
                     nfpkt.repeat()
@@ -439,7 +444,10 @@ class Engine:
                 self.policy, self.ruleset, self.nat, self.dispatcher = old_policy, old_rs, old_nat, old_disp
             return self._reload_done(False, f"reload failed installing generation {rs.generation}, policy "
                                             f"{old_policy.name} keeps running: {e}")
-        retire_stamps(old_rs.generation)
+        try:
+            retire_stamps(old_rs)
+        except Exception as e:  # noqa: BLE001 -- both sets stay correct; the old one just keeps stamping
+            log.error("could not stop generation %d from stamping new packets: %s", old_rs.generation, e)
         now = time.monotonic()
         self.retiring.append((old_rs, now, 0.0))
         self._publish()
@@ -475,7 +483,12 @@ class Engine:
             elif not empty:
                 empty_since = 0.0
             if force or now - since > self.RETIRE_TIMEOUT or (empty_since and now - empty_since >= self.RETIRE_GRACE):
-                removed = remove_generation(rs.generation)
+                try:
+                    removed = remove_generation(rs.generation)
+                except Exception as e:  # noqa: BLE001 -- keep serving; try again on the next tick
+                    log.error("could not remove generation %d: %s", rs.generation, e)
+                    keep.append((rs, since, empty_since))
+                    continue
                 for num in rs.queues:
                     self.queues.unbind(num)
                 log.info("generation %d retired: %s", rs.generation, "; ".join(removed) or "nothing installed")

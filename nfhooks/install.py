@@ -153,34 +153,40 @@ def install(rs: RuleSet) -> None:
 
 def generation_chains(generation: int) -> set[str]:
     """Names of every chain a generation may own (its hooks' chains and its CONNSAVE)."""
-    return {chain_name(h, generation) for h in (*HOOKS, "CONNSAVE")}
+    return {chain_name(h, generation) for h in (*HOOKS, "CONNSAVE", *(f"FLOW-{h}" for h in HOOKS))}
 
 
-def retire_stamps(generation: int) -> int:
-    """Stop ``generation``'s chains from stamping new packets (hot reload, step 2).
+def retire_stamps(rs: RuleSet) -> int:
+    """Stop ``rs``'s chains from stamping new packets (hot reload, step 2).
 
     Packets it already stamped still get its verdicts until it is removed; unstamped ones pass
-    through its chains untouched, to the new generation. Returns the stamp rules removed.
+    through its chains untouched, to the new generation. One ``ip(6)tables-legacy-restore
+    --noflush`` per family deleting each stamp rule by its exact text (atomic per table; not
+    python-iptables, which cannot read the NAT targets in our nat chains, see append_rule).
+    Returns the stamp rules removed.
     """
-    ours = generation_chains(generation)
     n = 0
-    with xtables_lock():
-        for fam in FAMILIES:
-            for table in TABLE_ORDER:
-                t = _table(fam, table)
-                changed = False
-                for c in t.chains:
-                    if c.name not in ours:
-                        continue
-                    for r in list(c.rules)[:1]:
-                        if r.target is not None and r.target.name == "MARK" and _comment_of(r) == f"{COMMENT} gen":
-                            c.delete_rule(r)
-                            changed = True
-                            n += 1
-                if changed:
-                    t.commit()
-                t.refresh()
+    for fam in FAMILIES:
+        lines: list[str] = []
+        for f, table in rs.tables():
+            if f != fam:
+                continue
+            stamps = [r for r in rs.rules[(f, table)] if r.comment == f"{COMMENT} gen" and r.target == "MARK"]
+            if stamps:
+                lines += [f"*{table}", *("-D" + r.render()[2:] for r in stamps), "COMMIT"]
+                n += len(stamps)
+        if lines:
+            _restore(fam, lines)
     return n
+
+
+def _restore(family: int, lines: list[str]) -> None:
+    tool = "ip6tables-legacy-restore" if family == 6 else "iptables-legacy-restore"
+    if not shutil.which(tool):
+        raise KernelError(f"{tool} not found: install Debian's iptables package")
+    cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(lines) + "\n", capture_output=True, text=True)
+    if cp.returncode:
+        raise KernelError(f"{tool} refused: {cp.stderr.strip() or cp.returncode}")
 
 
 def remove_generation(generation: int) -> list[str]:

@@ -151,7 +151,10 @@ class PcapWriter:
     # -- files ------------------------------------------------------------------------
 
     def _open(self) -> None:
-        f = open(self.path, "wb", buffering=self.buffer_size)  # noqa: SIM115 -- closed in rotate/close
+        # 0600: a capture holds payloads, which are nobody else's business (a file that
+        # already exists keeps its mode)
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        f = os.fdopen(fd, "wb", buffering=self.buffer_size)  # closed in _rotate/close
         f.write(self.header)
         self._f = f
         self._size = len(self.header)

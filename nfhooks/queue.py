@@ -58,8 +58,11 @@ COPY_RANGE = 0xFFFF  # asked for; clamped to MAX_COPY (tests lower it to force t
 MAX_COPY = 4096 - 128
 BUDGET = 64  # packets per queue per pass of the loop
 DEFAULT_MAXLEN = 4096
-#: Bytes one queued message may take in the socket buffer (NetfilterQueue's SockCopySize:
-#: a 4 KB copy plus skb overhead); the default rcvbuf holds ``maxlen`` of them.
+#: NetfilterQueue's SockCopySize (a 4 KB copy plus overhead). The default rcvbuf is
+#: ``maxlen`` of these; the kernel doubles a SO_RCVBUF(FORCE) value for its bookkeeping, and
+#: twice this covers the ~8.4 KB truesize of a maximal message, so a full queue, not the
+#: socket, is what overflows first (counted, and fail-open aware). Memory is bounded by
+#: ``maxlen`` either way: no more messages than queued packets can be in the socket.
 MESSAGE_TRUESIZE = 4096 + 780
 
 
@@ -450,11 +453,11 @@ class OverloadCollector:
             enobufs.add_metric(labels, b.counter.enobufs, created=self.created)
             info.add_metric([*labels, "open" if b.fail_open else "closed", "on" if b.gso else "off",
                              str(b.maxlen), str(b.rcvbuf)], 1)
-            if b.fail_open:
-                st = stats.get(num)
-                if st is not None and num in rules:
-                    value = bypassed(rules[num], st.queue_dropped, st.user_dropped, st.queue_total, n)
-                    b.bypassed_high = max(b.bypassed_high, value)
+            st = stats.get(num)
+            if b.fail_open and st is not None and num in rules:
+                # derivable only where one rule feeds exactly this queue (not --queue-balance)
+                value = bypassed(rules[num], st.queue_dropped, st.user_dropped, st.queue_total, n)
+                b.bypassed_high = max(b.bypassed_high, value)
                 bypass.add_metric(labels, b.bypassed_high, created=self.created)
         yield received
         yield enobufs

@@ -659,10 +659,49 @@ def remove_owned() -> list[str]:
 
 
 def start(ruleset: "RuleSet") -> None:
-    """Engine.start: set up routing/shaping when the policy has any (a no-op otherwise)."""
+    """Engine.start: set up routing/shaping when the policy has any (a no-op otherwise).
+
+    Runs before the iptables rules are installed, so the ip rules, routes and qdiscs exist
+    before any packet can carry a route or class mark.
+    """
     rs = getattr(ruleset, "routeshape", None)
     if rs is not None:
         rs.setup()
+        _install_nat(ruleset)
+
+
+def _install_nat(ruleset: "RuleSet") -> None:
+    """The uplink NAT chain, through ``ip(6)tables-legacy-restore --noflush`` (one commit per
+    family), taken out of what python-iptables installs: python-iptables cannot create
+    MASQUERADE/SNAT for both families in one process (see install.append_rule). The chain is
+    ``NFH-*`` and the jump tagged ``nfhooks``, so install.remove_all removes them as usual."""
+    import shutil
+    import subprocess
+
+    from .install import KernelError, xtables_lock
+
+    for fam in (4, 6):
+        key = (fam, "nat")
+        chains = [c for c in ruleset.chains.get(key, []) if c.startswith("NFH-" + ROUTE_NAT_CHAIN)]
+        if not chains:
+            continue
+        rules = [r for r in ruleset.rules[key] if r.chain in chains]
+        jumps = [j for j in ruleset.jumps[key] if j.target in chains]
+        ruleset.rules[key] = [r for r in ruleset.rules[key] if r.chain not in chains]
+        ruleset.jumps[key] = [j for j in ruleset.jumps[key] if j.target not in chains]
+        ruleset.chains[key] = [c for c in ruleset.chains[key] if c not in chains]
+        if not ruleset.chains[key]:
+            del ruleset.chains[key], ruleset.rules[key], ruleset.jumps[key]
+        tool = "ip6tables-legacy-restore" if fam == 6 else "iptables-legacy-restore"
+        if not shutil.which(tool):
+            raise KernelError(f"{tool} not found: install Debian's iptables package")
+        text = ["*nat", *(f":{c} - [0:0]" for c in chains), *(r.render() for r in rules),
+                *("-I" + j.render()[2:] for j in reversed(jumps)), "COMMIT", ""]
+        with xtables_lock():
+            pass  # wait for a concurrent python-iptables commit; the tool's -w takes the lock itself
+        cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(text), capture_output=True, text=True)
+        if cp.returncode:
+            raise KernelError(f"{tool} refused the uplink NAT rules: {cp.stderr.strip() or cp.returncode}")
 
 
 def stop(ruleset: "RuleSet", owned: bool = True) -> None:

@@ -141,6 +141,11 @@ def loopback6(pkt):
     return accept()
 
 
+@policy.input(proto="udp", dport=tunnel_port)
+def tunnel_in(pkt):
+    return accept()  # the tunnel's UDP from the other office (the encapsulated packets)
+
+
 @policy.input(ctstate={"ESTABLISHED", "RELATED"})
 def established(pkt):
     return accept()
@@ -154,11 +159,6 @@ def icmp(pkt):
 @policy.input(proto="icmpv6")
 def icmpv6(pkt):
     return accept()  # echo, and neighbour discovery: without it IPv6 stops working
-
-
-@policy.input(proto="udp", dport=tunnel_port)
-def tunnel_in(pkt):
-    return accept()  # the tunnel's UDP from the other office (the encapsulated packets)
 
 
 @policy.input(proto="tcp", dport=service_port)

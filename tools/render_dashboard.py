@@ -7,7 +7,9 @@ the router's namespace (the shipped config with faster timing). Traffic from the
 follows a fixed script -- steady accepts, forwarded connections and drops, a burst of handler
 errors, a UDP flood that overruns a kernel queue, then slow decisions -- and afterwards every
 panel's query of deploy/grafana/nfhooks-dashboard.json runs through Prometheus' range API and
-is drawn with matplotlib in the dashboard's own layout (gridPos). Only the range of ``rate()``
+is drawn with matplotlib in the dashboard's own layout (gridPos). Meanwhile ``nfhooks top`` runs
+in a detached tmux in the router's namespace; its pane, captured with colours
+(``tmux capture-pane -e``), is drawn with PIL: docs/img/top.png. Only the range of ``rate()``
 differs from Grafana: ``[15s]`` instead of ``$__rate_interval``, which for a run of a minute or
 two would be too smooth to show the events. Nothing is invented: an empty panel stays empty.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -88,7 +91,7 @@ def legend(fmt: str, labels: dict[str, str]) -> str:
     return text.strip() or ",".join(f"{k}={v}" for k, v in labels.items() if k != "__name__")
 
 
-def collect(duration: float) -> dict[str, Any]:
+def collect(duration: float, top: bool = True) -> dict[str, Any]:
     """Run the lab, the traffic and Prometheus; return every panel's query results."""
     from nfhooks.lab import Lab
     from nfhooks.metrics import DEFAULT_METRICS_ADDR
@@ -105,13 +108,14 @@ def collect(duration: float) -> dict[str, Any]:
         start = time.time()
         traffic = lab.popen("client", sys.executable, "-c", TRAFFIC, lab.addr("router"),
                             lab.addr("server"), duration)
+        top_ansi = capture_top(lab, start + 0.38 * duration) if top else None
         traffic.wait(duration + 60)
         lab.wait_for(lambda: prom.result("sum(nfhooks_queue_waiting_packets) == 0"), timeout=60,
                      interval=0.5, what="the kernel queues drained")
         end = time.time() + 2
         lab.wait_for(lambda: time.time() > end + 1.5, timeout=10, interval=0.25,
                      what="a scrape after the traffic")  # 1 s scrapes: the last points are in
-        results: dict[str, Any] = {"start": start, "end": end, "panels": []}
+        results: dict[str, Any] = {"start": start, "end": end, "panels": [], "top": top_ansi}
         for p in panels(dashboard):
             entry = {"title": p.get("title", "").replace("$hook", "All hooks"), "type": p["type"],
                      "gridPos": p["gridPos"], "series": []}
@@ -136,6 +140,66 @@ def collect(duration: float) -> dict[str, Any]:
             results["panels"].append(entry)
         engine.stop()
     return results
+
+
+def capture_top(lab: Any, at: float) -> str:
+    """`nfhooks top` in a detached tmux (its own socket, named after the lab) in the router's
+    namespace; the pane with its colours (capture-pane -e) once it shows rates, at ``at``."""
+    import shutil
+    import subprocess
+
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        raise SystemExit("tmux is not installed (Debian: apt-get install tmux)")
+    sock = lab.ns_name("tmux")  # nfhlab-<id>-tmux: a server of our own, ended below
+    cmd = ["ip", "netns", "exec", lab.ns_name("router"), sys.executable, "-m", "nfhooks", "top",
+           "--interval", "2"]
+    base = [tmux, "-L", sock]
+    subprocess.run([*base, "-f", "/dev/null", "new-session", "-d", "-s", sock, "-x", "104", "-y", "16",
+                    "env", "TERM=xterm-256color", "COLUMNS=104", *cmd], check=True, timeout=10)
+    try:
+        def pane() -> str:
+            return subprocess.run([*base, "capture-pane", "-e", "-p", "-t", sock], capture_output=True,
+                                  text=True, check=True, timeout=10).stdout
+
+        lab.wait_for(lambda: time.time() >= at and "/s)" in pane(), timeout=120, interval=0.5,
+                     what="nfhooks top showing rates")
+        return pane()
+    finally:
+        subprocess.run([*base, "kill-server"], capture_output=True, timeout=10)
+        Path(f"/tmp/tmux-{os.getuid()}/{sock}").unlink(missing_ok=True)  # tmux leaves its socket
+
+
+def render_ansi(text: str, out: Path) -> None:
+    """A terminal capture (ANSI colours) drawn with PIL in DejaVu Sans Mono (matplotlib's)."""
+    import matplotlib.font_manager as fm
+    from PIL import Image, ImageDraw, ImageFont
+    from rich.text import Text
+
+    size, pad = 15, 14
+    regular = ImageFont.truetype(fm.findfont("DejaVu Sans Mono"), size)
+    bold = ImageFont.truetype(fm.findfont(fm.FontProperties(family="DejaVu Sans Mono", weight="bold")), size)
+    ascent, descent = regular.getmetrics()
+    cw, ch = regular.getlength("M"), ascent + descent  # no gap: box-drawing lines join
+    lines = [Text.from_ansi(line) for line in text.rstrip("\n").split("\n")]
+    width = max(len(t.plain) for t in lines)
+    img = Image.new("RGB", (int(cw * width) + 2 * pad, ch * len(lines) + 2 * pad), (24, 27, 31))
+    draw = ImageDraw.Draw(img)
+    default = (204, 204, 220)
+    for row, t in enumerate(lines):
+        styles: list[Any] = [None] * len(t.plain)
+        for span in t.spans:
+            for i in range(span.start, min(span.end, len(styles))):
+                styles[i] = span.style
+        for col, char in enumerate(t.plain):
+            st = styles[col]
+            color = default
+            if st is not None and not isinstance(st, str) and st.color is not None and not st.color.is_default:
+                color = tuple(st.color.get_truecolor())
+            font = bold if st is not None and not isinstance(st, str) and st.bold else regular
+            draw.text((pad + col * cw, pad + row * ch), char, fill=color, font=font)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out, optimize=True)
 
 
 def render(results: dict[str, Any], out: Path) -> None:
@@ -208,15 +272,21 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=90.0, help="seconds of scripted traffic")
     ap.add_argument("--data", type=Path, help="also save (or, with --replot, read) the query results (JSON)")
     ap.add_argument("--replot", action="store_true", help="draw from --data without a lab run")
+    ap.add_argument("--top-out", type=Path, default=ROOT / "docs" / "img" / "top.png",
+                    help="`nfhooks top` captured from tmux during the run ('' to skip)")
     args = ap.parse_args()
+    top = bool(str(args.top_out)) and str(args.top_out) != "."
     if args.replot:
         results = json.loads(args.data.read_text())
     else:
-        results = collect(args.duration)
+        results = collect(args.duration, top=top)
         if args.data:
             args.data.write_text(json.dumps(results))
     render(results, args.out)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB)")
+    if top and results.get("top"):
+        render_ansi(results["top"], args.top_out)
+        print(f"wrote {args.top_out} ({args.top_out.stat().st_size // 1024} KiB)")
     return 0
 
 

@@ -1242,7 +1242,15 @@ def _lab_id() -> str:
     return os.environ.get(ID_PREFIX_ENV, "") + RUN_TAG + secrets.token_hex(3)[:5]
 
 
+_MAIN_PID = os.getpid()
+
+
 def _on_sigterm(_signum: int, _frame: Any) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A fork of this process (pyroute2 forks a helper for each IPRoute(netns=...) and
+        # stops it with SIGTERM): it inherited this handler, but it must never unwind into
+        # the run's `finally` and tear the lab down (that SIGKILLed the lab's tunnels).
+        os._exit(_EXIT_SIGTERM)
     raise SystemExit(_EXIT_SIGTERM)  # unwinds through the finally that removes the lab
 
 
@@ -1260,6 +1268,8 @@ def run(cfg: LabConfig, console: Console | None = None) -> int:
     if cfg.keep:
         _refuse_second_kept_lab()
     skip = _loopback_handlers(pol)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     lab: Lab | None = None
     kept = False

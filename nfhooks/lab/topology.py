@@ -620,6 +620,8 @@ class Lab:
         self._owner_written = False
         self._closed = False
         self._seq = 0
+        #: close() acts only in this process, never in a fork of it (pyroute2 forks helpers)
+        self._pid = os.getpid()
         #: seconds the last build (router_topology) took
         self.build_seconds: float | None = None
         #: (n, ula): the lab's 10.n.0.0/16 and ULA /48 (set by router_topology)
@@ -1146,7 +1148,7 @@ class Lab:
         """Stop tracked processes (SIGTERM, SIGKILL after 3 s, by PID), then any process
         still inside a lab namespace (all started through this lab), then remove the
         namespaces (and with them every veth) and the temp dir. Idempotent."""
-        if self._closed:
+        if self._closed or os.getpid() != self._pid:
             return
         self._closed = True
         errors: list[str] = []

@@ -200,3 +200,31 @@ def test_installed_offload_rules_are_what_the_compiler_renders(offload_lab):
     got = lab.exec("router", sys.executable, "-m", "nfhooks", "rules", "--save", timeout=30).stdout
     assert got == want
     assert "--ctdir REPLY" in got and "-g NFH-FLOW-INPUT" in got
+
+
+def test_hot_reload_invalidates_earlier_decisions_and_cleans_its_chains(offload_lab):
+    lab, policy = offload_lab
+    lab.start_engine(policy)
+    gen1 = flow_generation(lab)
+    proc, go, out = start_client(lab, 7101, 3, "reload")
+    lab.wait_for(lambda: phases_done(out), timeout=30, what="phase 1 of the open connection")
+    assert handled(lab, "flow_web") == 1
+
+    def reload(expect_generation: int) -> None:
+        r = lab.exec("router", sys.executable, "-m", "nfhooks", "reload", check=False, timeout=60)
+        assert r.returncode == 0 and f"generation {expect_generation}" in r.stderr, r.stderr
+        # the retired generation's chains (its flow-save chain included) go once its queues are empty
+        lab.wait_for(lambda: sum(line.startswith(":NFH-FLOW-INPUT") for line in nfh_lines(lab)) == 2,
+                     timeout=15, what="one NFH-FLOW-INPUT chain per family after the reload")
+
+    reload(2)
+    assert flow_generation(lab) != gen1
+    go(2)  # decided by the old policy: the reloaded one asks Python again
+    lab.wait_for(lambda: len(phases_done(out)) == 2, timeout=30, what="phase 2 after the reload")
+    asked = handled(lab, "flow_web")
+    assert asked >= 2
+    go(3)
+    assert proc.wait(60) == 0
+    assert phases_done(out) == [f"phase1 {SIZE}", f"phase2 {SIZE}", f"phase3 {SIZE}"]
+    assert handled(lab, "flow_web") == asked  # re-decided once, then offloaded again
+    reload(1)  # back to generation 1's chain names: nothing of the first generation 1 is left over

@@ -118,3 +118,127 @@ def test_a_packet_longer_than_the_copy_range_still_gets_its_verdict(nfh_lab, tmp
     assert lab.udp_send("client", lab.addr("router"), 9001, big, timeout=3) == big
     assert metric(lab, "nfhooks_handler_packets_total", handler="big", verdict="accept") == 1
     assert metric(lab, "nfhooks_queue_waiting_packets", handler="big") == 0
+
+
+_SPREAD = """
+import socket, sys
+dst, port, addrs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+for a in addrs:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((a, 40000))  # fixed source port: --queue-balance hashes addresses only
+    s.sendto(b"spread", (dst, port))
+    s.close()
+print(len(addrs))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_workers_share_a_handler_by_address_and_metrics_add_up(nfh_lab, tmp_path):
+    lab = nfh_lab
+    n_workers, n_addrs = 2, 200
+    pol = tmp_path / "spread.py"
+    pol.write_text("from nfhooks import Policy, accept\npolicy = Policy()\n"
+                   "@policy.input(proto='udp', dport=9001)\ndef spread(pkt):\n    return accept()\n")
+    eng = lab.start_engine(str(pol), "--workers", str(n_workers), "--queue-base", "10")
+    saved = lab.exec("router", "iptables-legacy-save").stdout
+    assert f"--queue-balance 10:{10 + n_workers - 1}" in saved, saved
+    # the client gets 200 more addresses in its LAN (inside its namespace only)
+    client = lab.addr("client")
+    prefix = client.rsplit(".", 1)[0]
+    addrs = [f"{prefix}.{i}" for i in range(20, 20 + n_addrs)]
+    lab.exec("client", "ip", "-batch", "-", input="".join(f"addr add {a}/32 dev eth0\n" for a in addrs))
+    lab.exec("client", sys.executable, "-c", _SPREAD, lab.addr("router"), 9001, *addrs, timeout=30)
+
+    def per_queue() -> dict[str, float]:
+        text = lab.exec("router", "curl", "-s", "-m", "5", "http://127.0.0.1:9477/metrics").stdout
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("nfhooks_queue_received_packets_total{"):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                out[labels["queue"]] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    counts = lab.wait_for(lambda: (c if sum((c := per_queue()).values()) >= n_addrs else None),
+                          timeout=20, what=f"{n_addrs} packets received over the workers")
+    assert sorted(counts) == [str(10 + w) for w in range(n_workers)]
+    fair = n_addrs / n_workers
+    assert all(abs(c - fair) <= 0.3 * fair for c in counts.values()), counts  # binomial sd is 7
+    # one endpoint, the sum of the workers' counters
+    assert metric(lab, "nfhooks_handler_packets_total", handler="spread", verdict="accept") == n_addrs
+    assert metric(lab, "nfhooks_worker_up") == n_workers
+    # each queue is bound by a different process (its netlink port id)
+    table = lab.exec("router", "cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split("\n")
+    ports = {f.split()[1] for f in table if f.split() and f.split()[0] in counts}
+    assert len(ports) == n_workers, table
+    # SIGTERM: rules removed, workers gone, queues unbound
+    eng.proc.terminate()
+    assert eng.proc.wait(15) == 0, eng.log()[-2000:]
+    assert "NFH-" not in lab.exec("router", "iptables-legacy-save").stdout
+    table = lab.exec("router", "cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split("\n")
+    assert not [f for f in table if f.split() and f.split()[0] in counts], table
+    print(f"workers: {counts} of {n_addrs}")
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_worker_stops_the_engine_and_its_rules(nfh_lab, tmp_path):
+    """A worker killed -9 leaves its share of the traffic without a server: the main process
+    notices, removes every rule (so the hook's fail mode no longer applies to half the
+    traffic only), stops the other workers and exits 1."""
+    import os
+    import signal
+
+    lab = nfh_lab
+    pol = tmp_path / "two.py"
+    pol.write_text("from nfhooks import Policy, accept\npolicy = Policy()\n"
+                   "@policy.input(proto='udp', dport=9001)\ndef two(pkt):\n    return accept()\n")
+    eng = lab.start_engine(str(pol), "--workers", "2")
+    pids = [int(p) for p in re.findall(r"worker \d pid (\d+)", eng.log())]
+    assert len(pids) == 2 and "NFH-" in lab.exec("router", "iptables-legacy-save").stdout
+    os.kill(pids[0], signal.SIGKILL)  # a process this test started (through the engine), by PID
+    assert eng.proc.wait(15) == 1, eng.log()[-2000:]
+    assert "worker 0" in eng.log() and "exit -9" in eng.log()
+    assert "NFH-" not in lab.exec("router", "iptables-legacy-save").stdout
+    lab.wait_for(lambda: not os.path.exists(f"/proc/{pids[1]}"), timeout=10, what="the other worker to exit")
+
+
+_GSO_POLICY = """
+from nfhooks import Policy, accept, mark
+policy = Policy()
+
+@policy.output(proto="tcp", dport=5201)
+def bulk(pkt):
+    # headers only: a GSO super-packet is longer than any frame on the wire
+    return accept() if pkt.length <= 1500 else mark(0x1, 0x1)
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "segmented"])
+def test_gso_queues_super_packets_whole_and_they_arrive_intact(nfh_lab, tmp_path, gso):
+    """Locally generated TCP is a GSO packet at OUTPUT (segmented later, by the device).
+    With --gso the queue gets it whole -- truncated copy, CHECKSUM_PARTIAL -- and the accepted
+    packet still leaves correctly segmented and checksummed (the transfer completes);
+    without it the kernel segments (and checksums) each packet before queueing it."""
+    import json
+    import subprocess
+
+    lab = nfh_lab
+    pol = tmp_path / "gso.py"
+    pol.write_text(_GSO_POLICY)
+    lab.start_engine(str(pol), *(["--gso"] if gso else []))
+    server = lab.addr("server")
+    lab.popen("server", "iperf3", "-s", "-1", "-B", server, stdout=subprocess.DEVNULL,
+              stderr=subprocess.DEVNULL)
+    lab.wait_for(lambda: f"{server}:5201" in lab.exec("server", "ss", "-ltnH").stdout,
+                 what="iperf3 server listening")
+    cp = lab.exec("router", "iperf3", "-c", server, "-n", "8M", "--cport", "40998", "-J",
+                  timeout=60, check=False)
+    assert cp.returncode == 0, cp.stdout[-2000:]
+    end = json.loads(cp.stdout)["end"]
+    # completed: TCP delivered 8 MB (a bad checksum would have stalled it in retransmissions)
+    assert end["sum_sent"]["bytes"] >= 8 * 1024 * 1024 and end["sum_received"]["bytes"] > 0
+    whole = metric(lab, "nfhooks_handler_packets_total", handler="bulk", verdict="mark")
+    segments = metric(lab, "nfhooks_handler_packets_total", handler="bulk", verdict="accept")
+    assert (whole > 0) is gso, (whole, segments)
+    assert metric(lab, "nfhooks_malformed_packets_total") == 0
+    print(f"gso={gso}: {whole:.0f} super-packets, {segments:.0f} segments queued")

@@ -155,3 +155,56 @@ def test_breakdown_shares_of_the_packet_loop():
     assert p["verdict: nfq_set_verdict/sendmsg (kernel re-injects the packet)"] == pytest.approx(40.0)
     assert p["receive: recv (kernel hands over packets)"] == pytest.approx(20.0)
     assert sum(p.values()) == pytest.approx(100.0)
+
+
+def test_percentile_is_nearest_rank():
+    from nfhooks.bench import percentile
+
+    v = list(range(1, 101))
+    assert percentile(v, 50) == 50 and percentile(v, 99) == 99 and percentile(v, 100) == 100
+    assert percentile([7], 99) == 7 and percentile([], 50) is None
+
+
+def test_latency_stats_and_added():
+    from nfhooks.bench import added_latency, latency_stats
+
+    rtt = [10_000_000] * 5 + [i * 1000 for i in range(1, 101)]  # 5 slow warm-up replies, then 1..100 us
+    st = latency_stats(rtt, sent=110, rate=1000.0, warmup=5)
+    assert (st["p50_us"], st["p99_us"], st["max_us"]) == (50.0, 99.0, 100.0)
+    assert st["received"] == 105 and st["lost_pct"] == pytest.approx(100 * 5 / 110)
+    kernel = {"p50_us": 30.0, "p99_us": 80.0}
+    add = added_latency({"kernel": kernel, "nfhooks": st, "bare": {"error": "boom"}})
+    assert add == {"nfhooks": {"p50_us": 20.0, "p99_us": 19.0}}
+
+
+def test_ratios_cover_the_nfhooks_variants():
+    rows = [Row("kernel", "tcp", gbps=10.0), Row("bare", "tcp", gbps=2.0, cpu_us_per_packet=2.0),
+            Row("nfhooks flow offload", "tcp", gbps=9.0, cpu_us_per_packet=0.1),
+            Row("nfhooks 20 handlers", "tcp", gbps=1.0, cpu_us_per_packet=8.0),
+            Row("nfhooks 2 workers", "tcp", error="not available: no --workers")]
+    r = ratios(rows)
+    assert r["tcp_gbps nfhooks flow offload/kernel"] == pytest.approx(0.9)
+    assert r["tcp_gbps nfhooks 20 handlers/bare"] == pytest.approx(0.5)
+    assert r["tcp_cpu_per_packet nfhooks 20 handlers/bare"] == pytest.approx(4.0)
+    assert not any("workers" in k for k in r)
+
+
+def test_markdown_and_docs_block():
+    from nfhooks.bench import DOCS_BEGIN, DOCS_END, markdown, replace_block
+
+    rows = [Row("kernel", "udp", pps=400_000.0), Row("bare", "udp", pps=100_000.0, cpu_us_per_packet=2.0),
+            Row("nfhooks", "udp", pps=80_000.0, cpu_us_per_packet=5.0, handled=1000, max_rss_mib=50.0),
+            Row("nfhooks 2 workers", "udp", error="not available: nfhooks run has no --workers yet")]
+    lat = {"kernel": {"rate": 1e4, "sent": 10, "received": 10, "p50_us": 30.0, "p90_us": 40.0, "p99_us": 80.0,
+                      "max_us": 90.0}}
+    lat["nfhooks"] = {**lat["kernel"], "p50_us": 50.0, "p99_us": 150.0}
+    md = markdown(rows, lat, {"seconds": 5, "cpus": 2})
+    line = next(x for x in md.splitlines() if x.startswith("| UDP 64 B | nfhooks |"))
+    assert "| 0.20x | 0.80x | 1,000 | 5.00 | 2.50x |" in line
+    assert "| nfhooks 2 workers | not available" in md
+    assert "| nfhooks | 10 | 10 | 50 | 40 | 150 | 90 | +20 | +70 |" in md
+    doc = replace_block("# Perf\n\ntext\n", md)
+    assert doc.count(DOCS_BEGIN) == 1 and doc.startswith("# Perf\n\ntext\n")
+    again = replace_block(doc + "\nafter\n", "new table")
+    assert "new table" in again and "| UDP 64 B |" not in again and again.endswith("after\n")
+    assert again.count(DOCS_END) == 1

@@ -285,3 +285,12 @@ def test_without_tap_the_callback_and_counters_are_the_plain_ones():
     counters = [c.cell_contents for c in cb.__closure__ if isinstance(c.cell_contents, dict)
                 and "accept" in c.cell_contents]
     assert counters and all(type(v).__name__ == "VerdictCounter" for d_ in counters for v in d_.values())
+
+
+def test_capture_files_are_private(tmp_path):
+    w = writer(tmp_path / "cap.pcapng", max_bytes=1024, files=2)
+    for _ in range(20):
+        w.write_packet(V4, "x")
+    w.close()
+    for name in rotated_names(str(tmp_path / "cap.pcapng"), 2):
+        assert os.stat(name).st_mode & 0o777 == 0o600

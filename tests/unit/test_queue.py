@@ -217,3 +217,69 @@ def test_partial_checksum_of_a_gso_packet_is_not_malformed():
     p = parse(ip + tcp, "FORWARD")
     assert (p.sport, p.dport, p.flags, p.length) == (40000, 80, "PA", 60020)
     assert p.truncated  # the IP length says 60020, the copy has 3040 bytes
+
+
+def _compiled(src: str, tmp_path):
+    from nfhooks.policy import load_policy
+    from nfhooks.rules import compile_policy
+
+    p = tmp_path / "pol.py"
+    p.write_text(src)
+    pol = load_policy(p)
+    return pol, compile_policy(pol, queue_base=10)
+
+
+def test_workers_balance_rewrites_queue_rules(tmp_path):
+    from nfhooks.workers import balance, check_supported
+
+    _, rs = _compiled("from nfhooks import Policy, accept\npolicy = Policy()\n"
+                      "@policy.input(proto='udp', dport=1)\ndef a(pkt):\n    return accept()\n"
+                      "@policy.forward(proto='tcp', dport=2)\ndef b(pkt):\n    return accept()\n", tmp_path)
+    check_supported(rs, 3)
+    brs, per_worker = balance(rs, 3, cpu_fanout=True)
+    targets = [r.target_opts for rules in brs.rules.values() for r in rules if r.target == "NFQUEUE"]
+    assert (("queue-balance", "10:12"), ("queue-bypass", ""), ("queue-cpu-fanout", "")) in targets
+    assert any(t[0] == ("queue-balance", "13:15") for t in targets)
+    assert not any(dict(t).get("queue-num") for t in targets)
+    assert [sorted(q) for q in per_worker] == [[10, 13], [11, 14], [12, 15]]
+    assert {h.name for h in per_worker[1].values()} == {"a", "b"}
+    assert sorted(brs.queues) == list(range(10, 16))
+    # the original rule set is untouched (the single engine may still use it)
+    assert all(dict(r.target_opts).get("queue-num") for rules in rs.rules.values() for r in rules
+               if r.target == "NFQUEUE")
+    with pytest.raises(ValueError, match="--workers 1"):
+        check_supported(rs, 1)
+
+
+def test_workers_refuse_nat_policies(tmp_path):
+    from nfhooks.workers import WorkersError, check_supported
+
+    _, rs = _compiled("from nfhooks import Policy, dnat\npolicy = Policy()\n"
+                      "@policy.prerouting(proto='tcp', dport=80)\ndef lb(pkt):\n"
+                      "    return dnat('10.0.0.1:8080')\n", tmp_path)
+    with pytest.raises(WorkersError, match="NAT"):
+        check_supported(rs, 2)
+
+
+def test_worker_metrics_sum_counters_and_keep_info_gauges():
+    from nfhooks.workers import WorkerMetrics
+
+    def text(n, up):
+        return ("# HELP nfhooks_packets_total Packets.\n# TYPE nfhooks_packets_total counter\n"
+                f'nfhooks_packets_total{{hook="INPUT",verdict="accept"}} {n}\n'
+                "# HELP nfhooks_up Up.\n# TYPE nfhooks_up gauge\n"
+                f"nfhooks_up {up}\n"
+                "# HELP nfhooks_policy_info Policy.\n# TYPE nfhooks_policy_info gauge\n"
+                'nfhooks_policy_info{policy="p",version="1"} 1\n'
+                "# HELP process_open_fds fds.\n# TYPE process_open_fds gauge\nprocess_open_fds 9\n")
+
+    pool = SimpleNamespace(texts=lambda: iter([text(3, 1), text(4, 1)]),
+                           procs=[SimpleNamespace(pid=11, is_alive=lambda: True),
+                                  SimpleNamespace(pid=12, is_alive=lambda: False)])
+    reg = CollectorRegistry()
+    reg.register(WorkerMetrics(pool))
+    assert reg.get_sample_value("nfhooks_packets_total", {"hook": "INPUT", "verdict": "accept"}) == 7
+    assert reg.get_sample_value("nfhooks_up") == 1
+    assert reg.get_sample_value("nfhooks_policy_info", {"policy": "p", "version": "1"}) == 1
+    assert reg.get_sample_value("process_open_fds") is None  # per process: not summed
+    assert reg.get_sample_value("nfhooks_worker_up", {"worker": "1", "pid": "12"}) == 0
