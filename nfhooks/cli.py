@@ -168,6 +168,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                              "a later verdict is replaced by the hook's default (0: off)"),
         handler_timeout: float = typer.Option(1.0, "--handler-timeout", help="s after which a handler that has "
                                               "not returned is interrupted; the packet gets the default (0: off)"),
+        keep_capabilities: bool = typer.Option(False, "--keep-capabilities",
+                                               help="do not drop capabilities other than NET_ADMIN and NET_RAW"),
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run POLICY: bind its queues, install its rules, decide packets until Ctrl-C/SIGTERM.
 
@@ -179,6 +181,14 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     from .owner import OwnedElsewhere, status_path
 
     _stderr_logging(logging.DEBUG if verbose else logging.INFO)
+    if not keep_capabilities:
+        # before the policy's code runs and before any thread starts (capabilities are per thread)
+        from .privileges import drop_capabilities
+
+        try:
+            drop_capabilities()
+        except OSError as e:
+            _fail(f"could not drop capabilities ({e}); run with --keep-capabilities to skip this")
     pol = _load(policy, set_)
     sets = parse_sets(set_)
     try:

@@ -60,6 +60,8 @@ class WorkersError(ValueError):
 def check_supported(rs: Any, workers: int) -> None:
     if not 2 <= workers <= MAX_WORKERS:
         raise WorkersError(f"--workers {workers}: give 2..{MAX_WORKERS} (1 is the ordinary engine)")
+    if not rs.queues:
+        raise WorkersError("the policy has no handlers: there is nothing for --workers to decide")
     why = []
     if getattr(rs, "nat_targets", 0):
         why.append("NAT verdicts (the target allocation lives in one process)")
@@ -394,7 +396,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         pool.wait_ready()
         install(brs)
         where = "off"
-        if metrics_addr != "off":
+        if metrics_addr != "off":  # started after the fork: no worker inherits its threads
             host, port = parse_listen_addr(metrics_addr)
             if not allow_public and not _is_loopback(host):
                 raise WorkersError(f"refusing to serve metrics on non-loopback address {metrics_addr!r} "

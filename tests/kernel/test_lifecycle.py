@@ -121,3 +121,15 @@ def test_fail_mode_when_no_engine_is_bound(nfh_lab, mode, expect):
     assert lab.tcp_connect("client", lab.addr("router"), 22) == "ok"
     eng.kill9()
     assert lab.tcp_connect("client", lab.addr("router"), 22, timeout=1.5) == expect
+
+
+def test_engine_keeps_only_net_admin_and_net_raw(nfh_lab):
+    from nfhooks.privileges import capabilities
+
+    eng = nfh_lab.start_engine(FIREWALL)
+    caps = capabilities(eng.pid)
+    want = (1 << 12) | (1 << 13)
+    assert caps["CapEff"] == want and caps["CapPrm"] == want and caps["CapBnd"] == want, caps
+    assert nfhooks(nfh_lab, "reload").returncode == 0  # still able to change its rules
+    eng.stop()
+    assert nfh_lines(nfh_lab) == []

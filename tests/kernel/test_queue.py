@@ -242,3 +242,16 @@ def test_gso_queues_super_packets_whole_and_they_arrive_intact(nfh_lab, tmp_path
     assert (whole > 0) is gso, (whole, segments)
     assert metric(lab, "nfhooks_malformed_packets_total") == 0
     print(f"gso={gso}: {whole:.0f} super-packets, {segments:.0f} segments queued")
+
+
+def test_workers_cpu_fanout_rule_installs_and_serves(nfh_lab, tmp_path):
+    lab = nfh_lab
+    pol = tmp_path / "fan.py"
+    pol.write_text("from nfhooks import Policy, accept\npolicy = Policy()\n"
+                   "@policy.input(proto='udp', dport=9001)\ndef fan(pkt):\n    return accept()\n")
+    lab.start_engine(str(pol), "--workers", "2", "--queue-cpu-fanout")
+    saved = lab.exec("router", "iptables-legacy-save").stdout
+    assert "--queue-balance 0:1" in saved and "--queue-cpu-fanout" in saved, saved
+    lab.udp_server("router", 9001)
+    assert lab.udp_send("client", lab.addr("router"), 9001, b"fan") == b"fan"
+    assert metric(lab, "nfhooks_handler_packets_total", handler="fan", verdict="accept") == 1
