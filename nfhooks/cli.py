@@ -86,6 +86,10 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     for line in hooks_summary(rs):
         say(f"#   {line}")
     say("# mark layout: " + "; ".join(rs.layout.describe()))
+    if rs.flow_generation:
+        flows = ", ".join(h.name for h in pol.handlers if h.flow)
+        say(f"# flow offload: {flows}; the connmark generation shown is {rs.flow_generation}, `run` picks "
+            "a new one at every start and reload (flow fields live in the connmark only)")
     sys.stdout.write(rs.render())
 
 

@@ -349,7 +349,7 @@ class Engine:
         from .offload import FlowOffload, OffloadCollector
         self.offload = FlowOffload(ruleset, policy) if ruleset.flow_generation else None
         if self.offload is not None and not getattr(self, "_offload_metrics", None):
-            self._offload_metrics = OffloadCollector(lambda: self.offload)
+            self._offload_metrics = OffloadCollector(lambda: self.dispatcher.offload)  # restored on a failed reload
             self.metrics.registry.register(self._offload_metrics)
         self.dispatcher = Dispatcher(policy, ruleset, self.metrics, nat=self.nat, tap=self.pcap,
                                      offload=self.offload, budget=self.handler_budget,

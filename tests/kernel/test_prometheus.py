@@ -351,3 +351,26 @@ def test_down_alert_fires_when_the_engine_stops(observed):
     assert [(a["job"], a["instance"], a["severity"]) for a in labels] == [
         ("nfhooks", DEFAULT_METRICS_ADDR, "critical")]
     assert prom.result('up{job="nfhooks"} == 0')
+
+
+@pytest.mark.timeout(60)
+def test_reload_failed_alert_fires(nfh_lab, tmp_path):
+    """A broken policy file reloaded: the old policy keeps running, Prometheus alerts."""
+    lab = nfh_lab
+    lab.tcp_server("router", 7001)
+    lab.tcp_server("server", 8080)
+    pol = tmp_path / "observed.py"
+    pol.write_text(POLICY.read_text())
+    pol.chmod(0o644)
+    engine = lab.start_engine(str(pol), "--metrics-addr", DEFAULT_METRICS_ADDR)
+    prom = Prometheus(lab)
+    prom.wait_ready()
+    some_traffic(lab)
+    assert_all_quiet(prom)
+    pol.write_text(POLICY.read_text() + "\n\n@policy.input(proto='tcp', dport=1)\ndef broken(:\n")
+    r = lab.exec("router", sys.executable, "-m", "nfhooks", "reload", check=False, timeout=30)
+    assert r.returncode == 1 and "reload failed" in r.stderr, r.stderr
+    some_traffic(lab)  # the old policy still decides
+    labels = prom.wait_firing("NfhooksPolicyReloadFailed", timeout=15)
+    assert [(a["instance"], a["severity"]) for a in labels] == [(DEFAULT_METRICS_ADDR, "warning")]
+    assert engine.running()

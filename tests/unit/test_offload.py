@@ -254,3 +254,14 @@ def test_metrics_come_from_the_offload_rule_counters():
     reg.register(OffloadCollector(lambda: off))
     assert reg.get_sample_value("nfhooks_offloaded_flows_total", {"hook": "INPUT", "handler": "web"}) == 10
     assert reg.get_sample_value("nfhooks_offloaded_packets_total", {"hook": "INPUT", "handler": "web"}) == 500
+
+
+def test_engine_gives_each_compile_a_new_flow_generation():
+    from nfhooks.engine import Engine
+
+    e = Engine(web_policy(), metrics=Metrics(CollectorRegistry()), flow_generation=7)
+    assert e.ruleset.flow_generation == 7 and e.dispatcher.offload is not None
+    assert e._flow_args(web_policy()) == {"flow_generation": 1}  # the next compile (a reload): 7 -> 1
+    plain = Engine(web_policy(flow=False), metrics=Metrics(CollectorRegistry()))
+    assert plain.ruleset.flow_generation == 0 and plain.dispatcher.offload is None
+    assert plain._flow_args(web_policy(flow=False)) == {}
