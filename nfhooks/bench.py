@@ -14,8 +14,8 @@ nfhooks         ``nfhooks run policies/bench.py``: a handler that accepts unread
 nfhooks fields  the same engine, the handler reads pkt.src / pkt.dport / pkt.proto first
 nfhooks 20      ``nfhooks run policies/bench20.py``: a realistic 20-handler INPUT policy; for the
 handlers        flood 19 kernel matches do not fire, one does (its handler accepts)
-nfhooks flow    the bench.py engine, port 5203: a ``flow=True`` handler; Python sees each
-offload         connection's first packet, the kernel's offload rule accepts the rest
+nfhooks flow    ``nfhooks run policies/bench_flow.py``, port 5203: ``flow=True`` handlers; Python
+offload         sees each connection's first packet, the kernel's offload rule accepts the rest
 nfhooks 2       ``nfhooks run --workers 2 policies/bench.py`` when ``run`` has ``--workers``
 workers         (otherwise the row says "not available")
 ==============  ==================================================================================
@@ -77,9 +77,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_POLICY = ROOT / "policies" / "bench.py"
 PORT = 5201  # policies/bench.py: accept unread
 FIELDS_PORT = 5202  # policies/bench.py: read fields, then accept
-FLOW_PORT = 5203  # policies/bench.py: flow=True handlers (offloaded after the first packet)
+FLOW_PORT = 5203  # policies/bench_flow.py: flow=True handlers (offloaded after the first packet)
 ECHO_PORT = 5204  # policies/bench.py: udp_echo, the latency probe's port (every packet queued)
 BENCH20_POLICY = ROOT / "policies" / "bench20.py"
+FLOW_POLICY = ROOT / "policies" / "bench_flow.py"
 BARE_QUEUE = 100  # queue of the bare/scapy scripts (nfhooks uses 0..3)
 CPORT_BASE = 41000  # fixed client ports: one 5-tuple per flood
 UDP_LEN = 64
@@ -763,21 +764,17 @@ class Bench:
     def kernel(self, proto: str) -> Row:
         return self.measure("kernel", proto, PORT, None, None)
 
-    def start_engine(self, *extra: str, policy: Path | None = None) -> Any:
-        if policy is not None:
-            return self.lab.start_engine(str(policy), "--set", f"port={PORT}", *extra, node="router",
-                                         ready_timeout=30)
+    def start_engine(self, *extra: str) -> Any:
         return self.lab.start_engine(str(self.policy), "--set", f"port={PORT}",
-                                     "--set", f"fields_port={FIELDS_PORT}", "--set", f"flow_port={FLOW_PORT}",
+                                     "--set", f"fields_port={FIELDS_PORT}",
                                      "--set", f"echo_port={ECHO_PORT}", *extra, node="router",
                                      ready_timeout=30)
 
-    def engine_rows(self, protos: Sequence[str], fields: bool, flow: bool = True,
+    def engine_rows(self, protos: Sequence[str], fields: bool,
                     latency: dict[str, Any] | None = None, rate: float = LATENCY_RATE) -> list[Row]:
-        """The policies/bench.py engine: nfhooks, nfhooks fields, nfhooks flow offload rows,
-        and the engine's latency probe (into ``latency``)."""
-        cases = [("nfhooks", PORT)] + ([("nfhooks fields", FIELDS_PORT)] if fields else []) \
-            + ([("nfhooks flow offload", FLOW_PORT)] if flow else [])
+        """The policies/bench.py engine: nfhooks and nfhooks fields rows, and the engine's
+        latency probe (into ``latency``)."""
+        cases = [("nfhooks", PORT)] + ([("nfhooks fields", FIELDS_PORT)] if fields else [])
         try:
             engine = self.start_engine()
         except Exception as e:  # noqa: BLE001 -- the other rows are still worth reporting
@@ -797,15 +794,15 @@ class Bench:
             engine.stop()
         return rows
 
-    def bench20_rows(self, protos: Sequence[str]) -> list[Row]:
-        case = "nfhooks 20 handlers"
+    def policy_rows(self, case: str, policy: Path, port: int, protos: Sequence[str]) -> list[Row]:
+        """Rows of one more engine running ``policy`` (``--set port=<port>``)."""
         try:
-            engine = self.start_engine(policy=BENCH20_POLICY)
+            engine = self.lab.start_engine(str(policy), "--set", f"port={port}", node="router", ready_timeout=30)
         except Exception as e:  # noqa: BLE001
             self.log(f"  {case}: engine did not start: {e}")
             return [Row(case, p, error=f"engine did not start: {e}") for p in protos]
         try:
-            return [self._guard(case, proto, lambda: self.measure(case, proto, PORT, engine.pid, None))
+            return [self._guard(case, proto, lambda: self.measure(case, proto, port, engine.pid, None))
                     for proto in protos]
         finally:
             engine.stop()
@@ -898,9 +895,10 @@ class Bench:
             rows.append(self._guard("bare", proto, lambda: self.script_consumer("bare", proto)))
             if scapy:
                 rows.append(self._guard("scapy", proto, lambda: self.script_consumer("scapy", proto)))
-        rows += self.engine_rows(protos, fields, flow=more, latency=latency, rate=rate)
+        rows += self.engine_rows(protos, fields, latency=latency, rate=rate)
         if more:
-            rows += self.bench20_rows(protos)
+            rows += self.policy_rows("nfhooks 20 handlers", BENCH20_POLICY, PORT, protos)
+            rows += self.policy_rows("nfhooks flow offload", FLOW_POLICY, FLOW_PORT, protos)
             rows += self.workers_rows(protos)
         order = {c: i for i, c in enumerate(CASES)}
         rows.sort(key=lambda r: (protos.index(r.proto), order.get(r.case, 99)))

@@ -264,9 +264,7 @@ class PcapWriter:
 
         def on_packet_recorded(nfpkt: Any) -> None:
             current[0] = None
-            before = nfpkt.get_payload()
             on_packet(nfpkt)
-            nfpkt.get_payload = lambda: before
             options = current[0]
             if options is not None:
                 try:

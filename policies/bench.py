@@ -10,10 +10,10 @@ handler per protocol because a port match needs one, so four queues in all.
     udp/tcp `port`          accept()                      "nfhooks" rows
     udp/tcp `fields_port`   read pkt.src, pkt.dport ...   "nfhooks fields" rows
                             then accept()
-    udp/tcp `flow_port`     accept(), flow=True: Python   "nfhooks flow offload" rows
-                            sees each connection's first
-                            packet, the kernel the rest
     udp `echo_port`         accept() (every packet)       latency rows (UDP echo RTT)
+
+(The "nfhooks flow offload" rows use policies/bench_flow.py, a separate engine: `--workers`
+refuses policies with flow handlers, and this one is also the "2 workers" rows' policy.)
 
 Equivalent iptables commands (what nothing but a kernel rule would cost, the "kernel" row
 of the benchmark, is these with ACCEPT and no Python at all):
@@ -22,7 +22,7 @@ of the benchmark, is these with ACCEPT and no Python at all):
     iptables -A INPUT -p tcp --dport 5201 -j ACCEPT
 
 Everything else at INPUT falls to the default, accept, so the lab stays reachable.
-Options: port (default 5201), fields_port (default 5202), flow_port (5203), echo_port (5204).
+Options: port (default 5201), fields_port (default 5202), echo_port (5204).
 """
 
 from nfhooks import Policy, accept, drop
@@ -31,8 +31,6 @@ policy = Policy("bench", defaults={"INPUT": "accept"})
 port = policy.option("port", default=5201, type="port", help="port whose packets are accepted unread")
 fields_port = policy.option("fields_port", default=5202, type="port",
                             help="port whose packets are accepted after reading their fields")
-flow_port = policy.option("flow_port", default=5203, type="port",
-                          help="port whose connections are accepted once and then offloaded")
 echo_port = policy.option("echo_port", default=5204, type="port",
                           help="UDP port of the latency probe's echo server (every packet queued)")
 
@@ -63,16 +61,6 @@ def udp_fields(pkt):
 @policy.input(proto="tcp", dport=fields_port)
 def tcp_fields(pkt):
     return _fields(pkt)
-
-
-@policy.input(proto="udp", dport=flow_port, flow=True)
-def udp_flow(pkt):
-    return accept()
-
-
-@policy.input(proto="tcp", dport=flow_port, flow=True)
-def tcp_flow(pkt):
-    return accept()
 
 
 @policy.input(proto="udp", dport=echo_port)

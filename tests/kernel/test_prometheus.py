@@ -374,3 +374,32 @@ def test_reload_failed_alert_fires(nfh_lab, tmp_path):
     labels = prom.wait_firing("NfhooksPolicyReloadFailed", timeout=15)
     assert [(a["instance"], a["severity"]) for a in labels] == [(DEFAULT_METRICS_ADDR, "warning")]
     assert engine.running()
+
+
+@pytest.mark.timeout(90)
+def test_fail_open_bypass_alert_fires(nfh_lab):
+    """The same flood into a fail-open queue: the kernel accepts what does not fit, nfhooks
+    derives how many, Prometheus alerts that packets went through unfiltered."""
+    lab = nfh_lab
+    lab.tcp_server("router", 7001)
+    lab.tcp_server("server", 8080)
+    engine = lab.start_engine(str(POLICY), "--metrics-addr", DEFAULT_METRICS_ADDR, "--fail-open")
+    prom = Prometheus(lab)
+    prom.wait_ready()
+    some_traffic(lab)
+    assert_all_quiet(prom)
+    sent = int(lab.exec("client", sys.executable, "-c", _FLOOD, lab.addr("router"), 9999, 30000,
+                        timeout=30).stdout)
+    assert sent > 10000, sent
+
+    def bypassed() -> float:
+        try:
+            return metric(lab, "nfhooks_queue_bypassed_packets_total", handler="flood")
+        except (LabCommandError, subprocess.TimeoutExpired):
+            return 0.0
+
+    n = lab.wait_for(bypassed, timeout=30, interval=POLL, what="fail-open accepts derived at 'flood'")
+    labels = prom.wait_firing("NfhooksFailOpenBypass", timeout=20, why=f"{n} packets bypassed")
+    assert [(a["hook"], a["handler"], a["severity"]) for a in labels] == [("INPUT", "flood", "critical")]
+    assert metric(lab, "nfhooks_queue_kernel_dropped_packets_total", handler="flood") == 0
+    assert engine.running()

@@ -40,6 +40,12 @@ def _exported_series(tmp_path: Path) -> set[str]:
     m = Metrics(reg, proc_path=str(proc))
     m.set_policy("p", "1", [(4, "INPUT", "h")])
     m.bind_verdict("INPUT", "filter", "h", "accept")
+    # the queue set's own collector (queue.py): a fail-open queue 4 fed by one rule
+    from nfhooks.queue import BoundQueue, OverloadCollector, _Budgeted
+
+    bound = {4: BoundQueue(4, "INPUT", "h", True, False, 4096, 1 << 20, _Budgeted(None))}  # type: ignore[arg-type]
+    reg.register(OverloadCollector(bound, str(proc), saved=lambda: [
+        '[7:420] -A NFH-INPUT -m comment --comment "nfhooks h" -j NFQUEUE --queue-num 4 --queue-bypass']))
     return {s.name for fam in reg.collect() for s in fam.samples}
 
 
