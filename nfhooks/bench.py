@@ -50,6 +50,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -370,6 +371,34 @@ def latency_stats(rtt_ns: Sequence[int], sent: int, rate: float, warmup: int = 5
             "max_us": us[-1] if us else None}
 
 
+def histogram_buckets(metrics_text: str, name: str, **labels: str) -> dict[float, float]:
+    """Cumulative bucket counts {le: count} of one histogram series in Prometheus text."""
+    out: dict[float, float] = {}
+    for line in metrics_text.splitlines():
+        if not line.startswith(name + "_bucket{"):
+            continue
+        lab, _, value = line.rpartition("} ")
+        have = dict(re.findall(r'(\w+)="([^"]*)"', lab))
+        if all(have.get(k) == v for k, v in labels.items()) and "le" in have:
+            out[float(have["le"])] = out.get(float(have["le"]), 0.0) + float(value)
+    return out
+
+
+def bucket_quantile(before: Mapping[float, float], after: Mapping[float, float], q: float) -> float | None:
+    """Upper bound of the bucket holding quantile ``q`` of the observations between two reads
+    of a cumulative histogram (the resolution is the buckets': an upper bound, not a value)."""
+    les = sorted(after)
+    if not les:
+        return None
+    total = after[les[-1]] - before.get(les[-1], 0.0)
+    if total <= 0:
+        return None
+    for le in les:
+        if after[le] - before.get(le, 0.0) >= q * total:
+            return le
+    return les[-1]
+
+
 def added_latency(lat: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
     """Per consumer: its p50/p99 minus the kernel's (what the queue and the consumer add)."""
     base = lat.get("kernel") or {}
@@ -410,6 +439,7 @@ def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Ma
                    f"| {_fmt(r.cpu_core_pct, '.0f')} | {_fmt(r.max_rss_mib, '.1f')} |")
     if lat:
         add = added_latency(lat)
+        eng = lat.get("nfhooks") or {}
         rate = next((st.get("rate") for st in lat.values() if st.get("rate")), None)
         out += ["", f"Latency: UDP echo round trip at {_fmt(rate, ',.0f')} probes/s (us)", "",
                 "| path | sent | received | p50 | p90 | p99 | max | added p50 | added p99 |",
@@ -422,6 +452,13 @@ def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Ma
             out.append(f"| {case} | {st['sent']:,} | {st['received']:,} | {_fmt(st['p50_us'], '.0f')} "
                        f"| {_fmt(st['p90_us'], '.0f')} | {_fmt(st['p99_us'], '.0f')} | {_fmt(st['max_us'], '.0f')} "
                        f"| {_fmt(a.get('p50_us'), '+.0f')} | {_fmt(a.get('p99_us'), '+.0f')} |")
+        if eng.get("decision_p99_le_us") is not None:
+            out += ["", f"The engine's own time per probe (`nfhooks_decision_seconds` at INPUT: callback "
+                        "entry to the verdict's return, which includes the kernel re-injecting the packet): "
+                        f"p50 <= {_fmt(eng.get('decision_p50_le_us'), 'g')} us, "
+                        f"p99 <= {_fmt(eng['decision_p99_le_us'], 'g')} us (bucket bounds). The rest of the "
+                        "added round trip is handing the packet to userspace and waking the engine; a p99 far "
+                        "above both is scheduling on a loaded machine (compare the kernel row's p99)."]
     return "\n".join(out) + "\n"
 
 
@@ -455,7 +492,7 @@ def chart(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], path: Path,
     colors = {"kernel": "#777777", "bare": "#4c72b0", "scapy": "#dd8452"}
     for ax, proto, attr, scale, label in panels:
         if proto is None:
-            cases = [c for c in CASES if any(r.case == c and r.cpu_us_per_packet for r in ok)]
+            cases = [c for c in CASES if any(r.case == c and r.cpu_us_per_packet is not None for r in ok)]
             width = 0.4
             for i, (p, col) in enumerate((("udp", "#55a868"), ("tcp", "#8172b2"))):
                 vals = [next((r.cpu_us_per_packet or 0 for r in ok if r.case == c and r.proto == p), 0) for c in cases]
@@ -789,7 +826,7 @@ class Bench:
                     rows.append(self._guard(case, proto, lambda: self.measure(
                         case, proto, port, engine.pid, None)))
             if latency is not None:
-                latency["nfhooks"] = self._guard_latency("nfhooks", rate)
+                latency["nfhooks"] = self._guard_latency("nfhooks", rate, engine=True)
         finally:
             engine.stop()
         return rows
@@ -835,9 +872,23 @@ class Bench:
         finally:
             engine.stop()
 
-    def _guard_latency(self, case: str, rate: float, seconds: float | None = None) -> dict[str, Any]:
+    def metrics_text(self) -> str:
+        return self.lab.exec("router", "curl", "-s", "-m", "3", "http://127.0.0.1:9477/metrics",
+                             check=False).stdout
+
+    def _guard_latency(self, case: str, rate: float, seconds: float | None = None,
+                       engine: bool = False) -> dict[str, Any]:
+        """The probe; with ``engine``, also the engine's own decision time over the probe
+        (nfhooks_decision_seconds at INPUT: callback entry to verdict, bucket upper bounds)."""
         try:
-            return self.latency(case, rate, seconds or self.seconds)
+            h0 = histogram_buckets(self.metrics_text(), "nfhooks_decision_seconds", hook="INPUT") if engine else {}
+            st = self.latency(case, rate, seconds or self.seconds)
+            if engine:
+                h1 = histogram_buckets(self.metrics_text(), "nfhooks_decision_seconds", hook="INPUT")
+                for q in (50, 99):
+                    le = bucket_quantile(h0, h1, q / 100)
+                    st[f"decision_p{q}_le_us"] = None if le is None or le == float("inf") else le * 1e6
+            return st
         except Exception as e:  # noqa: BLE001
             self.log(f"  latency {case}: FAILED: {e}")
             return {"error": f"{type(e).__name__}: {e}"}

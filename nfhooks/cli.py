@@ -168,7 +168,7 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                     "traffic is spread over N queues by address (--queue-balance)"),
         queue_cpu_fanout: bool = typer.Option(False, "--queue-cpu-fanout", help="with --workers: pick the "
                                               "queue by CPU instead of by address hash"),
-        handler_budget: float = typer.Option(50.0, "--handler-budget", help="ms a handler may take per packet; "
+        handler_budget: float = typer.Option(200.0, "--handler-budget", help="ms a handler may take per packet; "
                                              "a later verdict is replaced by the hook's default (0: off)"),
         handler_timeout: float = typer.Option(1.0, "--handler-timeout", help="s after which a handler that has "
                                               "not returned is interrupted; the packet gets the default (0: off)"),

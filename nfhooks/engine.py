@@ -351,6 +351,7 @@ class Engine:
         if self.offload is not None and not getattr(self, "_offload_metrics", None):
             self._offload_metrics = OffloadCollector(lambda: self.dispatcher.offload)  # restored on a failed reload
             self.metrics.registry.register(self._offload_metrics)
+        self._warm_up(policy)
         self.dispatcher = Dispatcher(policy, ruleset, self.metrics, nat=self.nat, tap=self.pcap,
                                      offload=self.offload, budget=self.handler_budget,
                                      watchdog=self.watchdog)
@@ -358,13 +359,28 @@ class Engine:
     def _flow_args(self, policy: Policy) -> dict[str, int]:
         """A new flow generation for every compile (start, reload) of a policy with flow handlers:
         connections decided before are asked again (offload.py)."""
-        from .offload import flow_handlers, next_flow_generation
+        from .offload import FLOW_GENERATIONS, flow_handlers, next_flow_generation
         if not flow_handlers(policy.handlers):
             return {}
         if self.flow_generation is not None:  # given (tests): the next one on each reload
-            gen, self.flow_generation = self.flow_generation, self.flow_generation % 7 + 1
+            gen, self.flow_generation = self.flow_generation, self.flow_generation % FLOW_GENERATIONS + 1
             return {"flow_generation": gen}
         return {"flow_generation": next_flow_generation()}
+
+    def _warm_up(self, policy: Policy) -> None:
+        """Import scapy now if a handler's source uses it, not inside the first packet's handler
+        call: the import takes a noticeable fraction of a second, past --handler-budget."""
+        import inspect
+
+        for h in policy.handlers:
+            try:
+                src = inspect.getsource(h.func)
+            except (OSError, TypeError):
+                continue
+            if "scapy" in src:
+                import scapy.layers.inet  # noqa: F401, PLC0415
+                import scapy.layers.inet6  # noqa: F401, PLC0415
+                return
 
     def _publish(self) -> None:
         queues = {n: h for rs in [self.ruleset, *(r for r, _, _ in self.retiring)] for n, h in rs.queues.items()}

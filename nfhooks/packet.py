@@ -296,9 +296,10 @@ class Packet:
     def scapy(self) -> Any:
         """scapy's dissection of the captured bytes, built once on demand.
 
-        scapy is imported here and only here: importing it at module level would add
-        about a second to every process start, and dissecting costs far more than the
-        fields above. Modifying the returned object does not change the packet.
+        scapy is imported here, on demand (and by the engine at start when a handler's
+        source names it, so the first packet does not pay for the import): importing it at
+        module level would add about a second to every process start, and dissecting costs
+        far more than the fields above. Modifying the returned object does not change the packet.
         """
         try:
             return self._scapy

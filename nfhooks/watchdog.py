@@ -4,7 +4,7 @@ that does not return.
 The engine decides packets in one thread, so a handler that never returns would stop every
 hook. Two limits, both per packet:
 
-* ``--handler-budget`` (default 50 ms): a handler that returns later than this has its verdict
+* ``--handler-budget`` (default 200 ms): a handler that returns later than this has its verdict
   replaced by the hook's default and the overrun counted (``nfhooks_handler_overruns_total``).
   A verdict that arrives that late is suspect -- the policy probably waited on something
   (DNS, a file, a lock) -- and the default is what the operator chose for "no decision".
@@ -33,7 +33,7 @@ from typing import Any
 
 __all__ = ["HandlerTimeout", "Watchdog", "DEFAULT_BUDGET", "DEFAULT_TIMEOUT"]
 
-DEFAULT_BUDGET = 0.05
+DEFAULT_BUDGET = 0.2
 DEFAULT_TIMEOUT = 1.0
 
 

@@ -42,7 +42,7 @@ def flow_none(pkt):
 SINK = r"""
 import socket, sys, threading
 host, port, size, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-srv = socket.socket()
+srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((host, port))
 srv.listen(16)
@@ -64,7 +64,7 @@ while True:
 CLIENT = r"""
 import os, socket, sys, time
 host, port, size, phases, go, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-s = socket.create_connection((host, port), timeout=30)
+s = socket.create_connection((host, port), timeout=30)  # IPv4 or IPv6 by the address
 for i in range(1, phases + 1):
     if i > 1:
         deadline = time.monotonic() + 60
@@ -96,9 +96,9 @@ def offload_lab(nfh_lab):
     return lab, str(policy)
 
 
-def start_client(lab, port: int, phases: int, name: str):
+def start_client(lab, port: int, phases: int, name: str, family: int = 4):
     go, out = lab.tmpdir / f"{name}.go", lab.tmpdir / f"{name}.out"
-    proc = lab.popen("client", sys.executable, "-c", CLIENT, lab.addr("router"), port, SIZE, phases, go, out)
+    proc = lab.popen("client", sys.executable, "-c", CLIENT, lab.addr("router", family), port, SIZE, phases, go, out)
     return proc, (lambda i: (lab.tmpdir / f"{name}.go{i}").touch()), out
 
 
@@ -228,3 +228,18 @@ def test_hot_reload_invalidates_earlier_decisions_and_cleans_its_chains(offload_
     assert phases_done(out) == [f"phase1 {SIZE}", f"phase2 {SIZE}", f"phase3 {SIZE}"]
     assert handled(lab, "flow_web") == asked  # re-decided once, then offloaded again
     reload(1)  # back to generation 1's chain names: nothing of the first generation 1 is left over
+
+
+def test_ipv6_connection_is_offloaded_too(offload_lab):
+    lab, policy = offload_lab
+    ready = lab.tmpdir / "sink6.ready"
+    lab.popen("router", sys.executable, "-c", SINK, lab.addr("router", 6), 7101, SIZE, ready)
+    lab.wait_for(ready.exists, what="IPv6 sink")
+    lab.start_engine(policy)
+    proc, go, out = start_client(lab, 7101, 2, "v6", family=6)
+    go(2)
+    assert proc.wait(60) == 0
+    assert phases_done(out) == [f"phase1 {SIZE}", f"phase2 {SIZE}"]
+    assert handled(lab, "flow_web") == 1
+    assert rule_counter(lab, "offload flow_web", family=6) >= 20
+    assert rule_counter(lab, "offload flow_web", family=4) == 0

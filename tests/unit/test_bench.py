@@ -208,3 +208,21 @@ def test_markdown_and_docs_block():
     again = replace_block(doc + "\nafter\n", "new table")
     assert "new table" in again and "| UDP 64 B |" not in again and again.endswith("after\n")
     assert again.count(DOCS_END) == 1
+
+
+def test_decision_quantiles_from_two_scrapes():
+    from nfhooks.bench import bucket_quantile, histogram_buckets
+
+    def text(counts):
+        les = ("5e-06", "1e-05", "2.5e-05", "+Inf")
+        lines = [f'nfhooks_decision_seconds_bucket{{hook="INPUT",le="{le}"}} {c}' for le, c in zip(les, counts)]
+        lines.append('nfhooks_decision_seconds_bucket{hook="OUTPUT",le="+Inf"} 99.0')
+        return "\n".join(lines)
+
+    h0 = histogram_buckets(text((10, 10, 10, 10)), "nfhooks_decision_seconds", hook="INPUT")
+    h1 = histogram_buckets(text((10, 70, 108, 110)), "nfhooks_decision_seconds", hook="INPUT")
+    assert h1[1e-05] == 70 and h1[float("inf")] == 110
+    assert bucket_quantile(h0, h1, 0.5) == 1e-05  # 60 of the 100 new observations are <= 10 us
+    assert bucket_quantile(h0, h1, 0.99) == float("inf")  # 98 <= 25 us, the 99th is beyond
+    assert bucket_quantile(h0, h1, 0.98) == 2.5e-05
+    assert bucket_quantile(h1, h1, 0.5) is None

@@ -1,0 +1,156 @@
+"""Policy routing and shaping on the real kernel path: what the far side of each uplink sees.
+
+The lab (nfhooks/lab/routeshape.py): client -- router == up1/up2 == far. The far host tells
+which uplink a connection took by the source address it sees (each uplink masquerades) and by
+the interface its bytes arrived on.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from nfhooks.lab.routeshape import (
+    BALANCED_PORT, BULK_PORT, BULK_RATE, PLAIN_PORT, SHAPING_POLICY, UPLINKS_POLICY, Iperf, build_lab,
+    class_bytes, router_addr, rx_bytes, shaped_run, snapshot, uplink_args,
+)
+
+from .conftest import metric
+
+
+@pytest.fixture
+def rs_lab(nfh_netns_reason):
+    if nfh_netns_reason is not None:
+        pytest.skip(nfh_netns_reason)
+    lab = build_lab()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_uplink_per_connection_sticky_and_removed_on_exit(rs_lab):
+    lab = rs_lab
+    before = snapshot(lab)
+    servers = {(p, f): lab.tcp_server("far", p, family=f) for p in (PLAIN_PORT, BALANCED_PORT, BULK_PORT)
+               for f in (4, 6)}
+    eng = lab.start_engine(str(UPLINKS_POLICY), *uplink_args(lab), "--set", f"bulk_ports={BULK_PORT},5202")
+    rules = lab.exec("router", "ip", "rule", "list").stdout
+    assert "lookup main suppress_prefixlength 0 proto 78" in rules, rules
+    assert "lookup 4202 proto 78" in rules and "lookup 4202 proto 78" in lab.exec("router", "ip", "-6", "rule").stdout
+    assert f"default via {uplink_args(lab)[5].split('=')[1]} dev up2" in lab.exec(
+        "router", "ip", "route", "show", "table", "4202").stdout
+    up = {seg: {f: router_addr(lab, seg, f) for f in (4, 6)} for seg in ("up1", "up2")}
+    for f in (4, 6):
+        svc = lab.addr("far", f)
+        # Python's choice per connection, seen by the far host as the uplink's address
+        assert lab.tcp_connect("client", svc, PLAIN_PORT) == "ok"
+        assert servers[(PLAIN_PORT, f)].wait_peers(1) == [up["up1"][f]]
+        assert lab.tcp_connect("client", svc, BULK_PORT) == "ok"
+        assert servers[(BULK_PORT, f)].wait_peers(1) == [up["up2"][f]]
+        for _ in range(2):
+            assert lab.tcp_connect("client", svc, BALANCED_PORT) == "ok"
+        assert servers[(BALANCED_PORT, f)].wait_peers(2) == [up["up1"][f], up["up2"][f]]
+        # the router's own connection: routed by main (up1) first, re-routed by its mark
+        assert lab.tcp_connect("router", svc, BULK_PORT) == "ok"
+        assert servers[(BULK_PORT, f)].wait_peers(2)[-1] == up["up2"][f]
+    # stickiness: every packet of a 400 KB connection arrives on the far host's up2 side,
+    # though only its first packet was asked about (the connmark restores the table)
+    isp1, isp2 = rx_bytes(lab, "far", "isp1"), rx_bytes(lab, "far", "isp2")
+    with Iperf(lab, "far", lab.addr("far"), 5202):
+        sent = lab.exec("client", "iperf3", "-c", lab.addr("far"), "-p", 5202, "-n", "400K", timeout=30)
+    assert "sender" in sent.stdout
+    assert rx_bytes(lab, "far", "isp2") - isp2 >= 400 * 1024
+    assert rx_bytes(lab, "far", "isp1") - isp1 < 20_000
+    # one queued packet per forwarded connection: 4 per family + iperf3's control and data
+    assert metric(lab, "nfhooks_handler_packets_total", handler="from_lan", verdict="route") == 10
+    assert metric(lab, "nfhooks_handler_packets_total", handler="from_router", verdict="route") >= 2
+    eng.stop()
+    after = snapshot(lab)
+    for key in before:
+        assert after[key] == before[key], key
+
+
+def test_route_refused_where_routing_is_decided(rs_lab, tmp_path):
+    pol = tmp_path / "late.py"
+    pol.write_text("from nfhooks import Policy, route\npolicy = Policy()\n"
+                   "policy.routing_table('t', routes=['default dev up2'])\n"
+                   "@policy.forward()\ndef late(pkt):\n    return route('t')\n")
+    cp = rs_lab.exec("router", sys.executable, "-m", "nfhooks", "run", str(pol), check=False)
+    assert cp.returncode != 0
+    assert "route cannot work at FORWARD" in cp.stderr + cp.stdout
+    assert "It works at: PREROUTING, OUTPUT" in cp.stderr + cp.stdout
+
+
+ALL_BULK = '''
+from nfhooks import Policy
+policy = Policy()
+policy.shaping("up1", classes={"bulk": dict(rate="5mbit", ceil="5mbit", prio=2),
+                               "interactive": dict(rate="50mbit", prio=0)}, default="bulk")
+'''
+
+
+def test_shaped_bulk_rate_and_interactive_latency(rs_lab, tmp_path):
+    lab = rs_lab
+    before = snapshot(lab)
+    far = lab.addr("far")
+    eng = lab.start_engine(str(SHAPING_POLICY), "--set", "dev=up1")
+    assert "qdisc htb 4e46: root" in lab.exec("router", "tc", "qdisc", "show", "dev", "up1").stdout
+    rate, fast = shaped_run(lab, "client", "far", far, "up1")
+    assert abs(rate - BULK_RATE) <= 0.15 * BULK_RATE, f"bulk class measured {rate / 1e6:.2f} Mbit/s"
+    assert fast.received == fast.sent == 10
+    assert class_bytes(lab, "up1", "4e46:11") >= rate / 8 * 3  # the flow went through the bulk class
+    assert class_bytes(lab, "up1", "4e46:12") > 0  # and the pings through the interactive one
+    eng.stop()
+    assert snapshot(lab) == before
+    # the same link with the ping stuck in the bulk class: it waits behind the bulk queue
+    pol = tmp_path / "all_bulk.py"
+    pol.write_text(ALL_BULK)
+    eng = lab.start_engine(str(pol))
+    rate2, slow = shaped_run(lab, "client", "far", far, "up1")
+    eng.stop()
+    print(f"bulk {rate / 1e6:.2f} Mbit/s; ping avg {fast.avg_ms:.2f} ms (interactive) vs "
+          f"{slow.avg_ms:.2f} ms (behind the bulk queue, flow {rate2 / 1e6:.2f} Mbit/s)")
+    assert fast.avg_ms < 20, fast
+    assert slow.avg_ms > max(50.0, 5 * fast.avg_ms), (fast, slow)
+    assert snapshot(lab) == before
+
+
+NEXT_HOP = '''
+from nfhooks import Policy, route
+
+policy = Policy()
+gw = policy.option("gw", default="10.0.12.2", type="address")
+policy.routing(dynamic_routes=1)
+
+
+@policy.output(proto="tcp", dport=5201)
+def by_hop(pkt):
+    return route(via=str(gw.value), dev="up2")
+'''
+
+
+def test_next_hop_route_on_demand_and_stale_state_after_a_crash(rs_lab, tmp_path):
+    lab = rs_lab
+    before = snapshot(lab)
+    srv = lab.tcp_server("far", BULK_PORT)
+    pol = tmp_path / "hop.py"
+    pol.write_text(NEXT_HOP)
+    gw2 = str(__import__("ipaddress").ip_network(lab.networks["up2"][4])[2])
+    eng = lab.start_engine(str(pol), "--set", f"gw={gw2}")
+    assert lab.exec("router", "ip", "route", "show", "table", "4201").stdout == ""  # made on first use
+    isp2 = rx_bytes(lab, "far", "isp2")
+    assert lab.tcp_connect("router", lab.addr("far"), BULK_PORT) == "ok"
+    # no NAT paired: the source is still up1's address, but the packets came in by up2
+    assert srv.wait_peers(1) == [router_addr(lab, "up1")]
+    assert rx_bytes(lab, "far", "isp2") - isp2 > 100
+    assert f"default via {gw2} dev up2 proto 78" in lab.exec("router", "ip", "route", "show", "table", "4201").stdout
+    # a crash leaves the rules, routes and chains; the next start removes them first
+    eng.kill9()
+    assert "proto 78" in lab.exec("router", "ip", "rule").stdout
+    eng = lab.start_engine(str(pol), "--set", f"gw={gw2}")
+    assert "removed stale routing state" in eng.log()
+    assert lab.exec("router", "ip", "route", "show", "table", "4201").stdout == ""
+    eng.stop()
+    assert snapshot(lab) == before
