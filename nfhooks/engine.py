@@ -33,7 +33,6 @@ mangle     the packet rewritten in Python (mangle.py: lengths, checksums), set_p
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -515,16 +514,14 @@ class Engine:
             self._publish()
 
     def _write_status(self, ok: bool, message: str) -> None:
-        """What `nfhooks reload` waits for: one JSON line, replaced atomically."""
+        """What `nfhooks reload` waits for (owner.write_status)."""
+        from .owner import write_status
+
         if not self.status_file:
             return
-        doc = {"pid": os.getpid(), "seq": self.reloads, "ok": ok, "message": message,
-               "policy": self.policy.name, "generation": self.ruleset.generation, "time": time.time()}
-        tmp = f"{self.status_file}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(doc, f)
-            os.replace(tmp, self.status_file)
+            write_status(self.status_file, self.reloads, ok, message, policy=self.policy.name,
+                         generation=self.ruleset.generation)
         except OSError as e:
             log.warning("cannot write %s: %s", self.status_file, e)
 

@@ -39,6 +39,18 @@ def status_path() -> str:
     return os.path.join(LOCK_DIR, f"netns-{netns_id()}.status")
 
 
+def write_status(path: str, seq: int, ok: bool, message: str, **extra: object) -> None:
+    """The owner's answer to `nfhooks reload`: one JSON document, replaced atomically."""
+    import json
+    import time
+
+    doc = {"pid": os.getpid(), "seq": seq, "ok": ok, "message": message, "time": time.time(), **extra}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
 @dataclass
 class Ownership:
     fd: int

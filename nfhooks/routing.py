@@ -670,6 +670,30 @@ def start(ruleset: "RuleSet") -> None:
         _install_nat(ruleset)
 
 
+def _signature(rs: "RouteShape | None") -> Any:
+    if rs is None:
+        return None
+    tables = [(t.name, t.index, t.table_id, t.routes, t.masquerade, t.snat) for t in rs.tables.values()]
+    shaping = [(d.dev, d.classes, d.default, d.rate) for d in rs.policy.shaping_decls.values()]
+    fields = [(f.shift, f.width) if f is not None else None for f in (rs.route_field, rs.class_field)]
+    return tables, shaping, fields, rs.slots, vars(rs.settings), rs.classes
+
+
+def reload(old: "RuleSet", new: "RuleSet") -> None:
+    """Hot reload, before ``install(new)``: the new generation takes over the running routing
+    and shaping when the policy changed neither (tables, routes, classes, settings, mark
+    fields); otherwise RouteShapeError, and the reload should fail with the old policy kept
+    (ip rules and qdiscs are not generation-aware: changing them needs a restart)."""
+    o, n = getattr(old, "routeshape", None), getattr(new, "routeshape", None)
+    if _signature(o) != _signature(n):
+        raise RouteShapeError("the new policy changes its routing tables, shaping classes or their mark bits; "
+                              "hot reload keeps those as they are: restart the engine to change them")
+    if o is None or n is None:
+        return
+    n.dynamic, n.failed, n.saved_sysctls, n.shapers, n.started = o.dynamic, o.failed, o.saved_sysctls, o.shapers, o.started
+    _install_nat(new)
+
+
 def _install_nat(ruleset: "RuleSet") -> None:
     """The uplink NAT chain, through ``ip(6)tables-legacy-restore --noflush`` (one commit per
     family), taken out of what python-iptables installs: python-iptables cannot create

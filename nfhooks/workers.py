@@ -376,9 +376,19 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
 
+    hups = [0]
+
     def on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGHUP:
-            log.warning("hot reload is not supported with --workers; SIGHUP ignored")
+            from .owner import status_path, write_status
+
+            hups[0] += 1
+            msg = "reload failed: hot reload is not supported with --workers yet; restart the engine"
+            log.warning(msg)
+            try:
+                write_status(status_path(), hups[0], False, msg)  # `nfhooks reload` reports it
+            except OSError:
+                pass
             return
         stop.set()
         try:
