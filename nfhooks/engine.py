@@ -449,6 +449,7 @@ class Engine:
             for num, h in rs.queues.items():
                 self.queues.bind(num, self.dispatcher.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
                 bound.append(num)
+            routing.reload(old_rs, rs)  # hands the running ip rules/qdiscs over, or refuses
             install(rs)
         except Exception as e:  # noqa: BLE001 -- kernel refusal: undo the new half, keep the old
             try:

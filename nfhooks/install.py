@@ -153,7 +153,8 @@ def install(rs: RuleSet) -> None:
 
 def generation_chains(generation: int) -> set[str]:
     """Names of every chain a generation may own (its hooks' chains and its CONNSAVE)."""
-    return {chain_name(h, generation) for h in (*HOOKS, "CONNSAVE", *(f"FLOW-{h}" for h in HOOKS))}
+    return {chain_name(h, generation)
+            for h in (*HOOKS, "CONNSAVE", "RESTORE", "SAVE", "ROUTE-NAT", *(f"FLOW-{h}" for h in HOOKS))}
 
 
 def retire_stamps(rs: RuleSet) -> int:

@@ -54,6 +54,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from .install import KernelError
 from .marks import MarkLayout, bits_for
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ ROUTE_NAT_CHAIN = "ROUTE-NAT"
 _RESERVED_TABLES = {0, 253, 254, 255}
 
 
-class RouteShapeError(RuntimeError):
+class RouteShapeError(KernelError):
     """A route/shape verdict or declaration that cannot be carried out; says why and what to do."""
 
 
@@ -702,8 +703,6 @@ def _install_nat(ruleset: "RuleSet") -> None:
     import shutil
     import subprocess
 
-    from .install import KernelError, xtables_lock
-
     for fam in (4, 6):
         key = (fam, "nat")
         chains = [c for c in ruleset.chains.get(key, []) if c.startswith("NFH-" + ROUTE_NAT_CHAIN)]
@@ -721,8 +720,6 @@ def _install_nat(ruleset: "RuleSet") -> None:
             raise KernelError(f"{tool} not found: install Debian's iptables package")
         text = ["*nat", *(f":{c} - [0:0]" for c in chains), *(r.render() for r in rules),
                 *("-I" + j.render()[2:] for j in reversed(jumps)), "COMMIT", ""]
-        with xtables_lock():
-            pass  # wait for a concurrent python-iptables commit; the tool's -w takes the lock itself
         cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(text), capture_output=True, text=True)
         if cp.returncode:
             raise KernelError(f"{tool} refused the uplink NAT rules: {cp.stderr.strip() or cp.returncode}")

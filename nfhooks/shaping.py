@@ -46,6 +46,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .routing import RouteShapeError
+
 if TYPE_CHECKING:
     from .marks import Field
     from .policy import Policy
@@ -62,7 +64,7 @@ _UNITS = {"bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000,
           "bps": 8, "kbps": 8_000, "mbps": 8_000_000, "gbps": 8_000_000_000}
 
 
-class ShapingError(RuntimeError):
+class ShapingError(RouteShapeError):
     """A shaping tree the kernel cannot build; the text says what is missing."""
 
 
@@ -296,7 +298,10 @@ class Shaper:
 
     def build(self) -> None:
         dev = self.decl.dev
-        q = root_qdisc(dev)
+        try:
+            q = root_qdisc(dev)
+        except ShapingError as e:
+            raise ShapingError(f"shaping({dev!r}) ({self.decl.file}:{self.decl.line}): {e}") from None
         if q is not None and q.get("handle") == f"{MAJOR:x}:":
             log.warning("replacing a stale nfhooks qdisc tree on %s", dev)
             _tc(["tc", "qdisc", "del", "dev", dev, "root"])

@@ -9,24 +9,24 @@ re-routed local packet would otherwise keep uplink 1's source address).
 
     nfhooks run policies/uplinks.py --set gw1=10.0.11.2 --set gw2=10.0.12.2
 
-What nfhooks installs, as the equivalent commands (route field 0x00300000 here: its exact bits
+What nfhooks installs, as the equivalent commands (route field 0x01800000 here: its exact bits
 depend on the policy; ``nfhooks check policies/uplinks.py`` prints the layout and the rules):
 
     ip rule add priority 10000 lookup main suppress_prefixlength 0   # LAN routes (replies) first
-    ip rule add priority 10001 fwmark 0x00100000/0x00300000 lookup 4201
-    ip rule add priority 10002 fwmark 0x00200000/0x00300000 lookup 4202   # same with ip -6 rule
+    ip rule add priority 10001 fwmark 0x800000/0x1800000 lookup 4201
+    ip rule add priority 10002 fwmark 0x1000000/0x1800000 lookup 4202   # same with ip -6 rule
     ip route add default via $gw1 dev up1 table 4201 ; ip -6 route add default via $gw1_6 dev up1 table 4201
     ip route add default via $gw2 dev up2 table 4202 ; ip -6 route add default via $gw2_6 dev up2 table 4202
     # connection stickiness: later packets and replies get the connection's table back
-    iptables -t mangle -I PREROUTING -m connmark ! --mark 0/0x300000 -j CONNMARK --restore-mark --nfmask 0x300000 --ctmask 0x300000
-    iptables -t mangle -I OUTPUT     -m connmark ! --mark 0/0x300000 -j CONNMARK --restore-mark --nfmask 0x300000 --ctmask 0x300000
-    iptables -t mangle -I POSTROUTING -m mark ! --mark 0/0x300000 -j CONNMARK --save-mark --nfmask 0x300000 --ctmask 0x300000
+    iptables -t mangle -I PREROUTING -m connmark ! --mark 0/0x1800000 -j CONNMARK --restore-mark --nfmask 0x1800000 --ctmask 0x1800000
+    iptables -t mangle -I OUTPUT     -m connmark ! --mark 0/0x1800000 -j CONNMARK --restore-mark --nfmask 0x1800000 --ctmask 0x1800000
+    iptables -t mangle -I POSTROUTING -m mark ! --mark 0/0x1800000 -j CONNMARK --save-mark --nfmask 0x1800000 --ctmask 0x1800000
     # the decision, per new connection (what the handlers below compute in Python)
-    iptables -t mangle -A PREROUTING -i lan -m conntrack --ctstate NEW -p tcp --dport 5201 -j MARK --set-xmark 0x200000/0x300000
-    iptables -t mangle -A PREROUTING -i lan -m conntrack --ctstate NEW -j MARK --set-xmark 0x100000/0x300000
+    iptables -t mangle -A PREROUTING -i lan -m conntrack --ctstate NEW -p tcp --dport 5201 -j MARK --set-xmark 0x1000000/0x1800000
+    iptables -t mangle -A PREROUTING -i lan -m conntrack --ctstate NEW -j MARK --set-xmark 0x800000/0x1800000
     # each uplink paired with source NAT
-    iptables -t nat -A POSTROUTING -o up1 -m mark --mark 0x100000/0x300000 -j MASQUERADE
-    iptables -t nat -A POSTROUTING -o up2 -m mark --mark 0x200000/0x300000 -j MASQUERADE
+    iptables -t nat -A POSTROUTING -o up1 -m mark --mark 0x800000/0x1800000 -j MASQUERADE
+    iptables -t nat -A POSTROUTING -o up2 -m mark --mark 0x1000000/0x1800000 -j MASQUERADE
     (and the same with ip6tables)
 
 rp_filter: a reply arriving on uplink 2 fails a strict reverse-path check (main routes its

@@ -18,7 +18,8 @@ DOCKERD_LOG=${NFH_DOCKERD_LOG:-/var/log/nfhooks-dockerd.log}
 IMAGE=${NFHOOKS_IMAGE:-nfhooks:dev}
 BASE=debian:bookworm-slim
 PROM_PORT=${NFHLAB_PROMETHEUS_PORT:-9090}
-export NFHOOKS_IMAGE=$IMAGE NFHLAB_PROMETHEUS_PORT=$PROM_PORT
+NET=${NFHLAB_NET:-10.77}
+export NFHOOKS_IMAGE=$IMAGE NFHLAB_PROMETHEUS_PORT=$PROM_PORT NFHLAB_NET=$NET
 COMPOSE=(docker-compose -p "${NFHLAB_PROJECT:-nfhlab}" -f "$HERE/docker-compose.yml")
 
 say() { printf '\033[1m== %s\033[0m\n' "$*"; }
@@ -110,22 +111,23 @@ if not res:
     sys.exit(1)
 for r in res:
     labels = ",".join(f'{k}="{v}"' for k, v in sorted(r["metric"].items()) if k not in ("instance", "job", "node"))
-    print(f"  {r['metric'].get('__name__', q)}{{{labels}}} {r['value'][1]}")
+    print(f"  {r['metric'].get('__name__', '')}{{{labels}}} {r['value'][1]}")
 PY
 }
 
 show() {
-  say "traffic client 10.77.1.10 -> router -> server 10.77.2.10 (policy deploy/compose/policy.py)"
+  say "traffic client $NET.1.10 -> router -> server $NET.2.10 (policy deploy/compose/policy.py)"
   local port
   for port in 8080 8081 8082; do
     printf '  tcp/%s: ' "$port"
-    "${COMPOSE[@]}" exec -T client python3 /lab/probe.py 10.77.2.10 "$port" 2
+    "${COMPOSE[@]}" exec -T client python3 /lab/probe.py "$NET.2.10" "$port" 2
   done
   say "Prometheus (http://127.0.0.1:$PROM_PORT) scraping the router"
   if ! wait_for 60 prom_query 'sum by (hook, verdict) (nfhooks_packets_total{hook="FORWARD"}) > 0'; then
     echo "  no nfhooks_packets_total from the router yet" >&2; return 1
   fi
-  prom_query 'sum by (hook, verdict) (nfhooks_packets_total{hook="FORWARD"})'
+  echo '  sum by (hook, verdict) (nfhooks_packets_total{hook="FORWARD"}):'
+  prom_query 'sum by (hook, verdict) (nfhooks_packets_total{hook="FORWARD"}) > 0'
   echo "  down: make lab-containers-down"
 }
 

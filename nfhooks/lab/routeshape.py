@@ -110,6 +110,7 @@ def snapshot(lab: Lab, node: str = "router", devs: tuple[str, ...] = ()) -> dict
             "routes": ["ip", "route", "show", "table", "all"], "routes6": ["ip", "-6", "route", "show", "table", "all"],
             "qdiscs": ["tc", "qdisc", "show"]}
     out = {k: lab.exec(node, *argv).stdout for k, argv in cmds.items()}
+    out["qdiscs"] = re.sub(r" direct_packets_stat \d+", "", out["qdiscs"])  # a counter, not configuration
     save = lab.exec(node, "iptables-legacy-save").stdout + lab.exec(node, "ip6tables-legacy-save").stdout
     out["nfhooks iptables"] = "\n".join(line for line in save.splitlines() if "NFH-" in line or "nfhooks" in line)
     return out
@@ -119,22 +120,6 @@ def rx_bytes(lab: Lab, node: str, ifname: str) -> int:
     """Bytes received on an interface (where packets arrived, whatever their addresses say)."""
     info = json.loads(lab.exec(node, "ip", "-s", "-j", "link", "show", "dev", ifname).stdout)
     return int(info[0]["stats64"]["rx"]["bytes"])
-
-
-_SEND = r"""
-import socket, sys
-host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.create_connection((host, port), timeout=5)
-s.sendall(b"x" * n)
-s.shutdown(socket.SHUT_WR)
-s.recv(100)
-s.close()
-"""
-
-
-def send_bytes(lab: Lab, node: str, addr: str, port: int, nbytes: int) -> None:
-    """One TCP connection carrying ``nbytes`` (the lab's servers read until EOF)."""
-    lab.exec(node, sys.executable, "-c", _SEND, addr, port, nbytes, timeout=30)
 
 
 @dataclass
@@ -220,10 +205,11 @@ def class_bytes(lab: Lab, dev: str, classid: str, node: str = "router") -> int:
 def shaped_run(lab: Lab, src: str, dst_node: str, dst: str, dev: str, bulk_class: str = "4e46:11",
                seconds: int = 4) -> tuple[float, Ping]:
     """A bulk iperf3 flow through ``dev`` and, once it fills its class, a ping alongside."""
+    start = class_bytes(lab, dev, bulk_class)
     with Iperf(lab, dst_node, dst, BULK_PORT):
         client = iperf_client(lab, src, dst, BULK_PORT, seconds=seconds)
         try:
-            lab.wait_for(lambda: class_bytes(lab, dev, bulk_class) > 200_000 or client.poll() is not None,
+            lab.wait_for(lambda: class_bytes(lab, dev, bulk_class) > start + 200_000 or client.poll() is not None,
                          timeout=15, what=f"the bulk flow in class {bulk_class} on {dev}")
             p = ping(lab, src, dst, count=10)
         finally:

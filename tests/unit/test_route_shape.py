@@ -273,3 +273,26 @@ def test_route_verdict_values():
     with pytest.raises(ValueError):
         shape("")
     assert accept() is accept()
+
+
+def test_hot_reload_keeps_routing_only_when_unchanged():
+    from nfhooks import routing
+
+    a = compile_policy(load_policy(POLICIES / "uplinks.py"))
+    b = compile_policy(load_policy(POLICIES / "uplinks.py"), generation=2)
+    assert routing._signature(a.routeshape) == routing._signature(b.routeshape)
+    assert "NFH-RESTORE-2" in b.render()  # the second generation's chains do not clash
+    routing.reload(compile_policy(load_policy(POLICIES / "firewall.py")),
+                   compile_policy(load_policy(POLICIES / "firewall.py"), generation=2))  # neither routes: fine
+    for new in (compile_policy(load_policy(POLICIES / "shaping.py"), generation=2),
+                compile_policy(load_policy(POLICIES / "uplinks.py", {"gw2": "10.9.9.9"}), generation=2),
+                compile_policy(load_policy(POLICIES / "firewall.py"), generation=2)):
+        with pytest.raises(RouteShapeError, match="restart the engine"):
+            routing.reload(a, new)
+
+
+def test_missing_qdisc_is_named():
+    from nfhooks.shaping import _explain
+
+    msg = _explain("Error: Specified qdisc kind is unknown.", ["tc", "qdisc", "add", "dev", "x", "root", "tbf"])
+    assert msg.startswith("the kernel has no tbf qdisc (CONFIG_NET_SCH_TBF; modprobe sch_tbf)")
