@@ -17,6 +17,8 @@
 
 # ---------------------------------------------------------------- build: compile the wheels
 FROM debian:bookworm-slim AS build
+# Tagged nfhooks:build-cache by lab.sh (layer cache), and pruned when it becomes dangling.
+LABEL io.nfhooks.image=nfhooks-build
 
 # Optional extra CA certificates (TLS-intercepting proxies): *.crt files in docker/certs/. Used
 # only by this build stage (pip), so they never reach the final image.
@@ -34,13 +36,15 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-# Dependencies first (pinned in pyproject.toml): this layer survives edits to the code.
-COPY pyproject.toml README.md ./
+# Dependencies first (pinned in pyproject.toml), with a stub package and README: this layer
+# survives edits to the code and the docs.
+COPY pyproject.toml ./
 RUN python3 -m venv /opt/venv \
- && mkdir -p nfhooks && touch nfhooks/__init__.py \
+ && mkdir -p nfhooks && touch nfhooks/__init__.py README.md \
  && /opt/venv/bin/pip install --no-cache-dir . \
  && /opt/venv/bin/pip uninstall -y nfhooks \
- && rm -rf build nfhooks ./*.egg-info
+ && rm -rf build nfhooks README.md ./*.egg-info
+COPY README.md ./
 COPY nfhooks ./nfhooks
 # pip and setuptools are not needed at run time.
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
@@ -52,7 +56,8 @@ FROM debian:bookworm-slim
 
 LABEL org.opencontainers.image.title="nfhooks" \
       org.opencontainers.image.description="Python packet policy at the five netfilter hooks (NFQUEUE), Prometheus metrics" \
-      org.opencontainers.image.licenses="MIT"
+      org.opencontainers.image.licenses="MIT" \
+      io.nfhooks.image=nfhooks
 
 # python-iptables loads the legacy xtables libraries (Debian's iptables package) with ctypes;
 # NetfilterQueue links libnetfilter-queue1; iproute2 is for routes in labs (ip route).

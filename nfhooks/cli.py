@@ -359,7 +359,7 @@ def lab_down() -> None:
 
 @app.command()
 def tunnel(dev: str = typer.Option("tun0", "--dev", help="tun device to create"),
-           listen: str = typer.Option(..., "--listen", help="local UDP ADDR:PORT ([v6]:port)"),
+           listen: str = typer.Option(..., "--listen", help="local UDP ADDR:PORT (IPv6 address in brackets)"),
            peer: str = typer.Option(..., "--peer", help="the other end's UDP ADDR:PORT"),
            verbose: bool = typer.Option(False, "--verbose", "-v", help="print every packet")) -> None:
     """A tiny IP-in-UDP tunnel through a tun device (a teaching aid, no encryption; the lab's vpn).

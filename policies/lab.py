@@ -41,7 +41,10 @@ Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
     iptables -A OUTPUT -d 0.0.0.0/0 -p tcp --dport 80 -j DROP
     iptables -A OUTPUT ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
     iptables -t nat -A PREROUTING -i wan -p tcp --dport 8022 -j DNAT --to-destination 192.0.2.2:8022
-    iptables -A FORWARD -o lan -p tcp --dport 8022 -j ACCEPT
+    iptables -A FORWARD -o lan -p tcp --dport 8022 -j ACCEPT       # (also un-DNATed: see forwarded_in)
+    iptables -A INPUT -p udp --dport 51820 -j ACCEPT                # the tunnel (vpn scenario)
+    iptables -I FORWARD -o tun0 -j ACCEPT; iptables -I FORWARD -i tun0 -j ACCEPT
+    iptables -I OUTPUT -p udp --dport 51820 -j ACCEPT
     iptables -t nat -A POSTROUTING -p tcp --dport 8081 -j MASQUERADE
     iptables -t mangle -A POSTROUTING -p udp --dport 5060 -j DSCP --set-dscp 46
     iptables -t mangle -A POSTROUTING -p udp --dport 5060 -j TTL --ttl-set 33
@@ -201,7 +204,10 @@ def from_lan(pkt):
 
 @policy.forward(oif=lan_if, proto="tcp", dport=forward_port)
 def forwarded_in(pkt):
-    return accept()  # the port forward's connections (already DNATed at PREROUTING)
+    # The port forward's connections (already DNATed at PREROUTING). The match cannot tell
+    # a DNATed connection from a direct one to the client's forward_port (no conntrack-DNAT
+    # match in nfhooks), so both are accepted; the client's other ports stay closed.
+    return accept()
 
 
 # -- OUTPUT: packets the router itself sends ------------------------------------------------------

@@ -62,7 +62,8 @@ base_image() {
   mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
   mirror=${mirror:-http://deb.debian.org/debian}
   rootfs=$(mktemp -d /tmp/nfhooks-rootfs.XXXXXX)
-  trap 'rm -rf "$rootfs"' RETURN
+  # shellcheck disable=SC2064 # expanded now; the trap clears itself (RETURN traps are global)
+  trap "rm -rf '$rootfs'; trap - RETURN" RETURN
   debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/dev/null
   # Like Debian's official slim image: no docs, man pages or locales, now or in later installs.
   cat >"$rootfs/etc/dpkg/dpkg.cfg.d/docker-slim" <<'CFG'
@@ -85,11 +86,16 @@ CFG
 build() {
   local cert="$ROOT/docker/certs/nfhooks-build-host-ca.crt"
   cp /etc/ssl/certs/ca-certificates.crt "$cert"
-  trap 'rm -f "$cert"' RETURN
+  # shellcheck disable=SC2064
+  trap "rm -f '$cert'; trap - RETURN" RETURN
   say "building $IMAGE and the lab's Prometheus image"
   local t0=$SECONDS
-  docker build -q --network host -t "$IMAGE" "$ROOT" >/dev/null
-  "${COMPOSE[@]}" build -q prometheus
+  # The build stage gets a tag too, so it stays as layer cache; the images these builds replace
+  # become dangling and are pruned (only ours: label io.nfhooks.image).
+  docker build -q --force-rm --network host --target build -t nfhooks:build-cache "$ROOT" >/dev/null
+  docker build -q --force-rm --network host -t "$IMAGE" "$ROOT" >/dev/null
+  "${COMPOSE[@]}" build -q --force-rm prometheus
+  docker image prune -f --filter label=io.nfhooks.image >/dev/null
   say "built in $((SECONDS - t0)) s; $IMAGE is $(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 

@@ -993,7 +993,7 @@ def hook_table(snap: Snapshot, rules: Sequence[tuple[dict[str, str], float]] = (
             names = ", ".join(f"{l['handler']} {n:g}" for l, n in sorted(handlers, key=lambda x: -x[1])
                               if l["hook"] == h and l["verdict"] == verdict and n > 0)
             t.add_row(Text(h, style=HOOK_STYLE), table, _vtext(verdict), f"{v:g}",
-                      f"{nbytes.get((h, table, verdict), 0):g}", names)
+                      f"{nbytes.get((h, table, verdict), 0):.0f}", names)
         for l, v in kernel:
             t.add_row(Text(hook, style=HOOK_STYLE), decision_table(hook), _vtext(l["verdict"]), f"{v:g}", "",
                       Text("(default rule) in the kernel: no handler queued these", style="dim"))
@@ -1091,6 +1091,9 @@ def _metrics_panel(cfg: LabConfig, url: str, kept: bool, snap: Snapshot) -> Pane
             f"  nfhooks_malformed_packets_total{{hook}}        {malformed:g} this run\n"
             f"  nfhooks_decision_seconds{{hook}}               {p50}\n"
             "  nfhooks_queue_kernel_dropped_packets_total     packets the kernel dropped (queue full)")
+    if cfg.pcap:
+        text += (f"\nEvery queued packet, with its hook, handler and verdict, was recorded by the engine in "
+                 f"{Path(cfg.pcap).resolve()} (open it with wireshark or tcpdump -r)")
     return Panel(text, title="metrics", title_align="left")
 
 
@@ -1120,6 +1123,9 @@ def _next_panel(lab: Lab, kept: bool) -> Panel:
                 f"  nfhooks lab exec client -- ping -c 3 {server}   (after --keep)\n"
                 "  nfhooks lab --set service_port=2200     # the policy's options\n"
                 "  nfhooks lab --policy my_policy.py       # your own policy on the same traffic\n"
+                "  nfhooks lab --scenario vpn              # two offices joined by a tun tunnel (nfhooks tunnel)\n"
+                "  nfhooks lab --scenario reject --json    # one scenario, the summary as JSON for scripts\n"
+                "  nfhooks lab --pcap lab.pcapng           # record every queued packet with its verdict\n"
                 "  nfhooks lab down                        # remove a kept lab or a crashed run's leftovers")
     return Panel(text, title="try next", title_align="left")
 

@@ -21,6 +21,10 @@ router: a bridge in the router would make server<->proxy traffic bridged *inside
 router*, where br_netfilter (if loaded) would feed it through the router's iptables and the
 engine under test. With a separate switch the router has exactly one interface per side
 (``lan``, ``wan``) and sees only routed traffic.
+
+For the vpn scenario, `Lab.add_office` adds a second office (gateway ``gw_b`` on the WAN
+bridge, ``host_b`` behind it on its own private range) and `Lab.start_tunnel` runs
+``nfhooks tunnel`` in a node and routes a remote office into its tun device.
 """
 
 from __future__ import annotations

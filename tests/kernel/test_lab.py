@@ -168,7 +168,7 @@ def test_json_all_scenarios_observable_effects(tmp_path):
     client4, client6 = nodes["client"]["ipv4"][0], nodes["client"]["ipv6"][0]
     server4, server6 = nodes["server"]["ipv4"][0], nodes["server"]["ipv6"][0]
     proxy4 = nodes["proxy"]["ipv4"][0]
-    router_wan4 = [a for a in nodes["router"]["ipv4"] if a.rsplit(".", 2)[0] == server4.rsplit(".", 2)[0]][0]
+    router_wan4 = [a for a in nodes["router"]["ipv4"] if a.rsplit(".", 1)[0] == server4.rsplit(".", 1)[0]][0]
     router_wan6 = nodes["router"]["ipv6"][1]
     for s in data["scenarios"]:
         assert set(s["hooks_expected"]) <= set(s["hooks_crossed"]), s
@@ -216,7 +216,7 @@ def test_json_all_scenarios_observable_effects(tmp_path):
     assert by.get(("to_tunnel", "FORWARD"), 0) > 0 and by.get(("from_tunnel", "FORWARD"), 0) > 0, by
     assert by.get(("tunnel_out", "OUTPUT"), 0) > 0 and by.get(("tunnel_wire", "POSTROUTING"), 0) > 0, by
     host_b4 = nodes["host_b"]["ipv4"][0]
-    gw_b_wan4 = [a for a in nodes["gw_b"]["ipv4"] if a.rsplit(".", 2)[0] == server4.rsplit(".", 2)[0]][0]
+    gw_b_wan4 = [a for a in nodes["gw_b"]["ipv4"] if a.rsplit(".", 1)[0] == server4.rsplit(".", 1)[0]][0]
     cap = [row for t in vpn["tables"] for row in t["rows"]]
     assert any(row[0].startswith("FORWARD") and row[2].startswith(f"IPv4 tcp {client4}:")
                and f"-> {host_b4}:8080" in row[2] for row in cap), cap
