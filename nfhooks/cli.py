@@ -333,7 +333,7 @@ def lab(ctx: typer.Context,
 
 
 @lab_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def lab_exec(node: str = typer.Argument(..., help="client, router, switch, server or proxy"),
+def lab_exec(node: str = typer.Argument(..., help="client, router, switch, server, proxy (vpn: also gw_b, host_b)"),
              cmd: List[str] = typer.Argument(..., help="the command, after --")) -> None:
     """Run a command in a node of the kept lab: nfhooks lab exec client -- ping -c1 SERVER."""
     from .lab.runner import LabError, exec_in_node
