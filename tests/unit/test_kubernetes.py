@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-import yaml
 
 from nfhooks.policy import PolicyError, load_policy
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")  # pinned in the test extra
+yaml = pytest.importorskip("yaml")  # PyYAML, a dependency of kubernetes-validate
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
