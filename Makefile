@@ -10,11 +10,17 @@ STAMP := $(VENV)/.installed
 .PHONY: deps venv test unit lab lab-down bench bench-quick soak fuzz clean flush lab-containers lab-containers-down docs-images
 
 # apt: only when a package is missing, so repeated runs are fast and offline-safe.
+# No service may start at install time (policy-rc.d, put in place only for the install if the
+# machine has none): a default dockerd would add a bridge and iptables rules in this machine's
+# own network namespace. The container lab starts its own dockerd in restricted mode.
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
+	  echo "installing:$$missing"; guard=""; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
+	    chmod 755 /usr/sbin/policy-rc.d; guard=1; fi; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  rc=$$?; if [ -n "$$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -31,8 +31,16 @@ deps() {
   done
   if [ -n "$missing" ]; then
     say "installing:$missing"
+    # no service may start at install: a default dockerd would add a bridge and iptables rules
+    # in this machine's own network namespace (policy-rc.d only for the install, if none exists)
+    local guard=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && guard=1
+    fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null || {
+      [ -n "$guard" ] && rm -f /usr/sbin/policy-rc.d; return 1; }
+    if [ -n "$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi
   fi
 }
 
