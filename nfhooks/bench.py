@@ -442,16 +442,17 @@ def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Ma
         eng = lat.get("nfhooks") or {}
         rate = next((st.get("rate") for st in lat.values() if st.get("rate")), None)
         out += ["", f"Latency: UDP echo round trip at {_fmt(rate, ',.0f')} probes/s (us)", "",
-                "| path | sent | received | p50 | p90 | p99 | max | added p50 | added p99 |",
-                "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                "| path | sent | received | p50 | p90 | p99 | max | added p50 | added p99 | CPU us/probe |",
+                "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for case, st in lat.items():
             if st.get("error"):
-                out.append(f"| {case} | {st['error'][:90]} |" + " |" * 7)
+                out.append(f"| {case} | {st['error'][:90]} |" + " |" * 8)
                 continue
             a = add.get(case, {})
             out.append(f"| {case} | {st['sent']:,} | {st['received']:,} | {_fmt(st['p50_us'], '.0f')} "
                        f"| {_fmt(st['p90_us'], '.0f')} | {_fmt(st['p99_us'], '.0f')} | {_fmt(st['max_us'], '.0f')} "
-                       f"| {_fmt(a.get('p50_us'), '+.0f')} | {_fmt(a.get('p99_us'), '+.0f')} |")
+                       f"| {_fmt(a.get('p50_us'), '+.0f')} | {_fmt(a.get('p99_us'), '+.0f')} "
+                       f"| {_fmt(st.get('cpu_us_per_probe'), '.1f')} |")
         if eng.get("decision_p99_le_us") is not None:
             out += ["", f"The engine's own time per probe (`nfhooks_decision_seconds` at INPUT: callback "
                         "entry to the verdict's return, which includes the kernel re-injecting the packet): "
@@ -826,7 +827,7 @@ class Bench:
                     rows.append(self._guard(case, proto, lambda: self.measure(
                         case, proto, port, engine.pid, None)))
             if latency is not None:
-                latency["nfhooks"] = self._guard_latency("nfhooks", rate, engine=True)
+                latency["nfhooks"] = self._guard_latency("nfhooks", rate, engine=True, pid=engine.pid)
         finally:
             engine.stop()
         return rows
@@ -877,12 +878,18 @@ class Bench:
                              check=False).stdout
 
     def _guard_latency(self, case: str, rate: float, seconds: float | None = None,
-                       engine: bool = False) -> dict[str, Any]:
+                       engine: bool = False, pid: int | None = None) -> dict[str, Any]:
         """The probe; with ``engine``, also the engine's own decision time over the probe
-        (nfhooks_decision_seconds at INPUT: callback entry to verdict, bucket upper bounds)."""
+        (nfhooks_decision_seconds at INPUT: callback entry to verdict, bucket upper bounds);
+        with ``pid``, the consumer's CPU time per answered probe (``cpu_us_per_probe``)."""
         try:
             h0 = histogram_buckets(self.metrics_text(), "nfhooks_decision_seconds", hook="INPUT") if engine else {}
+            c0 = self.cpu_seconds(pid) if pid else None
             st = self.latency(case, rate, seconds or self.seconds)
+            c1 = self.cpu_seconds(pid) if pid else None
+            if c0 is not None and c1 is not None and st["received"]:
+                st["cpu_us_per_probe"] = 1e6 * (c1 - c0) / st["received"]
+                self.log(f"  latency {case:<10} CPU {st['cpu_us_per_probe']:.1f} us per probe")
             if engine:
                 h1 = histogram_buckets(self.metrics_text(), "nfhooks_decision_seconds", hook="INPUT")
                 for q in (50, 99):
@@ -895,8 +902,8 @@ class Bench:
 
     def bare_latency(self, rate: float) -> dict[str, Any]:
         try:
-            with self.consumer("bare", "udp", ECHO_PORT):
-                return self._guard_latency("bare", rate)
+            with self.consumer("bare", "udp", ECHO_PORT) as proc:
+                return self._guard_latency("bare", rate, pid=proc.pid)
         except Exception as e:  # noqa: BLE001
             return {"error": f"{type(e).__name__}: {e}"}
 
@@ -941,6 +948,10 @@ class Bench:
         if latency is not None:
             latency["kernel"] = self._guard_latency("kernel", rate)
             latency["bare"] = self.bare_latency(rate)
+        if not protos:  # --only latency: the engine's probe, no throughput rows
+            if latency is not None:
+                self.engine_rows((), False, latency=latency, rate=rate)
+            return rows
         for proto in protos:
             rows.append(self._guard("kernel", proto, lambda: self.kernel(proto)))
             rows.append(self._guard("bare", proto, lambda: self.script_consumer("bare", proto)))
@@ -1043,6 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--latency-rate", type=float, default=LATENCY_RATE,
                     help="UDP echo probes per second for the latency rows (default %(default)g)")
     ap.add_argument("--no-latency", action="store_true", help="skip the latency probes")
+    ap.add_argument("--only", choices=("latency",),
+                    help="only these rows: 'latency' = the kernel, bare and nfhooks latency probes "
+                         "(with each consumer's CPU per probe), no throughput rows")
     ap.add_argument("--markdown", type=Path, default=Path("bench-results.md"),
                     help="write the markdown tables here (default %(default)s)")
     ap.add_argument("--chart", type=Path, default=ROOT / "docs" / "img" / "bench.png",
@@ -1063,7 +1077,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("nfhooks bench: --profile needs py-spy (.venv/bin/pip install py-spy)", file=sys.stderr)
         return 2
     seconds = 2.0 if args.quick and args.seconds == 5.0 else args.seconds
-    protos = ("udp", "tcp") if args.proto == "both" else (args.proto,)
+    protos: tuple[str, ...] = ("udp", "tcp") if args.proto == "both" else (args.proto,)
+    if args.only == "latency":
+        if args.no_latency:
+            print("nfhooks bench: --only latency and --no-latency exclude each other", file=sys.stderr)
+            return 2
+        protos = ()
 
     from .lab.topology import Lab
 

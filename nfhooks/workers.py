@@ -24,10 +24,16 @@ collectors at scrape time, which multiprocess mode cannot see -- and which would
 per-run directory to clean up after a crash. Per-worker series stay apart where the labels
 differ (every queue series carries its queue number, hence its worker).
 
+Flow offload works with workers: its state is in the kernel (the connmark and the rules the
+main process installs), so each worker's Dispatcher only needs its own small FlowOffload (the
+mark bits a flow handler's accept carries); the main process exports
+``nfhooks_offloaded_*``, which it reads from the offload rules' counters at scrape time (the
+workers export none: summed, they would count every rule N times).
+
 Not supported with workers, refused at start with the reason: NAT verdicts (the NAT target
 allocation and its rules live in one process; workers would have to ask the main process
-for every new target), flow offload and routing (the same: shared kernel state), pcap,
-hot reload (SIGHUP is ignored with a warning).
+for every new target), routing (the same: shared state), pcap, hot reload (SIGHUP is
+ignored with a warning).
 """
 
 from __future__ import annotations
@@ -65,8 +71,6 @@ def check_supported(rs: Any, workers: int) -> None:
     why = []
     if getattr(rs, "nat_targets", 0):
         why.append("NAT verdicts (the target allocation lives in one process)")
-    if getattr(rs, "flow_generation", 0):
-        why.append("flow offload")
     if getattr(rs, "routeshape", None) is not None:
         why.append("routing/shaping")
     if why:
@@ -118,6 +122,7 @@ def _worker(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any],
 
     from .engine import Dispatcher
     from .metrics import Metrics
+    from .offload import FlowOffload
     from .queue import QueueSet
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: main decides
@@ -130,7 +135,9 @@ def _worker(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any],
 
         watchdog = Watchdog(timeout) if timeout else None  # made here: it targets this process
         metrics = Metrics()
-        disp = Dispatcher(policy=policy, ruleset=rs, metrics=metrics, budget=budget, watchdog=watchdog)
+        offload = FlowOffload(rs, policy) if getattr(rs, "flow_generation", 0) else None
+        disp = Dispatcher(policy=policy, ruleset=rs, metrics=metrics, budget=budget, watchdog=watchdog,
+                          offload=offload)
         qs = QueueSet(options)
         for num, h in sorted(queues.items()):
             qs.bind(num, disp.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
@@ -416,6 +423,11 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             ranges = [(first, first + workers - 1, h.hook, h.name, brs.fail_open[h.hook])
                       for first, h in sorted(per_worker[0].items())]
             registry.register(WorkerMetrics(pool, ranges))
+            if getattr(brs, "flow_generation", 0):  # from the kernel's rule counters: once, here
+                from .offload import FlowOffload, OffloadCollector
+
+                offload = FlowOffload(brs, policy)
+                registry.register(OffloadCollector(lambda: offload))
             server, _ = start_http_server(port, addr=host, registry=registry)
             bound = server.server_address
             where = f"http://{bound[0]}:{bound[1]}/metrics"

@@ -883,14 +883,24 @@ def load_plugins() -> None:
                 raise
 
 
+def _ordered() -> list[Scenario]:
+    """The registry in a fixed order, whatever imported a plugin first: the built-in scenarios
+    as defined, then each plugin's in PLUGINS order."""
+    def rank(sc: Scenario) -> int:
+        mod = getattr(sc.run or sc.setup, "__module__", __name__)
+        return PLUGINS.index(mod) + 1 if mod in PLUGINS else 0
+
+    return sorted(SCENARIOS, key=rank)
+
+
 def groups() -> dict[str, list[str]]:
     """Group name -> scenario keys ("all" included)."""
     load_plugins()
     out: dict[str, list[str]] = {}
-    for sc in SCENARIOS:
+    for sc in _ordered():
         for g in sc.groups:
             out.setdefault(g, []).append(sc.key)
-    out["all"] = [sc.key for sc in SCENARIOS]
+    out["all"] = [sc.key for sc in _ordered()]
     return out
 
 
@@ -906,7 +916,7 @@ def select(names: Sequence[str]) -> list[Scenario]:
         raise LabError(f"unknown scenario {', '.join(map(repr, unknown))}: groups "
                        f"{', '.join(sorted(g))}; scenarios {', '.join(sc.key for sc in SCENARIOS)}")
     chosen = {k for n in wanted for k in (g.get(n) or [n])}
-    return [sc for sc in SCENARIOS if sc.key in chosen]
+    return [sc for sc in _ordered() if sc.key in chosen]
 
 
 # --------------------------------------------------------------------------- results
