@@ -185,6 +185,17 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     from .owner import OwnedElsewhere, status_path
 
     _stderr_logging(logging.DEBUG if verbose else logging.INFO)
+    from .install import check_kernel
+    from .owner import live_owner
+
+    try:
+        check_kernel()  # root/CAP_NET_ADMIN and kernel support first: the clearest error
+        owner = live_owner()
+    except (KernelError, OSError) as e:
+        _fail(str(e))
+        return
+    if owner is not None:  # before the metrics port is taken: say who owns this namespace
+        _fail(str(OwnedElsewhere(*owner)))
     if not keep_capabilities:
         # before the policy's code runs and before any thread starts (capabilities are per thread)
         from .privileges import drop_capabilities
@@ -397,7 +408,11 @@ def reload(timeout: float = typer.Option(30.0, "--timeout", help="seconds to wai
         except (OSError, ValueError):
             return {}
 
-    owner = live_owner()
+    try:
+        owner = live_owner()
+    except OSError as e:
+        _fail(f"nfhooks reload needs root in the engine's namespace (it signals the engine): {e}")
+        return
     if owner is None or owner[0] is None:
         _fail("no nfhooks engine runs in this network namespace (nothing to reload)")
         return

@@ -381,15 +381,25 @@ def check_permissions(path: Path) -> None:
     st = real.stat()
     if st.st_uid not in (0, me):
         raise PolicyError(f"refusing a policy owned by uid {st.st_uid} (not root, not us): it runs as root; "
-                          f"chown it (real file {real})", str(path))
+                          f"chown root:root {real}", str(path))
     if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
         raise PolicyError(f"refusing a policy writable by other users (mode {stat.filemode(st.st_mode)}): "
                           f"it runs as root; chmod go-w {real}", str(path))
     for d in real.parents:
         ds = d.stat()
-        if ds.st_mode & stat.S_IWOTH and not ds.st_mode & stat.S_ISVTX:
+        if ds.st_mode & stat.S_ISVTX:
+            continue  # sticky: only the file's owner (root or us, checked above) may replace it
+        if ds.st_mode & stat.S_IWOTH:
             raise PolicyError(f"refusing a policy in {d}, a directory every user can write to (mode "
                               f"{stat.filemode(ds.st_mode)}): anyone could swap the file; chmod o-w {d}",
+                              str(path))
+        if ds.st_mode & stat.S_IWGRP and ds.st_gid != 0:
+            raise PolicyError(f"refusing a policy in {d}, a directory group {ds.st_gid} can write to (mode "
+                              f"{stat.filemode(ds.st_mode)}): its members could swap the file; chmod g-w {d}",
+                              str(path))
+        if ds.st_uid not in (0, me):
+            raise PolicyError(f"refusing a policy in {d}, a directory owned by uid {ds.st_uid} (not root, "
+                              f"not us): its owner could swap the file; move the policy or chown root:root {d}",
                               str(path))
 
 

@@ -160,3 +160,22 @@ def test_configmap_style_symlinks_are_accepted(tmp_path):
     (tmp_path / "p.py").symlink_to("..data/p.py")
     tmp_path.chmod(0o1777)
     assert load_policy(tmp_path / "p.py").handlers == []
+
+
+def test_policy_in_a_directory_another_user_or_group_controls_is_refused(tmp_path):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user (chown)")
+    for name, mode, uid, gid, why in (("other", 0o755, 65534, 0, "owned by uid 65534"),
+                                      ("group", 0o775, 0, 65534, "group 65534 can write")):
+        d = tmp_path / name
+        d.mkdir()
+        f = d / "p.py"
+        f.write_text("from nfhooks import Policy\npolicy = Policy()\n")
+        os.chown(d, uid, gid)
+        d.chmod(mode)
+        with pytest.raises(PolicyError, match=why):
+            load_policy(f)
+        d.chmod(mode | 0o1000)  # sticky: only the root-owned file's owner could replace it
+        assert load_policy(f).handlers == []
