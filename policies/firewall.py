@@ -2,7 +2,7 @@
 
 Equivalent iptables commands (what `nfhooks check policies/firewall.py` compiles it to, in spirit):
 
-    iptables -A OUTPUT -p tcp --dport 80 -j DROP          # the seed's first example: no web from here
+    iptables -A OUTPUT -p tcp --dport 80 -j DROP          # the classic first example: no web from here
     iptables -A INPUT -i lo -j ACCEPT
     iptables -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
     iptables -A INPUT -p icmp --icmp-type echo-request -j ACCEPT
@@ -24,7 +24,7 @@ ssh_port = policy.option("ssh_port", default=22, type="port", help="the SSH port
 
 @policy.output(proto="tcp", dport=80)
 def no_web(pkt):
-    """Locally generated HTTP to port 80 is dropped (the seed's first example)."""
+    """Locally generated HTTP to port 80 is dropped (the classic iptables example)."""
     return drop()
 
 

@@ -10,7 +10,7 @@ What each hook does on the lab's router (client on ``lan``, server and proxy on 
                  reset / ICMP port unreachable; the rest is dropped (the INPUT default)
     FORWARD      the LAN may go out, replies come back; the WAN cannot open connections
                  into the LAN (the FORWARD default: drop)
-    OUTPUT       the seed's two examples, on two different destinations: the router's own
+    OUTPUT       the two classic iptables examples, on two different destinations: the router's own
                  HTTP to ``dnat_dst`` (port 80) is DNATed to the proxy's 8080, its HTTP to
                  ``drop_dst`` is dropped; the router's other own traffic is accepted
     POSTROUTING  connections to the NAT port are masqueraded (the server sees the router's
@@ -50,9 +50,8 @@ Equivalent iptables commands (ip6tables alike, with ipv6-icmp for icmp):
     iptables -t mangle -A POSTROUTING -p udp --dport 5060 -j TTL --ttl-set 33
     iptables -t mangle -A POSTROUTING ! -d 127.0.0.0/8 -m conntrack --ctstate NEW,ESTABLISHED -j ACCEPT
 
-Loopback is told apart by address, not by ``-i lo``: python-iptables 1.2.0 installs IPv6
-interface matches with a mask of 0x01 per byte instead of 0xff, so in ip6tables "lo" also
-matches "lan" (their names differ only in bits that mask ignores).
+Loopback is told apart by address, not by ``-i lo`` (a habit from before nfhooks corrected
+python-iptables 1.2.0's IPv6 interface mask, see install.py; either works now).
 
 Options: lan_if / wan_if (the router's interfaces, lan / wan), service_port (2222),
 reject_port (tcp, 23), reject_udp_port (514), nat_port (masqueraded, 8081),
@@ -214,7 +213,7 @@ def forwarded_in(pkt):
 
 @policy.output(proto="tcp", dport=web_port, dst=dnat_dst)
 def to_proxy(pkt):
-    """The seed's second example: the router's own HTTP to dnat_dst goes to the proxy."""
+    """The second classic example: the router's own HTTP to dnat_dst goes to the proxy."""
     return dnat(proxy)
 
 
@@ -225,7 +224,7 @@ def to_proxy6(pkt):
 
 @policy.output(proto="tcp", dport=web_port, dst=drop_dst)
 def no_web(pkt):
-    """Locally generated HTTP to port 80 is dropped (the seed's first example)."""
+    """Locally generated HTTP to port 80 is dropped (the classic iptables example)."""
     return drop()
 
 

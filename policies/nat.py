@@ -11,7 +11,7 @@ of the connection, exactly as the equivalent rules below would:
     # port forward: outside connections to port 2222 reach an inside host's ssh
     iptables -t nat -A PREROUTING -i wan -p tcp --dport 2222 -j DNAT --to-destination 192.168.1.10:22
 
-    # locally generated HTTP goes to a proxy instead (the seed's OUTPUT example, as DNAT)
+    # locally generated HTTP goes to a proxy instead (the classic OUTPUT example, as DNAT)
     iptables -t nat -A OUTPUT -p tcp --dport 80 -j DNAT --to-destination 10.0.2.10:8080
 
 Options (``--set name=value``): ``wan``, ``forward_port``, ``inside`` and ``proxy``; the

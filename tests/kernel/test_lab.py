@@ -135,7 +135,7 @@ def test_lab_run_passes_explains_every_hook_and_leaves_nothing(tmp_path):
     assert "PREROUTING invalid: drop" in out, out
     assert "counted in nfhooks_malformed_packets_total" in out, out
     assert "engine still running after the raw packets: True" in out, out
-    assert "seed example" in out and "no_web:drop" in out and "to_proxy:dnat" in out, out
+    assert "classic example" in out and "no_web:drop" in out and "to_proxy:dnat" in out, out
     assert "refused:reject" in out and "ECONNREFUSED (ICMP port unreachable)" in out, out
     assert "port_forward:dnat" in out and "marked:mangle" in out and "nat_out:masquerade" in out, out
     assert "nfhooks lab exec router -- curl -s 127.0.0.1:9477/metrics" in out, out
