@@ -2,9 +2,11 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-APT_PACKAGES := iptables nftables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
-                iperf3 netcat-openbsd curl procps tcpdump util-linux prometheus \
-                docker.io docker-compose debootstrap
+# what the engine, the lab and the bench need; the tests need more (TEST_PACKAGES: nft for the
+# "other tools' rules" test, Prometheus for the dashboard/alert tests, docker for the compose lab)
+APT_PACKAGES := iptables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
+                iperf3 netcat-openbsd curl procps tcpdump util-linux
+TEST_PACKAGES := nftables prometheus docker.io docker-compose debootstrap
 STAMP := $(VENV)/.installed
 
 .PHONY: deps venv test unit lab lab-down bench bench-quick soak fuzz clean flush lab-containers lab-containers-down docs-images
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.installed
 # machine has none): a default dockerd would add a bridge and iptables rules in this machine's
 # own network namespace. The container lab starts its own dockerd in restricted mode.
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES) $(EXTRA_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; guard=""; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
@@ -31,6 +33,7 @@ $(STAMP): pyproject.toml
 
 venv: deps $(STAMP)
 
+test: EXTRA_PACKAGES = $(TEST_PACKAGES)
 test: venv
 	$(PY) -m pytest tests
 
@@ -68,6 +71,7 @@ bench: venv
 
 # docs/img/dashboard.png (the Grafana panels drawn from real Prometheus data of a lab run) and
 # docs/img/top.png (`nfhooks top` captured from tmux); root, ~2 minutes; see docs/metrics.md
+docs-images: EXTRA_PACKAGES = prometheus
 docs-images: venv
 	@dpkg -s tmux >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends tmux >/dev/null; }
