@@ -303,7 +303,17 @@ def top(url: str = typer.Option("http://127.0.0.1:9477/metrics", "--url", help="
 @app.command()
 def hooks() -> None:
     """Explain where each verdict works and how nfhooks carries it out."""
-    out.print(explain())
+    from .hooks import PLACEMENTS
+
+    if not out.is_terminal:  # piped: the plain text (stable for scripts and the README)
+        print(explain())
+        return
+    t = Table(title="where each verdict works", show_lines=True)
+    for col in ("verdict", "hooks", "queued from", "acted on by", "why"):
+        t.add_column(col, overflow="fold")
+    for p in PLACEMENTS.values():
+        t.add_row(p.kind, ", ".join(p.hooks), ", ".join(p.queue_tables), p.acts_in, p.why)
+    out.print(t)
 
 
 lab_app = typer.Typer(help="A namespace lab: client, router (running nfhooks), server and proxy, "

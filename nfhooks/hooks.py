@@ -234,10 +234,11 @@ def check_interfaces(hook: str, iif: object, oif: object) -> None:
 
 def explain() -> str:
     """The placement table as text, for `nfhooks hooks` and the README."""
-    lines = ["verdict      hooks                               queued from       acted on by"]
-    for p in PLACEMENTS.values():
-        lines.append(
-            f"{p.kind:<12} {','.join(p.hooks):<35} {','.join(p.queue_tables):<17} {p.acts_in}"
-        )
-        lines.append(f"             {p.why}")
+    rows = [(p.kind, ",".join(p.hooks), ",".join(p.queue_tables), p.acts_in, p.why)
+            for p in PLACEMENTS.values()]
+    w = [max(len(r[i]) for r in [("verdict", "hooks", "queued from", "", "")] + rows) for i in range(3)]
+    lines = [f"{'verdict':<{w[0]}}  {'hooks':<{w[1]}}  {'queued from':<{w[2]}}  acted on by"]
+    for kind, hooks, tables, acts, why in rows:
+        lines.append(f"{kind:<{w[0]}}  {hooks:<{w[1]}}  {tables:<{w[2]}}  {acts}")
+        lines.append(f"{'':<{w[0]}}  {why}")
     return "\n".join(lines)
