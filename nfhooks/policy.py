@@ -222,6 +222,15 @@ class Policy:
                 needs_mangle = {"dnat", "snat", "masquerade", "redirect", "mangle", "route", "shape"} & set(kinds)
                 t = table or ("mangle" if needs_mangle else default_table(h))
                 check_table(h, t)
+                unknown = sorted(set(match) - MATCH_KEYS)
+                if unknown:
+                    import difflib
+
+                    hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+                        k, MATCH_KEYS | {"proto"}, n=1)) else repr(k) for k in unknown]
+                    raise PolicyError(f"handler {func.__name__!r}: unknown match keyword {', '.join(hints)}; "
+                                      f"matches are {', '.join(sorted(MATCH_KEYS))}, and table=, name=, "
+                                      "flow=", file, line)
                 m = Match.build(**match)
                 m.check_placement(h, t)
                 for kind, kline in kinds.items():
@@ -362,6 +371,10 @@ def _error_location(exc: BaseException, path: str) -> int | None:
         if Path(fs.filename).resolve() == Path(path).resolve():
             line = fs.lineno
     return line
+
+
+#: The keywords of Match.build: what a handler decorator accepts besides table/name/flow.
+MATCH_KEYS = frozenset({"proto", "src", "dst", "sport", "dport", "iif", "oif", "ctstate", "mark", "family"})
 
 
 def check_permissions(path: Path) -> None:
