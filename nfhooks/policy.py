@@ -352,6 +352,12 @@ def verdict_calls(func: Callable[..., Any]) -> dict[str, int]:
         return {}
     found: dict[str, int] = {}
     for node in ast.walk(tree):
+        if (isinstance(node, ast.Return) and isinstance(node.value, ast.Constant)
+                and node.value.value is not None):
+            v = node.value.value
+            hint = f"{v}()" if isinstance(v, str) and v in FACTORIES else "a verdict such as accept() or drop(), or None"
+            raise PolicyError(f"handler {func.__name__!r} returns the constant {v!r}, which is not a verdict; "
+                              f"return {hint}", inspect.getsourcefile(func), start + node.lineno - 1)
         if isinstance(node, ast.Call):
             f = node.func
             name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
