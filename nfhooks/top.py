@@ -32,8 +32,12 @@ def scrape(url: str, timeout: float = 2.0) -> dict[Key, float]:
 
 
 def render(now: dict[Key, float], before: dict[Key, float] | None, seconds: float) -> Table:
-    verdicts = sorted({k[2] for k in now})
-    t = Table(title="nfhooks: packets by hook and verdict (rate/s since the last refresh)")
+    # only verdicts that happened: a policy's metrics carry every verdict it may return, at 0,
+    # and fifteen mostly-empty columns do not fit a terminal
+    verdicts = sorted({k[2] for k, n in now.items() if n}) or sorted({k[2] for k in now})
+    title = ("nfhooks: packets by hook and verdict (rate/s since the last refresh)" if before is not None
+             else "nfhooks: packets by hook and verdict (totals; live view: without --once)")
+    t = Table(title=title)
     t.add_column("hook")
     t.add_column("table")
     for v in verdicts:
