@@ -1137,7 +1137,7 @@ def _next_panel(lab: Lab, kept: bool) -> Panel:
                 f"  nfhooks lab down            # stops the engine, removes the namespaces")
     else:
         text = ("  nfhooks lab --keep                      # leave the lab up to explore it\n"
-                f"  nfhooks lab exec client -- ping -c 3 {server}   (after --keep)\n"
+                "  nfhooks lab exec client -- ping -c 3 SERVER   (after --keep; it prints SERVER's address)\n"
                 "  nfhooks lab --set service_port=2200     # the policy's options\n"
                 "  nfhooks lab --policy my_policy.py       # your own policy on the same traffic\n"
                 "  nfhooks lab --scenario vpn              # two offices joined by a tun tunnel (nfhooks tunnel)\n"
