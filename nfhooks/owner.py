@@ -59,15 +59,28 @@ class Ownership:
 
     @classmethod
     def acquire(cls) -> "Ownership":
+        """Lock this namespace's file. The owner removes the file when it is done (no lock
+        files pile up in /run), so a lock taken on a file that was removed meanwhile is
+        retried on the file now at the path (classic flock-and-unlink protocol)."""
         os.makedirs(LOCK_DIR, exist_ok=True)
         path = lock_path()
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid, inst = _read(fd)
-            os.close(fd)
-            raise OwnedElsewhere(pid, inst) from None
+        for _ in range(100):
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid, inst = _read(fd)
+                os.close(fd)
+                raise OwnedElsewhere(pid, inst) from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the previous owner removed this file after we opened it: again
+        else:  # pragma: no cover - would need a hundred owners racing
+            raise OwnedElsewhere(None, "?")
         instance = uuid.uuid4().hex[:12]
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {instance}\n".encode(), 0)
@@ -75,7 +88,9 @@ class Ownership:
 
     def release(self) -> None:
         try:
-            os.ftruncate(self.fd, 0)
+            os.unlink(self.path)  # while still locked: see acquire()
+        except OSError:
+            pass
         finally:
             os.close(self.fd)
 
