@@ -15,10 +15,11 @@ Two ways to serve a ready queue (a pass):
 
 * **fast**: ``run(block=False)``, NetfilterQueue's C loop: recv, the callback, and the
   EAGAIN that ends the pass all stay in C. At moderate rates every packet wakes the engine
-  alone, and this per-wakeup path is what the added latency is made of: measured at 10,000
-  packets/s (docs/performance.md, "Per-wakeup cost") it cut the loop's CPU per wakeup from
-  ~17 to ~11 us (bare NetfilterQueue: ~9). Used when the socket can hold the whole queue
-  (the default sizing), where ENOBUFS cannot happen, and no socket error is pending.
+  alone, so the per-wakeup path matters: measured at 10,000 packets/s with the consumer and
+  the sender on one CPU (docs/performance.md, "Per-wakeup cost"), the loop alone went from
+  13.0 to 8.0-8.3 us CPU per packet (bare NetfilterQueue 5.0-5.3), the whole engine from
+  18.0-18.7 to 12.0-12.3. Used when the socket can hold the whole queue (the default
+  sizing), where ENOBUFS cannot happen, and no socket error is pending.
 * **counted**: ``run_socket`` with :class:`_Budgeted`, which sees every recv() and so counts
   ENOBUFS (the C loop swallows it): for a queue whose receive buffer is smaller than its
   queue (``--queue-rcvbuf``, or a kernel that granted less), and for any pass that starts

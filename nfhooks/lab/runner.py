@@ -1352,11 +1352,11 @@ def summary_json(lab: Lab, results: Sequence[Result], final: Snapshot,
     hooks: dict[str, list[dict[str, Any]]] = {h: [] for h in HOOKS}
     for l, v in final.series("nfhooks_packets_total"):
         if v > 0:
-            hooks[l["hook"]].append({"table": l["table"], "verdict": l["verdict"], "packets": v,
-                                     "handler": None})
+            hooks[l["hook"]].append({"table": l["table"], "verdict": l["verdict"], "packets": int(v),
+                                     "handler": "(any)"})
     for l, v in rules:
         hooks[l["hook"]].append({"table": decision_table(l["hook"]), "verdict": l["verdict"],
-                                 "packets": v, "handler": KERNEL_DEFAULT})
+                                 "packets": int(v), "handler": KERNEL_DEFAULT})
     return {
         "lab": lab.id,
         "ok": all(r.ok for r in results),
@@ -1377,7 +1377,7 @@ def summary_json(lab: Lab, results: Sequence[Result], final: Snapshot,
                 "seconds": round(r.seconds, 3),
                 "hooks_expected": list(r.scenario.hooks), "hooks_crossed": r.crossed,
                 "verdicts": [{"hook": l["hook"], "handler": l["handler"], "verdict": l["verdict"],
-                              "packets": v} for l, v in r.verdicts],
+                              "packets": int(v)} for l, v in r.verdicts],
                 "checks": [{"text": c.text, "ok": c.ok} for c in r.checks],
                 "error": r.error,
                 "tables": [{"title": t, "columns": list(cols), "rows": [list(x) for x in rows]}
