@@ -173,15 +173,23 @@ class _Budgeted:
 
 
 def _budget_callback(callback: Callable[[Any], None], c: _Budgeted) -> Callable[[Any], None]:
-    """``callback`` plus, on the fast path, the counting and the budget (see _Budgeted)."""
+    """``callback`` plus, on the fast path, the counting and the budget (see _Budgeted).
+
+    Relies on NetfilterQueue (pinned 1.1.0) letting a callback's exception end ``run``:
+    ``global_callback`` is ``except -1`` and ``nfq_handle_packet`` ``except? -1`` in _impl.
+    """
 
     def counted(nfpkt: Any) -> None:
+        if not c.by_callback:
+            callback(nfpkt)  # the counted path: _Budgeted.recv counted it and keeps the budget
+            return
+        # counted before the verdict, as recv() counts: until the verdict the packet is also
+        # in the kernel's queue_total, so a racing scrape can only undercount bypasses
+        c.received += 1
         callback(nfpkt)
-        if c.by_callback:
-            c.received += 1
-            c.left -= 1
-            if c.left <= 0:
-                raise _PassOver  # after the verdict: NetfilterQueue's run() ends with it
+        c.left -= 1
+        if c.left <= 0:
+            raise _PassOver  # after the verdict: NetfilterQueue's run() ends with it
 
     return counted
 
