@@ -63,8 +63,8 @@ def _tcp_flags(flags: str | int) -> int:
 
 def fake_bytes(
     *,
-    src: str = "192.0.2.1",
-    dst: str = "192.0.2.2",
+    src: str | None = None,
+    dst: str | None = None,
     proto: str | int = "tcp",
     sport: int = 40000,
     dport: int = 80,
@@ -79,7 +79,11 @@ def fake_bytes(
     icmp_code: int = 0,
 ) -> bytes:
     """The bytes :func:`fake_packet` would parse. hook/iif/oif/mark are accepted (and
-    ignored) so both functions take the same arguments."""
+    ignored) so both functions take the same arguments. An address left out is a documentation
+    address (192.0.2.1/.2, or 2001:db8::1/::2) of the other one's family."""
+    v6_given = any(a is not None and ":" in a for a in (src, dst))
+    src = src if src is not None else ("2001:db8::1" if v6_given else "192.0.2.1")
+    dst = dst if dst is not None else ("2001:db8::2" if v6_given else "192.0.2.2")
     s_addr, d_addr = ip_address(src), ip_address(dst)
     if type(s_addr) is not type(d_addr):
         raise ValueError(f"src {src} and dst {dst} are different address families")
@@ -150,8 +154,8 @@ def _with_checksum(
 
 def fake_packet(
     *,
-    src: str = "192.0.2.1",
-    dst: str = "192.0.2.2",
+    src: str | None = None,
+    dst: str | None = None,
     proto: str | int = "tcp",
     sport: int = 40000,
     dport: int = 80,
