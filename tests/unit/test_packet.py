@@ -550,7 +550,7 @@ def test_fake_hook_interfaces_and_mark() -> None:
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(src="2001:db8::1"), "different address families"),
+        (dict(src="2001:db8::1", dst="192.0.2.2"), "different address families"),
         (dict(src="2001:db8::1", dst="2001:db8::2", proto="icmp"), "icmpv6"),
         (dict(proto="icmpv6"), "IPv6 addresses"),
         (dict(proto="quic"), "unknown protocol"),
