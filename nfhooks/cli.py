@@ -63,11 +63,12 @@ def _mask(text: str) -> int:
 
 @app.command()
 def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
-          fail_open: bool = typer.Option(False, "--fail-open"),
-          fail_closed: bool = typer.Option(False, "--fail-closed"),
-          queue_base: int = typer.Option(0, "--queue-base"),
-          mark_mask: str = typer.Option("0xffff0000", "--mark-mask"),
-          nat_targets: int = typer.Option(63, "--nat-targets")) -> None:
+          fail_open: bool = typer.Option(False, "--fail-open", help="as `run --fail-open`: queue rules "
+                                         "with --queue-bypass"),
+          fail_closed: bool = typer.Option(False, "--fail-closed", help="as `run --fail-closed`"),
+          queue_base: int = typer.Option(0, "--queue-base", help="first NFQUEUE number"),
+          mark_mask: str = typer.Option("0xffff0000", "--mark-mask", help="mark bits nfhooks may use"),
+          nat_targets: int = typer.Option(63, "--nat-targets", help="bound on distinct NAT targets")) -> None:
     """Validate POLICY and print the rules `run` would install (iptables-save format).
 
     Touches nothing and needs no root.
