@@ -87,6 +87,16 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     for line in hooks_summary(rs):
         say(f"#   {line}")
     say("# mark layout: " + "; ".join(rs.layout.describe()))
+    if getattr(rs, "routeshape", None) is not None:
+        try:
+            lines = rs.routeshape.describe()
+        except PolicyError as e:
+            _fail(str(e))
+            return
+        if lines:
+            say("# routing and shaping (installed by `run` besides these rules, removed on exit):")
+            for line in lines:
+                say(f"#   {line}")
     if rs.flow_generation:
         flows = ", ".join(h.name for h in pol.handlers if h.flow)
         say(f"# flow offload: {flows}; the connmark generation shown is {rs.flow_generation}, `run` picks "

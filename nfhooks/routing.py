@@ -509,6 +509,27 @@ class RouteShape:
                 return t.table_id
         return DEFAULT_TABLE_BASE + idx
 
+    def describe(self) -> list[str]:
+        """What `run` will set up besides iptables, as the equivalent ip/tc commands (`check`)."""
+        from .shaping import tree_commands
+
+        out: list[str] = []
+        p = self.settings.priority
+        if self.route_field is not None:
+            f = self.route_field
+            if self.settings.main_first:
+                out.append(f"ip rule add priority {p} lookup main suppress_prefixlength 0")
+            for idx in range(1, self.slots + 1):
+                out.append(f"ip rule add priority {p + idx} fwmark {f.encode(idx):#x}/{f.mask:#x} "
+                           f"lookup {self._table_id(idx)}   # and ip -6 rule")
+            for t in self.tables.values():
+                for r in t.routes:
+                    out.append(f"ip {'-6 ' if r.family == 6 else ''}route add {r.text} table {t.table_id}"
+                               f"   # table {t.name!r}")
+        for decl in self.policy.shaping_decls.values():
+            out += [" ".join(cmd) for cmd in tree_commands(decl, self.classes)]
+        return out
+
     # -- lifecycle ----------------------------------------------------------------------
     def setup(self) -> None:
         """Remove a stale set, then install ip rules, routes, sysctls and qdisc trees."""
