@@ -183,6 +183,7 @@ class Dispatcher:
                     errlog.error(f"malformed:{hook}", f"malformed packet at {hook}: {e}; applied the default", None, pfile)
                     apply(nfpkt, default, mark, nbytes, default_counters)
                     return
+                nbytes = pkt.length  # the packet's own length: the copy may be headers only
                 try:
                     watch[0] = t0
                     v = func(pkt)
