@@ -1054,7 +1054,8 @@ def _scenario_table(results: Sequence[Result]) -> Table:
         t.add_column(col)
     for r in results:
         hooks = Text()
-        hooks.append("expected " + ", ".join(r.scenario.hooks) + "\n", style="dim")
+        hooks.append("expected " + (", ".join(r.scenario.hooks) or "- (a lab of its own, see its tables)") + "\n",
+                     style="dim")
         for h in r.crossed:
             hooks.append(f"{h}", style="bold" if h in r.scenario.hooks else "")
             hooks.append(f"  {_verdict_text(r.verdicts, h)}\n")
@@ -1447,9 +1448,14 @@ def _summary(console: Console, lab: Lab, results: Sequence[Result], final: Snaps
             for row in trows:
                 t.add_row(*(Text(cell) for cell in row))
             console.print(t)
-    console.print(_hooks_explained(final, rules, skip))
-    console.print(hook_table(final, rules))
-    console.print(_metrics_panel(cfg, url, kept, final))
+    if results and all(not r.scenario.hooks for r in results):
+        # every scenario ran in a lab of its own (route-shape): the standard router was idle
+        console.print("[dim]These scenarios ran in labs of their own (their tables are above); the "
+                      "standard lab's router, idle meanwhile, is not shown.[/dim]")
+    else:
+        console.print(_hooks_explained(final, rules, skip))
+        console.print(hook_table(final, rules))
+        console.print(_metrics_panel(cfg, url, kept, final))
     pending = _not_yet_panel([s for s in (scenarios or SCENARIOS) if not s.ready])
     if pending is not None:
         console.print(pending)
