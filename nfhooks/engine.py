@@ -13,7 +13,9 @@ Applying verdicts (the mark layout is in marks.py, the rules that act on it in r
 =========  ===============================================================================
 None       set the resume index to this handler's position, NF_REPEAT: the table re-runs,
            the resume rule lets the packet continue right after this handler's queue rule
-accept     NF_ACCEPT
+accept     NF_ACCEPT; from a ``flow=True`` handler: action=flowsave and the handler's number in
+           the mark, NF_REPEAT: our rules save the decision in the connmark (offload.py) and
+           the rest of the connection is accepted in the kernel
 drop       NF_DROP
 reject     action=reject in the mark; NF_REPEAT when queued from filter (our REJECT rule at
            the top of the chain fires), NF_ACCEPT when queued from mangle (filter, later at
@@ -27,7 +29,15 @@ dnat etc.  the target's index in the nat mark field (masked; the rule is install
 mangle     the packet rewritten in Python (mangle.py: lengths, checksums), set_payload,
            NF_ACCEPT. A truncated queued copy is never rewritten: accepted as it is, counted
            (nfhooks_truncated_packets) and logged naming the handler
+route,     the table's / class's index in the route / class mark field, NF_ACCEPT from mangle:
+shape      the ip rule (fwmark) or CLASSIFY rule acts on it, the connmark keeps it for the
+           connection (routing.py, shaping.py)
 =========  ===============================================================================
+
+Time limits (watchdog.py): a verdict later than ``--handler-budget`` is replaced by the
+default; a handler still running at ``--handler-timeout`` is interrupted. Both are counted.
+
+The ``Engine`` below owns the lifecycle and hot reload (generations; see its docstring).
 """
 
 from __future__ import annotations
