@@ -77,10 +77,17 @@ class NatTargets:
 
     def mark_bits(self, pkt: Packet, v: Nat) -> int:
         """The ``nat`` field value for ``v`` on ``pkt`` (install its rule first if new)."""
-        k = self.key(pkt, v)
+        return self.field.encode(self.index_for(self.key(pkt, v)))
+
+    def index_for(self, k: Key) -> int:
+        """The index of target ``k`` (a :meth:`key`), installing its nat rule first if new.
+
+        Also what ``--workers`` serves the workers' requests with (workers.NatServer).
+        """
         idx = self.index.get(k)
         if idx is not None:
-            return self.field.encode(idx)
+            return idx
+        v = k[2]
         if k in self.failed:
             raise NatError(self.failed[k])
         if len(self.index) >= self.limit:
@@ -100,7 +107,7 @@ class NatTargets:
         self.index[k] = idx
         if self.on_change:
             self.on_change(len(self.index))
-        return self.field.encode(idx)
+        return idx
 
     def describe(self) -> list[str]:
         return [f"{idx:>3} ipv{fam} {hook} {v}{' ' + proto if proto else ''}"

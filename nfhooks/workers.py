@@ -30,10 +30,17 @@ mark bits a flow handler's accept carries); the main process exports
 ``nfhooks_offloaded_*``, which it reads from the offload rules' counters at scrape time (the
 workers export none: summed, they would count every rule N times).
 
-Not supported with workers, refused at start with the reason: NAT verdicts (the NAT target
-allocation and its rules live in one process; workers would have to ask the main process
-for every new target), routing (the same: shared state), pcap, hot reload (SIGHUP is
-ignored with a warning).
+NAT verdicts work with workers: the target allocation (index in the ``nat`` mark field, and
+the nat rule of a new target) must live in one process, so the main process owns the one real
+NatTargets (NatServer: one thread per worker, a lock around the allocation; the rule is added
+by NatTargets' own installer) and exports ``nfhooks_nat_targets``. Each worker's Dispatcher
+gets a NatClient: a local cache of target -> index; on a miss it sends the target's key over
+its own pipe (made before the fork) and blocks for the index (or the error, raised as
+NatError). Only a new target's first packet in each worker pays the round trip.
+
+Not supported with workers, refused at start with the reason: routing/shaping (shared state
+in the main process that workers would have to ask for), pcap, hot reload (SIGHUP is ignored
+with a warning).
 """
 
 from __future__ import annotations
@@ -51,11 +58,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .install import KernelError
+from .nat import Key, NatError, NatTargets
 from .rules import MAX_QUEUE
 
 log = logging.getLogger("nfhooks.workers")
 READY_TIMEOUT = 20.0
 SCRAPE_TIMEOUT = 3.0
+NAT_TIMEOUT = 10.0  # a worker waits this long for the main process to allocate a NAT target
 MAX_WORKERS = 64
 
 
@@ -69,8 +78,6 @@ def check_supported(rs: Any, workers: int) -> None:
     if not rs.queues:
         raise WorkersError("the policy has no handlers: there is nothing for --workers to decide")
     why = []
-    if getattr(rs, "nat_targets", 0):
-        why.append("NAT verdicts (the target allocation lives in one process)")
     if getattr(rs, "routeshape", None) is not None:
         why.append("routing/shaping")
     if why:
@@ -112,11 +119,120 @@ def balance(rs: Any, workers: int, cpu_fanout: bool = False) -> tuple[Any, list[
     return out, per_worker
 
 
+# --------------------------------------------------------------------------- NAT targets
+
+
+class NatClient(NatTargets):
+    """A worker's NatTargets: the index from a local cache, or asked of the main process.
+
+    ``mark_bits`` (what the Dispatcher calls) checks the key here (a wrong-family target
+    raises at once, as in the single engine); a key seen before costs a dict lookup; a new
+    one is sent as ``(seq, key)`` over ``conn`` and the reply ``(seq, "index", n)`` or
+    ``(seq, "error", text)`` awaited (replies with another ``seq``, late answers to a
+    request that timed out, are skipped). Errors are cached too: indices are never freed,
+    so a target past the bound or refused by the kernel stays so.
+    """
+
+    def __init__(self, conn: Any, layout: Any, limit: int, generation: int = 1,
+                 timeout: float = NAT_TIMEOUT) -> None:
+        super().__init__(layout, limit, installer=self._no_install, generation=generation)
+        self.conn = conn
+        self.timeout = timeout
+        self.seq = 0
+        self.lock = threading.Lock()
+
+    def _no_install(self, family: int, table: str, hook: str, rule: Any) -> None:
+        raise NatError("a worker installs no rule: the main process does")  # never reached
+
+    def index_for(self, k: Key) -> int:
+        idx = self.index.get(k)
+        if idx is not None:
+            return idx
+        if k in self.failed:
+            raise NatError(self.failed[k])
+        with self.lock:
+            self.seq += 1
+            seq = self.seq
+            try:
+                self.conn.send((seq, k))
+                deadline = time.monotonic() + self.timeout
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.conn.poll(left):
+                        raise NatError(f"the main process did not allocate NAT target {k[2]} within "
+                                       f"{self.timeout:.0f}s")
+                    rseq, kind, value = self.conn.recv()
+                    if rseq == seq:
+                        break
+            except (OSError, EOFError) as e:
+                raise NatError(f"cannot ask the main process for NAT target {k[2]}: {e!r}") from None
+        if kind == "index":
+            self.index[k] = value
+            return value
+        self.failed[k] = value
+        raise NatError(value)
+
+
+class NatServer:
+    """The main process's side: the one real NatTargets, serving every worker's pipe.
+
+    One daemon thread per worker pipe; a lock around the allocation (two workers asking for
+    the same new target get the same index and one rule). A thread ends when its worker's
+    end of the pipe closes (the worker exited) or the pipe is closed here. ``close()`` (before
+    the rules are removed) makes every later request an error, so no nat rule is added while
+    or after the engine removes its rules.
+    """
+
+    def __init__(self, nat: NatTargets, conns: list[Any]) -> None:
+        self.nat = nat
+        self.conns = conns
+        self.lock = threading.Lock()
+        self.closed = False
+        self.threads: list[threading.Thread] = []
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.nat)
+
+    def answer(self, k: Key) -> tuple[str, Any]:
+        with self.lock:
+            if self.closed:
+                return "error", f"NAT target {k[2]}: the engine is stopping"
+            try:
+                return "index", self.nat.index_for(k)
+            except NatError as e:
+                return "error", str(e)
+            except Exception as e:  # noqa: BLE001 -- a worker must get an answer, never hang
+                return "error", f"allocating NAT target {k[2]} failed: {e!r}"
+
+    def serve(self, conn: Any) -> None:
+        while True:
+            try:
+                seq, k = conn.recv()
+            except (EOFError, OSError, ValueError, TypeError):
+                return
+            kind, value = self.answer(k)
+            try:
+                conn.send((seq, kind, value))
+            except OSError:
+                return
+
+    def start(self) -> None:
+        for i, conn in enumerate(self.conns):
+            t = threading.Thread(target=self.serve, args=(conn,), name=f"nfhooks-nat-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+
 # --------------------------------------------------------------------------- a worker
 
 
 def _worker(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any], options: Any,
-            limits: tuple[float, float | None]) -> None:
+            limits: tuple[float, float | None], nat_conn: Any = None) -> None:
     """The body of worker ``index`` (a forked child): bind, report ready, serve, answer."""
     from prometheus_client import generate_latest
 
@@ -136,8 +252,10 @@ def _worker(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any],
         watchdog = Watchdog(timeout) if timeout else None  # made here: it targets this process
         metrics = Metrics()
         offload = FlowOffload(rs, policy) if getattr(rs, "flow_generation", 0) else None
+        nat = (NatClient(nat_conn, rs.layout, rs.nat_targets, generation=rs.generation)
+               if nat_conn is not None else None)
         disp = Dispatcher(policy=policy, ruleset=rs, metrics=metrics, budget=budget, watchdog=watchdog,
-                          offload=offload)
+                          offload=offload, nat=nat)
         qs = QueueSet(options)
         for num, h in sorted(queues.items()):
             qs.bind(num, disp.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
@@ -180,21 +298,29 @@ def _worker(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any],
 
 
 class Pool:
-    """The worker processes, started by fork, each with a duplex pipe to the main process."""
+    """The worker processes, started by fork, each with a duplex pipe to the main process
+    (control: ready, metrics, stop) and, when the policy has a ``nat`` mark field, a second
+    one for its NAT target requests (``nat_conns``, served by a NatServer)."""
 
     def __init__(self, policy: Any, rs: Any, per_worker: list[dict[int, Any]], options: Any,
                  limits: tuple[float, float | None] = (0.0, None)) -> None:
         ctx = multiprocessing.get_context("fork")
         self.procs: list[Any] = []
         self.conns: list[Any] = []
+        self.nat_conns: list[Any] = []
         self.locks: list[threading.Lock] = []
         self.pids: list[int] = []
+        with_nat = "nat" in rs.layout
         for i, queues in enumerate(per_worker):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(i, child, policy, rs, queues, options, limits),
+            nat_parent, nat_child = ctx.Pipe() if with_nat else (None, None)
+            p = ctx.Process(target=_worker, args=(i, child, policy, rs, queues, options, limits, nat_child),
                             name=f"nfhooks-worker-{i}", daemon=False)
             p.start()
             child.close()
+            if nat_child is not None:
+                nat_child.close()
+                self.nat_conns.append(nat_parent)
             self.procs.append(p)
             self.conns.append(parent)
             self.locks.append(threading.Lock())
@@ -244,13 +370,14 @@ class Pool:
                 log.warning("worker pid %d did not stop within %.0fs: killing it", p.pid, grace)
                 p.kill()
                 p.join(5)
-        for conn in self.conns:
+        for conn in self.conns + self.nat_conns:
             conn.close()
 
 
 # --------------------------------------------------------------------------- one endpoint
 
 _MAX_COMBINED = ("nfhooks_up",)
+_MAIN_ONLY = ("nfhooks_nat_targets",)  # the main process's own value replaces the workers'
 
 
 _BALANCE_RULE = re.compile(r"^\[(\d+):\d+\] -A NFH-\S+ .*-j NFQUEUE --queue-balance (\d+):(\d+)(?: |$)")
@@ -277,10 +404,12 @@ class WorkerMetrics:
     """
 
     def __init__(self, pool: Pool, ranges: list[tuple[int, int, str, str, bool]] = (),  # type: ignore[assignment]
-                 proc_path: str | None = None, saved: Callable[[], list[str]] | None = None) -> None:
+                 proc_path: str | None = None, saved: Callable[[], list[str]] | None = None,
+                 nat_targets: Callable[[], int] = lambda: 0) -> None:
         from .queue import PROC_QUEUES, _saved_with_counters
 
         self.pool = pool
+        self.nat_targets = nat_targets  # the main process's NatServer (0: the policy does no NAT)
         self.ranges = list(ranges)  # (first queue, last queue, hook, handler, fail-open)
         self.proc_path = proc_path or PROC_QUEUES
         self.saved = saved or _saved_with_counters
@@ -310,7 +439,7 @@ class WorkerMetrics:
         values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
         for text in self.pool.texts():
             for fam in text_string_to_metric_families(text):
-                if fam.name.startswith(("process_", "python_")):
+                if fam.name.startswith(("process_", "python_")) or fam.name in _MAIN_ONLY:
                     continue  # per process; the main process exports its own
                 fams.setdefault(fam.name, (fam.documentation, fam.type))
                 per = values.setdefault(fam.name, {})
@@ -348,6 +477,8 @@ class WorkerMetrics:
             bypass.add_metric([f"{first}:{last}", hook, handler], high)
         if bypass.samples:
             yield bypass
+        yield GaugeMetricFamily("nfhooks_nat_targets", "NAT targets the loaded policy installed.",
+                                value=self.nat_targets())
         up = GaugeMetricFamily("nfhooks_worker_up", "1 for each worker process that is alive.",
                                labels=["worker", "pid"])
         for i, p in enumerate(self.pool.procs):
@@ -378,6 +509,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
     check_kernel()
     owner = Ownership.acquire()
     pool: Pool | None = None
+    nat: NatServer | None = None
     server = None
     stop = threading.Event()
     wake_r, wake_w = os.pipe()
@@ -410,6 +542,9 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             log.warning("removing a stale nfhooks rule set left by an engine that is gone: %s",
                         "; ".join(remove_all()))
         pool = Pool(policy, brs, per_worker, options, (budget, timeout))
+        if pool.nat_conns:  # started after the fork, before any packet is queued
+            nat = NatServer(NatTargets(brs.layout, brs.nat_targets, generation=brs.generation), pool.nat_conns)
+            nat.start()
         pool.wait_ready()
         install(brs)
         where = "off"
@@ -422,7 +557,8 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             ProcessCollector(registry=registry)
             ranges = [(first, first + workers - 1, h.hook, h.name, brs.fail_open[h.hook])
                       for first, h in sorted(per_worker[0].items())]
-            registry.register(WorkerMetrics(pool, ranges))
+            nat_count = nat.__len__ if nat is not None else (lambda: 0)
+            registry.register(WorkerMetrics(pool, ranges, nat_targets=nat_count))
             if getattr(brs, "flow_generation", 0):  # from the kernel's rule counters: once, here
                 from .offload import FlowOffload, OffloadCollector
 
@@ -447,6 +583,8 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
                 return 1
         return 0
     finally:
+        if nat is not None:
+            nat.close()  # no nat rule added while or after the rules are removed
         try:
             removed = remove_all()
             if removed:

@@ -251,13 +251,14 @@ def test_workers_balance_rewrites_queue_rules(tmp_path):
         check_supported(rs, 1)
 
 
-def test_workers_refuse_nat_policies(tmp_path):
+def test_workers_refuse_routing_policies(tmp_path):
     from nfhooks.workers import WorkersError, check_supported
 
-    _, rs = _compiled("from nfhooks import Policy, dnat\npolicy = Policy()\n"
-                      "@policy.prerouting(proto='tcp', dport=80)\ndef lb(pkt):\n"
-                      "    return dnat('10.0.0.1:8080')\n", tmp_path)
-    with pytest.raises(WorkersError, match="NAT"):
+    _, rs = _compiled("from nfhooks import Policy, route\npolicy = Policy()\n"
+                      "policy.routing_table('up2', routes=['default via 10.0.2.1 dev up2'])\n"
+                      "@policy.prerouting(proto='tcp', dport=80)\ndef r(pkt):\n"
+                      "    return route('up2')\n", tmp_path)
+    with pytest.raises(WorkersError, match="routing"):
         check_supported(rs, 2)
 
 
