@@ -3,10 +3,11 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 # what the engine, the lab and the bench need; the tests need more (TEST_PACKAGES: nft for the
-# "other tools' rules" test, Prometheus for the dashboard/alert tests, docker for the compose lab)
+# "other tools' rules" test, Prometheus for the dashboard/alert tests, docker for the compose lab,
+# tshark to read the pcap back)
 APT_PACKAGES := iptables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
                 iperf3 netcat-openbsd curl procps tcpdump util-linux
-TEST_PACKAGES := nftables prometheus docker.io docker-compose debootstrap
+TEST_PACKAGES := nftables prometheus docker.io docker-compose debootstrap tshark
 STAMP := $(VENV)/.installed
 
 .PHONY: deps venv test unit lab lab-down bench bench-quick soak fuzz clean flush lab-containers lab-containers-down docs-images
