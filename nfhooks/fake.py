@@ -14,6 +14,7 @@ from ipaddress import IPv6Address, ip_address
 from typing import Final
 
 from nfhooks.hooks import check_interfaces, normalize_hook
+from nfhooks.mangle import checksum
 from nfhooks.packet import TCP_FLAG_LETTERS, Packet, parse
 
 __all__ = ["fake_packet", "fake_bytes"]
@@ -35,16 +36,6 @@ _TCP: Final = struct.Struct("!HHIIBBHHH")
 _UDP: Final = struct.Struct("!HHHH")
 _ICMP: Final = struct.Struct("!BBHHH")
 _SCTP: Final = struct.Struct("!HHII")
-
-
-def _checksum(data: bytes) -> int:
-    """RFC 1071 ones' complement sum."""
-    if len(data) & 1:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _tcp_flags(flags: str | int) -> int:
@@ -130,7 +121,7 @@ def fake_bytes(
     if v6:
         return _IP6.pack(6 << 28, len(l4), pnum, ttl, sb, db) + l4
     ip = bytearray(_IP4.pack(0x45, 0, 20 + len(l4), 1, 0, ttl, pnum, 0, sb, db))
-    struct.pack_into("!H", ip, 10, _checksum(bytes(ip)))
+    struct.pack_into("!H", ip, 10, checksum(bytes(ip)))
     return bytes(ip) + l4
 
 
@@ -146,7 +137,7 @@ def _with_checksum(
             ph = sb + db + struct.pack("!I3xB", len(seg), pnum)
     else:
         ph = b""
-    csum = _checksum(ph + seg)
+    csum = checksum(ph + seg)
     if zero_means_none and csum == 0:
         csum = 0xFFFF  # UDP: 0 would mean "no checksum" (and is invalid over IPv6)
     return seg[:at] + struct.pack("!H", csum) + seg[at + 2:]

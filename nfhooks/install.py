@@ -177,17 +177,20 @@ def retire_stamps(rs: RuleSet) -> int:
                 lines += [f"*{table}", *("-D" + r.render()[2:] for r in stamps), "COMMIT"]
                 n += len(stamps)
         if lines:
-            _restore(fam, lines)
+            restore(fam, lines, "the generation's stamp rule deletions")
     return n
 
 
-def _restore(family: int, lines: list[str]) -> None:
+def restore(family: int, lines: Sequence[str], what: str) -> None:
+    """Feed iptables-save text to ``ip(6)tables-legacy-restore -w --noflush``: one atomic
+    commit per table, other rules untouched, under the xtables lock. For what python-iptables
+    cannot do (NAT targets in both families, see append_rule)."""
     tool = "ip6tables-legacy-restore" if family == 6 else "iptables-legacy-restore"
     if not shutil.which(tool):
         raise KernelError(f"{tool} not found: install Debian's iptables package")
     cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(lines) + "\n", capture_output=True, text=True)
     if cp.returncode:
-        raise KernelError(f"{tool} refused: {cp.stderr.strip() or cp.returncode}")
+        raise KernelError(f"{tool} refused {what}: {cp.stderr.strip() or cp.returncode}")
 
 
 def remove_generation(generation: int) -> list[str]:
@@ -207,9 +210,6 @@ def append_rule(family: int, table: str, hook: str, rule: Rule, prelude: Sequenc
     the chain's ``prelude`` rules (the generation guard), the rule and the jump from ``hook`` go
     in that same commit.
     """
-    tool = "ip6tables-legacy-restore" if family == 6 else "iptables-legacy-restore"
-    if not shutil.which(tool):
-        raise KernelError(f"{tool} not found: install Debian's iptables package")
     with xtables_lock():
         exists = _table(family, table).is_chain(rule.chain)
     lines = [f"*{table}"]
@@ -218,10 +218,8 @@ def append_rule(family: int, table: str, hook: str, rule: Rule, prelude: Sequenc
         jump = Rule(hook, rule.chain, matches=(MatchSpec("comment", (("comment", COMMENT, False),)),))
         lines.append("-I" + jump.render()[2:])
         lines += [r.render() for r in prelude]
-    lines += [rule.render(), "COMMIT", ""]
-    cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(lines), capture_output=True, text=True)
-    if cp.returncode:
-        raise KernelError(f"{tool} refused `{rule.render()}`: {cp.stderr.strip() or cp.returncode}")
+    lines += [rule.render(), "COMMIT"]
+    restore(family, lines, f"`{rule.render()}`")
 
 
 def _comment_of(rule: Any) -> str | None:

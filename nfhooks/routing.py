@@ -721,8 +721,7 @@ def _install_nat(ruleset: "RuleSet") -> None:
     family), taken out of what python-iptables installs: python-iptables cannot create
     MASQUERADE/SNAT for both families in one process (see install.append_rule). The chain is
     ``NFH-*`` and the jump tagged ``nfhooks``, so install.remove_all removes them as usual."""
-    import shutil
-    import subprocess
+    from .install import restore
 
     for fam in (4, 6):
         key = (fam, "nat")
@@ -736,14 +735,8 @@ def _install_nat(ruleset: "RuleSet") -> None:
         ruleset.chains[key] = [c for c in ruleset.chains[key] if c not in chains]
         if not ruleset.chains[key]:
             del ruleset.chains[key], ruleset.rules[key], ruleset.jumps[key]
-        tool = "ip6tables-legacy-restore" if fam == 6 else "iptables-legacy-restore"
-        if not shutil.which(tool):
-            raise KernelError(f"{tool} not found: install Debian's iptables package")
-        text = ["*nat", *(f":{c} - [0:0]" for c in chains), *(r.render() for r in rules),
-                *("-I" + j.render()[2:] for j in reversed(jumps)), "COMMIT", ""]
-        cp = subprocess.run([tool, "-w", "--noflush"], input="\n".join(text), capture_output=True, text=True)
-        if cp.returncode:
-            raise KernelError(f"{tool} refused the uplink NAT rules: {cp.stderr.strip() or cp.returncode}")
+        restore(fam, ["*nat", *(f":{c} - [0:0]" for c in chains), *(r.render() for r in rules),
+                      *("-I" + j.render()[2:] for j in reversed(jumps)), "COMMIT"], "the uplink NAT rules")
 
 
 def stop(ruleset: "RuleSet", owned: bool = True) -> None:
