@@ -410,9 +410,7 @@ class Engine:
                 log.warning("removing a stale nfhooks rule set left by an engine that is gone: %s",
                             "; ".join(remove_all()))
             self.queues = QueueSet(self.queue_options)
-            for num, h in self.ruleset.queues.items():
-                self.queues.bind(num, self.dispatcher.callback(h), handler=h,
-                                 fail_open=self.ruleset.fail_open[h.hook])
+            self._bind(self.ruleset, [])
             self.queues.export(self.metrics.registry)
             self._publish()
             routing.start(self.ruleset)  # ip rules, routes, qdiscs exist before any rule marks a packet
@@ -422,6 +420,13 @@ class Engine:
         except BaseException:
             self.stop()
             raise
+
+    def _bind(self, rs: RuleSet, bound: list[int]) -> None:
+        """Bind ``rs``'s queues to the current dispatcher's callbacks; ``bound`` collects the
+        numbers as they are bound (a reload unbinds them again if a later step fails)."""
+        for num, h in rs.queues.items():
+            self.queues.bind(num, self.dispatcher.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
+            bound.append(num)
 
     # -- hot reload ------------------------------------------------------------------------
 
@@ -457,9 +462,7 @@ class Engine:
         bound: list[int] = []
         try:
             self._use(policy, rs)
-            for num, h in rs.queues.items():
-                self.queues.bind(num, self.dispatcher.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
-                bound.append(num)
+            self._bind(rs, bound)
             routing.reload(old_rs, rs)  # hands the running ip rules/qdiscs over, or refuses
             install(rs)
         except Exception as e:  # noqa: BLE001 -- kernel refusal: undo the new half, keep the old
