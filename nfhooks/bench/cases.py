@@ -1,0 +1,33 @@
+"""What the bench compares: the consumers (cases), their ports, policies and queue numbers.
+
+Shared by the run (which ports and policies to use), the results (which ratios to form)
+and the report (row order, labels), so the three agree on one list.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["BARE_QUEUE", "BENCH20_POLICY", "CASES", "CLK_TCK", "CPORT_BASE", "DEFAULT_POLICY", "ECHO_PORT",
+           "FIELDS_PORT", "FLOW_POLICY", "FLOW_PORT", "LATENCY_RATE", "NFHOOKS_CASES", "NOT_AVAILABLE",
+           "PORT", "ROOT", "UDP_LEN"]
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_POLICY = ROOT / "policies" / "bench.py"
+PORT = 5201  # policies/bench.py: accept unread
+FIELDS_PORT = 5202  # policies/bench.py: read fields, then accept
+FLOW_PORT = 5203  # policies/bench_flow.py: flow=True handlers (offloaded after the first packet)
+ECHO_PORT = 5204  # policies/bench.py: udp_echo, the latency probe's port (every packet queued)
+BENCH20_POLICY = ROOT / "policies" / "bench20.py"
+FLOW_POLICY = ROOT / "policies" / "bench_flow.py"
+BARE_QUEUE = 100  # queue of the bare/scapy scripts (nfhooks uses 0..3)
+CPORT_BASE = 41000  # fixed client ports: one 5-tuple per flood
+UDP_LEN = 64
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks fields", "nfhooks 20 handlers",
+         "nfhooks flow offload", "nfhooks 2 workers")
+#: Cases compared with kernel and bare in the ratios, the markdown table and the chart.
+NFHOOKS_CASES = CASES[3:]
+LATENCY_RATE = 10_000.0
+NOT_AVAILABLE = "not available"
