@@ -10,8 +10,8 @@ Like a mitmproxy addon script, a policy is an ordinary module. It creates a ``Po
     def ssh(pkt):
         return accept()
 
-Loading imports the module under a private name (two policies never share module state),
-applies ``--set`` options, and validates everything it can before a single rule exists:
+Loading (nfhooks/loader.py) compiles the checked source text itself -- never cached bytecode --
+into a fresh module under a private name (two policies never share module state), applies ``--set`` options, and validates everything it can before a single rule exists:
 impossible hook/table combinations, verdicts the kernel cannot carry out where a handler would
 return them (found by reading the handler's source), matches that cannot work at the hook.
 Every error names the policy file and line.
@@ -20,14 +20,11 @@ Every error names the policy file and line.
 from __future__ import annotations
 
 import ast
-import hashlib
-import importlib.util
 import inspect
 import socket
 import ipaddress
 import sys
 import textwrap
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
@@ -369,102 +366,23 @@ def verdict_calls(func: Callable[..., Any]) -> dict[str, int]:
     return found
 
 
-def _error_location(exc: BaseException, path: str) -> int | None:
-    if isinstance(exc, SyntaxError) and exc.lineno:
-        return exc.lineno
-    line = None
-    for fs in traceback.extract_tb(exc.__traceback__):
-        if Path(fs.filename).resolve() == Path(path).resolve():
-            line = fs.lineno
-    return line
-
-
 #: The keywords of Match.build: what a handler decorator accepts besides table/name/flow.
 MATCH_KEYS = frozenset({"proto", "src", "dst", "sport", "dport", "iif", "oif", "ctstate", "mark", "family"})
 
 
-def check_permissions(path: Path) -> None:
-    """Refuse a policy others could have changed, like sshd's StrictModes.
+def check_permissions(path: Path, opened: Any = None) -> None:
+    """Refuse a policy others could have changed (nfhooks/loader.py, like sshd's StrictModes)."""
+    from .loader import check_permissions as check
 
-    A policy is code that runs as root with CAP_NET_ADMIN: a file (or a directory holding it)
-    writable by other users is a privilege escalation waiting to happen. Symlinks are followed,
-    so a Kubernetes ConfigMap mount (root-owned read-only files behind ``..data`` symlinks, in a
-    sticky directory) is accepted: a sticky directory is fine when the file is owned by root or
-    by us, because nobody else can replace it there.
-    """
-    import os
-    import stat
-
-    real = path.resolve()
-    me = os.geteuid()
-    st = real.stat()
-    if st.st_uid not in (0, me):
-        raise PolicyError(f"refusing a policy owned by uid {st.st_uid} (not root, not us): it runs as root; "
-                          f"chown root:root {real}", str(path))
-    if st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0):
-        raise PolicyError(f"refusing a policy writable by other users (mode {stat.filemode(st.st_mode)}): "
-                          f"it runs as root; chmod go-w {real}", str(path))
-    for d in real.parents:
-        ds = d.stat()
-        if ds.st_mode & stat.S_ISVTX:
-            continue  # sticky: only the file's owner (root or us, checked above) may replace it
-        if ds.st_mode & stat.S_IWOTH:
-            raise PolicyError(f"refusing a policy in {d}, a directory every user can write to (mode "
-                              f"{stat.filemode(ds.st_mode)}): anyone could swap the file; chmod o-w {d}",
-                              str(path))
-        if ds.st_mode & stat.S_IWGRP and ds.st_gid != 0:
-            raise PolicyError(f"refusing a policy in {d}, a directory group {ds.st_gid} can write to (mode "
-                              f"{stat.filemode(ds.st_mode)}): its members could swap the file; chmod g-w {d}",
-                              str(path))
-        if ds.st_uid not in (0, me):
-            raise PolicyError(f"refusing a policy in {d}, a directory owned by uid {ds.st_uid} (not root, "
-                              f"not us): its owner could swap the file; move the policy or chown root:root {d}",
-                              str(path))
+    check(path, opened)
 
 
 def load_policy(path: str | Path, overrides: dict[str, str] | None = None) -> Policy:
-    """Import a policy file and return its validated ``Policy`` with options applied."""
-    p = Path(path)
-    shown = str(path)
-    if not p.is_file():
-        raise PolicyError(f"policy file not found (looked for {p.resolve()})", shown)
-    check_permissions(p)
-    modname = "nfhooks_policy_" + hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(modname, p)
-    if spec is None or spec.loader is None:
-        raise PolicyError("cannot be imported as a Python module", shown)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except PolicyError as e:
-        raise PolicyError(e.message, _rel(e.file, p, shown), e.line) from None
-    except SyntaxError as e:
-        raise PolicyError(f"syntax error: {e.msg}", shown, e.lineno) from None
-    except Exception as e:  # noqa: BLE001 -- any import-time failure is the policy's error
-        raise PolicyError(f"{type(e).__name__} while importing the policy: {e}", shown,
-                          _error_location(e, str(p))) from None
-    finally:
-        sys.modules.pop(modname, None)
-    pol = getattr(module, "policy", None)
-    if not isinstance(pol, Policy):
-        raise PolicyError("defines no `policy = Policy(...)` at module level", shown)
-    pol.file = shown
-    for h in pol.handlers:
-        h.file = _rel(h.file, p, shown)
-    for o in pol.options.values():
-        o.file = _rel(o.file, p, shown)
-    if pol.name is None:
-        pol.name = p.stem
-    if not pol.description and module.__doc__:
-        pol.description = module.__doc__.strip().splitlines()[0]
-    pol.apply_overrides(overrides or {})
-    return pol
+    """Compile and run a policy file's checked source (never cached bytecode: nfhooks/loader.py);
+    its validated ``Policy`` with options applied."""
+    from .loader import load_policy as load
 
-
-def _rel(file: str | None, real: Path, shown: str) -> str:
-    if file and Path(file).resolve() == real.resolve():
-        return shown
-    return file or shown
+    return load(path, overrides)
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:
@@ -477,4 +395,4 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["Policy", "Option", "Handler", "PolicyError", "load_policy", "parse_sets", "Reject"]
+__all__ = ["Policy", "Option", "Handler", "PolicyError", "load_policy", "check_permissions", "parse_sets", "Reject"]
