@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..lab.topology import _pick_ranges
+from ..lab.topology import pick_ranges
 from ..metrics import parse_queue_stats
 from .cases import (
     BARE_QUEUE,
@@ -66,7 +66,7 @@ class Bench:
 
     def build(self) -> None:
         lab = self.lab
-        octet, _ = _pick_ranges(lab.id)
+        octet, _ = pick_ranges(lab.id)
         lab.add_node("client")
         lab.add_node("router")
         lab.connect("client", "eth0", "router", "lan")

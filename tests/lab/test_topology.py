@@ -317,22 +317,22 @@ def test_cleanup_stale_removes_leftovers_and_spares_live_labs():
 
 
 def test_cleanup_stale_ignores_names_without_the_marker():
-    from nfhooks.lab.topology import _NS_RE, _remove_namespace
+    from nfhooks.lab.namespaces import NS_RE, remove_namespace
 
-    assert _NS_RE.fullmatch("nfhlab-C1a2b3-router")
+    assert NS_RE.fullmatch("nfhlab-C1a2b3-router")
     for name in ("nfhA-r", "nfhC-x", "nfhlabX-1-r", "other"):
-        assert not _NS_RE.fullmatch(name)
+        assert not NS_RE.fullmatch(name)
         with pytest.raises(ValueError, match="not a lab namespace"):
-            _remove_namespace(name)
+            remove_namespace(name)
 
 
 def test_lab_id_validation_and_ranges():
     from nfhooks.lab import Lab
-    from nfhooks.lab.topology import _pick_ranges
+    from nfhooks.lab.topology import pick_ranges
 
     with pytest.raises(ValueError):
         Lab(prefix="bad-id")
     assert Lab(prefix="nfhlab-C12").id == "C12"
-    octet, ula = _pick_ranges("C12")
+    octet, ula = pick_ranges("C12")
     assert 16 <= octet <= 239 and ula.startswith("fd")
-    assert _pick_ranges("C12") == (octet, ula)  # derived from the id: reproducible
+    assert pick_ranges("C12") == (octet, ula)  # derived from the id: reproducible
