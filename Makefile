@@ -2,15 +2,21 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-# what the engine, the lab and the bench need; the tests need more (TEST_PACKAGES: nft for the
-# "other tools' rules" test, Prometheus for the dashboard/alert tests, docker for the compose lab,
-# tshark to read the pcap back)
-APT_PACKAGES := iptables libnetfilter-queue-dev iproute2 gcc python3-dev python3-venv \
-                iperf3 netcat-openbsd curl procps tcpdump util-linux
-TEST_PACKAGES := nftables prometheus docker.io docker-compose debootstrap tshark
+# Debian packages from ONE list, nfhooks/programs.txt (program, package, target), which the code's
+# tests check against every program the code executes. Read with awk: it must work before any
+# virtualenv exists (a minimal Debian 12 has no python3 yet). APT_PACKAGES: the engine, every lab
+# scenario and the venv build; TEST_PACKAGES: what only the tests add (nft for the "other tools'
+# rules" test, Prometheus for the dashboard/alert tests, docker for the compose lab, tshark...).
+PROGRAMS := nfhooks/programs.txt
+packages = $(shell awk '$$1 !~ /^\#/ && NF == 3 && index(" $(1) ", " " $$3 " ") && !seen[$$2]++ {print $$2}' $(PROGRAMS))
+APT_PACKAGES := $(call packages,base build lab)
+TEST_PACKAGES := $(call packages,test)
 STAMP := $(VENV)/.installed
 
-.PHONY: deps venv test unit lab lab-down bench bench-quick soak fuzz clean flush lab-containers lab-containers-down docs-images
+print-%:
+	@echo $($*)
+
+.PHONY: deps venv test unit lab fresh-check lab-down bench bench-quick soak fuzz clean flush lab-containers lab-containers-down docs-images
 
 # apt: only when a package is missing, so repeated runs are fast and offline-safe.
 # No service may start at install time (policy-rc.d, put in place only for the install if the
@@ -78,6 +84,12 @@ docs-images: venv
 	  apt-get install -y -qq --no-install-recommends tmux >/dev/null; }
 	$(PY) -m pip install -q -e '.[docs]'
 	$(PY) tools/render_dashboard.py --out docs/img/dashboard.png
+
+# `make lab` then `make test` on a brand-new Debian 12 root (a debootstrap minbase chroot with only
+# `git archive HEAD` copied in), each timed; removes the root also on failure. tools/fresh_check.sh
+fresh-check: EXTRA_PACKAGES = debootstrap
+fresh-check: deps
+	tools/fresh_check.sh
 
 flush: venv
 	$(VENV)/bin/nfhooks flush
