@@ -48,7 +48,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import multiprocessing
 import os
 import re
 import signal
@@ -57,13 +56,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .install import KernelError
 from .nat import Key, NatError, NatTargets
 from .rules import MAX_QUEUE
+from .supervise import Pool, Supervisor
 
 log = logging.getLogger("nfhooks.workers")
-READY_TIMEOUT = 20.0
-SCRAPE_TIMEOUT = 3.0
 NAT_TIMEOUT = 10.0  # a worker waits this long for the main process to allocate a NAT target
 MAX_WORKERS = 64
 
@@ -177,15 +174,15 @@ class NatServer:
     """The main process's side: the one real NatTargets, serving every worker's pipe.
 
     One daemon thread per worker pipe; a lock around the allocation (two workers asking for
-    the same new target get the same index and one rule). A thread ends when its worker's
-    end of the pipe closes (the worker exited) or the pipe is closed here. ``close()`` (before
+    the same new target get the same index and one rule). A thread ends, and closes its pipe,
+    when its worker's end closes (the worker exited); ``add()`` serves a restarted worker's. ``close()`` (before
     the rules are removed) makes every later request an error, so no nat rule is added while
     or after the engine removes its rules.
     """
 
     def __init__(self, nat: NatTargets, conns: list[Any]) -> None:
         self.nat = nat
-        self.conns = conns
+        self.conns = list(conns)
         self.lock = threading.Lock()
         self.closed = False
         self.threads: list[threading.Thread] = []
@@ -210,168 +207,29 @@ class NatServer:
                 return "error", f"allocating NAT target {k[2]} failed: {e!r}"
 
     def serve(self, conn: Any) -> None:
-        while True:
-            try:
-                seq, k = conn.recv()
-            except (EOFError, OSError, ValueError, TypeError):
-                return
-            kind, value = self.answer(k)
-            try:
-                conn.send((seq, kind, value))
-            except OSError:
-                return
+        try:
+            while True:
+                try:
+                    seq, k = conn.recv()
+                except (EOFError, OSError, ValueError, TypeError):
+                    return
+                kind, value = self.answer(k)
+                try:
+                    conn.send((seq, kind, value))
+                except OSError:
+                    return
+        finally:
+            conn.close()  # this thread's pipe: nobody else closes it
+
+    def add(self, i: int, conn: Any) -> None:
+        """Serve worker ``i``'s pipe (at start, and for a restarted worker)."""
+        t = threading.Thread(target=self.serve, args=(conn,), name=f"nfhooks-nat-{i}", daemon=True)
+        t.start()
+        self.threads.append(t)
 
     def start(self) -> None:
         for i, conn in enumerate(self.conns):
-            t = threading.Thread(target=self.serve, args=(conn,), name=f"nfhooks-nat-{i}", daemon=True)
-            t.start()
-            self.threads.append(t)
-
-
-# --------------------------------------------------------------------------- a worker
-
-
-def _worker(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any], options: Any,
-            limits: tuple[float, float | None], nat_conn: Any = None) -> None:
-    """The body of worker ``index`` (a forked child): bind, report ready, serve, answer."""
-    from prometheus_client import generate_latest
-
-    from .engine import Dispatcher
-    from .metrics import Metrics
-    from .offload import FlowOffload
-    from .queue import QueueSet
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: main decides
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    qs = None
-    budget, timeout = limits
-    watchdog = None
-    try:
-        from .watchdog import Watchdog
-
-        watchdog = Watchdog(timeout) if timeout else None  # made here: it targets this process
-        metrics = Metrics()
-        offload = FlowOffload(rs, policy) if getattr(rs, "flow_generation", 0) else None
-        nat = (NatClient(nat_conn, rs.layout, rs.nat_targets, generation=rs.generation)
-               if nat_conn is not None else None)
-        disp = Dispatcher(policy=policy, ruleset=rs, metrics=metrics, budget=budget, watchdog=watchdog,
-                          offload=offload, nat=nat)
-        qs = QueueSet(options)
-        for num, h in sorted(queues.items()):
-            qs.bind(num, disp.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
-        qs.export(metrics.registry)
-        metrics.set_policy(policy.name or "policy", policy.version,
-                           [(n, h.hook, h.name) for n, h in sorted(queues.items())])
-    except Exception as e:  # noqa: BLE001 -- reported to the main process, which explains it
-        conn.send(("error", f"worker {index}: {e}"))
-        if qs is not None:
-            qs.close()
-        os._exit(2)
-    lock = threading.Lock()
-
-    def control() -> None:
-        while True:
-            try:
-                cmd = conn.recv()
-            except (EOFError, OSError):
-                cmd = "stop"  # the main process is gone: stop serving
-            if cmd == "metrics":
-                with lock:
-                    conn.send(("metrics", generate_latest(metrics.registry).decode()))
-            else:
-                qs.stop()
-                return
-
-    signal.signal(signal.SIGTERM, lambda s, f: qs.stop())
-    signal.set_wakeup_fd(qs.wakeup_fd, warn_on_full_buffer=False)
-    conn.send(("ready", os.getpid()))
-    threading.Thread(target=control, name=f"nfhooks-worker-{index}-control", daemon=True).start()
-    if watchdog is not None:
-        watchdog.start()
-    try:
-        qs.run()
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
-        qs.close()
-    os._exit(0)
-
-
-class Pool:
-    """The worker processes, started by fork, each with a duplex pipe to the main process
-    (control: ready, metrics, stop) and, when the policy has a ``nat`` mark field, a second
-    one for its NAT target requests (``nat_conns``, served by a NatServer)."""
-
-    def __init__(self, policy: Any, rs: Any, per_worker: list[dict[int, Any]], options: Any,
-                 limits: tuple[float, float | None] = (0.0, None)) -> None:
-        ctx = multiprocessing.get_context("fork")
-        self.procs: list[Any] = []
-        self.conns: list[Any] = []
-        self.nat_conns: list[Any] = []
-        self.locks: list[threading.Lock] = []
-        self.pids: list[int] = []
-        with_nat = "nat" in rs.layout
-        for i, queues in enumerate(per_worker):
-            parent, child = ctx.Pipe()
-            nat_parent, nat_child = ctx.Pipe() if with_nat else (None, None)
-            p = ctx.Process(target=_worker, args=(i, child, policy, rs, queues, options, limits, nat_child),
-                            name=f"nfhooks-worker-{i}", daemon=False)
-            p.start()
-            child.close()
-            if nat_child is not None:
-                nat_child.close()
-                self.nat_conns.append(nat_parent)
-            self.procs.append(p)
-            self.conns.append(parent)
-            self.locks.append(threading.Lock())
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        for i, conn in enumerate(self.conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise KernelError(f"worker {i} did not bind its queues within {timeout:.0f}s")
-            try:
-                kind, value = conn.recv()
-            except EOFError:
-                raise KernelError(f"worker {i} exited with {self.procs[i].exitcode} before it was ready") from None
-            if kind != "ready":
-                raise KernelError(str(value))
-            self.pids.append(value)
-
-    def texts(self) -> Iterator[str]:
-        """Each live worker's exposition text (a worker that does not answer is skipped)."""
-        for conn, lock, proc in zip(self.conns, self.locks, self.procs):
-            if not proc.is_alive():
-                continue
-            with lock:
-                try:
-                    conn.send("metrics")
-                    if conn.poll(SCRAPE_TIMEOUT):
-                        kind, text = conn.recv()
-                        if kind == "metrics":
-                            yield text
-                except (OSError, EOFError):
-                    continue
-
-    def dead(self) -> list[int]:
-        return [i for i, p in enumerate(self.procs) if not p.is_alive()]
-
-    def stop(self, grace: float = 5.0) -> None:
-        for conn, lock in zip(self.conns, self.locks):
-            with lock:
-                try:
-                    conn.send("stop")
-                except OSError:
-                    pass
-        deadline = time.monotonic() + grace
-        for p in self.procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():  # by its own PID, never by name
-                log.warning("worker pid %d did not stop within %.0fs: killing it", p.pid, grace)
-                p.kill()
-                p.join(5)
-        for conn in self.conns + self.nat_conns:
-            conn.close()
+            self.add(i, conn)
 
 
 # --------------------------------------------------------------------------- one endpoint
@@ -546,6 +404,8 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             nat = NatServer(NatTargets(brs.layout, brs.nat_targets, generation=brs.generation), pool.nat_conns)
             nat.start()
         pool.wait_ready()
+        supervisor = Supervisor(pool, on_start=nat.add if nat is not None else (lambda i, conn: None),
+                                fail_modes={q: brs.fail_open[h.hook] for q, h in brs.queues.items()})
         install(brs)
         where = "off"
         if metrics_addr != "off":  # started after the fork: no worker inherits its threads
@@ -559,6 +419,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
                       for first, h in sorted(per_worker[0].items())]
             nat_count = nat.__len__ if nat is not None else (lambda: 0)
             registry.register(WorkerMetrics(pool, ranges, nat_targets=nat_count))
+            registry.register(supervisor)
             if getattr(brs, "flow_generation", 0):  # from the kernel's rule counters: once, here
                 from .offload import FlowOffload, OffloadCollector
 
@@ -573,14 +434,11 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             f"queues {min(brs.queues)}..{max(brs.queues)}, metrics {where}")
         from multiprocessing.connection import wait
 
-        while not stop.is_set():
-            wait([wake_r, *(p.sentinel for p in pool.procs)], timeout=1.0)
-            dead = pool.dead()
-            if dead and not stop.is_set():
-                codes = ", ".join(f"worker {i} (pid {pool.procs[i].pid}) exit {pool.procs[i].exitcode}"
-                                  for i in dead)
-                log.error("%s: stopping every worker and removing the rules", codes)
-                return 1
+        pool.extra_fds = [wake_r, wake_w] + ([server.socket.fileno()] if server is not None else [])
+        while not stop.is_set():  # a dead worker is restarted (supervise.py); the rules stay
+            wait([wake_r, *supervisor.waitables()], timeout=supervisor.timeout())
+            if not stop.is_set():
+                supervisor.tick()
         return 0
     finally:
         if nat is not None:

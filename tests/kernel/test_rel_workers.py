@@ -1,0 +1,186 @@
+"""``nfhooks run --workers 2``: a worker killed with SIGKILL is restarted; the rules never go.
+
+Policy: INPUT drops by default (fail-closed), a handler accepts UDP to PORT. Clients send from
+many source addresses (``--queue-balance`` hashes addresses) so both workers' queues are used.
+While a worker is down its queues have no listener: a fail-closed queue rule drops what is
+hashed to it (a fail-open one would accept it unfiltered); UDP to DROPPED, which no handler
+accepts, must never arrive at all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import metric, nfh_lines
+
+PORT, DROPPED = 7301, 7302
+N_SOURCES = 16
+POLICY = f'''\
+from nfhooks import Policy, accept
+
+policy = Policy("rel-workers-test", defaults={{"INPUT": "drop"}})
+
+@policy.input(proto="udp", dport={PORT})
+def udp_ok(pkt):
+    return accept()
+
+@policy.input(iif="lo")
+def local(pkt):  # the metrics endpoint, scraped over loopback
+    return accept()
+
+@policy.input(proto="icmpv6")
+def ndp(pkt):  # neighbour discovery: without it IPv6 stops altogether
+    return accept()
+'''
+
+# One datagram per source address; prints "<source> ok|lost" per line (the lab's server echoes).
+_SEND_FROM = r"""
+import socket, sys
+dst, port, timeout, srcs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+socks = []
+for a in srcs:
+    s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((a, 0))
+    s.settimeout(timeout)
+    s.sendto(a.encode(), (dst, port))
+    socks.append((a, s))
+for a, s in socks:
+    try:
+        ok = s.recv(100) == a.encode()
+    except OSError:
+        ok = False
+    print(a, "ok" if ok else "lost")
+"""
+
+
+def add_sources(lab, n: int = N_SOURCES) -> list[str]:
+    """`n` extra IPv4 (/32) and IPv6 (/128) addresses on the client, inside its namespace."""
+    v4 = lab.addr("client").rsplit(".", 1)[0]
+    v6 = lab.addr("client", 6).rsplit(":", 1)[0]
+    addrs = [f"{v4}.{i}" for i in range(40, 40 + n)] + [f"{v6}:{i + 0x40:x}" for i in range(n)]
+    lab.exec("client", "ip", "-batch", "-",
+             input="".join(f"addr add {a}/{128 if ':' in a else 32} dev eth0 nodad\n" for a in addrs))
+    return addrs
+
+
+def send_from(lab, srcs: list[str], port: int = PORT, timeout: float = 1.0) -> dict[str, bool]:
+    """Source address -> whether its datagram was answered (to the router, by family)."""
+    out: dict[str, bool] = {}
+    for fam in (4, 6):
+        group = [a for a in srcs if (":" in a) == (fam == 6)]
+        if group:
+            cp = lab.exec("client", sys.executable, "-c", _SEND_FROM, lab.addr("router", fam, facing="client"),
+                          port, timeout, *group, timeout=timeout + 20)
+            out.update((a, r == "ok") for a, r in (line.split() for line in cp.stdout.splitlines()))
+    return out
+
+
+def workers(eng) -> list[int]:
+    """PIDs of the engine's worker processes: children of the PID we started, same command."""
+    me = Path(f"/proc/{eng.pid}/cmdline").read_bytes()
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == eng.pid and cmd == me:
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def worker_pids(lab) -> dict[str, int]:
+    """worker index -> pid of the live workers, from the main process's endpoint."""
+    text = lab.exec("router", "curl", "-s", "-m", "5", "http://127.0.0.1:9477/metrics").stdout
+    return {w: int(pid) for pid, w in
+            re.findall(r'^nfhooks_worker_up\{pid="(\d+)",worker="(\d+)"\} 1\.0$', text, re.M)}
+
+
+def per_queue(lab, handler: str = "udp_ok") -> dict[str, float]:
+    """queue -> packets the workers received there, for one handler's queues."""
+    text = lab.exec("router", "curl", "-s", "-m", "5", "http://127.0.0.1:9477/metrics").stdout
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("nfhooks_queue_received_packets_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            if labels["handler"] == handler:
+                out[labels["queue"]] = out.get(labels["queue"], 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def servers(lab, port: int) -> list:
+    """UDP echo servers on the router, one per family."""
+    return [lab.udp_server("router", port, 4, bind="0.0.0.0"), lab.udp_server("router", port, 6, bind="::")]
+
+
+def policy_file(lab) -> str:
+    p = lab.tmpdir / "rel_workers_policy.py"
+    p.write_text(POLICY)
+    p.chmod(0o644)
+    return str(p)
+
+
+def victim_worker(lab) -> tuple[str, str]:
+    """(the worker to kill, the other): not the one whose queue carries the loopback scrape
+    (127.0.0.1 hashes to one queue of the `local` handler), so the endpoint stays reachable."""
+    q = per_queue(lab, "local")
+    assert len(q) == 2 and sorted(v > 0 for v in q.values()) == [False, True], q
+    first, _ = sorted(q, key=int)  # worker 0 binds the first queue of every handler
+    return ("1", "0") if q[first] > 0 else ("0", "1")
+
+
+def our_rules(lab) -> list[str]:
+    return [line for line in nfh_lines(lab) if line.startswith("-A ")]
+
+
+@pytest.mark.timeout(120)
+def test_kill9_of_one_worker_restarts_it_and_keeps_the_rules(nfh_lab):
+    lab = nfh_lab
+    srcs = add_sources(lab)
+    servers(lab, PORT)
+    dropped = servers(lab, DROPPED)
+    eng = lab.start_engine(policy_file(lab), "--workers", "2", "--queue-base", "40")
+    rules = our_rules(lab)
+    assert any("--queue-balance 40:41" in r for r in rules), rules
+    assert all(send_from(lab, srcs).values())  # both workers decide
+    first = per_queue(lab)
+    assert len(first) == 2 and all(v > 0 for v in first.values()), first  # both queues carried traffic
+
+    pids = workers(eng)
+    assert len(pids) == 2, pids
+    by_index = worker_pids(lab)
+    assert sorted(by_index.values()) == pids
+    w, other = victim_worker(lab)
+    victim = by_index[w]
+    os.kill(victim, signal.SIGKILL)  # a child of the engine we started, by its PID
+    new = lab.wait_for(lambda: (p if len(p := workers(eng)) == 2 and victim not in p else None),
+                       timeout=20, what=f"worker {w} restarted (a new child PID)")
+    assert by_index[other] in new  # the other worker was not touched
+    assert eng.running(), eng.log()[-3000:]
+    assert our_rules(lab) == rules  # the same rules the whole time
+    lab.wait_for(lambda: w in worker_pids(lab), timeout=20, what=f"worker {w} ready again")
+
+    before = per_queue(lab)
+    assert all(send_from(lab, srcs).values())  # decided again, through both queues
+    after = per_queue(lab)
+    assert all(after[q] > before[q] for q in before), (before, after)
+    assert metric(lab, "nfhooks_worker_restarts_total", worker=w) == 1
+    assert metric(lab, "nfhooks_worker_restarts_total", worker=other) == 0
+    assert not any(send_from(lab, srcs[:4] + srcs[-4:], DROPPED, timeout=0.5).values())
+    assert all(not s.datagrams() for s in dropped)  # nothing the policy drops ever arrived
+    assert f"worker {w} restarted" in eng.log(), eng.log()
+    assert eng.stop() == 0
+    assert nfh_lines(lab) == []
+    print(f"worker {w} pid {victim} killed, restarted as {set(new) - set(pids)}; {len(rules)} rules kept")
+
+
