@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import metric, nfh_lines
+from .conftest import metric, nfh_lines, rule_counter
 
 PORT, DROPPED = 7301, 7302
 N_SOURCES = 16
@@ -39,18 +39,21 @@ def ndp(pkt):  # neighbour discovery: without it IPv6 stops altogether
     return accept()
 '''
 
-# One datagram per source address; prints "<source> ok|lost" per line (the lab's server echoes).
+# One datagram per source address, all sent before any reply is awaited; prints
+# "<source> ok|lost" per line (the lab's server echoes). argv: v4 dst, v6 dst, port, timeout, sources.
 _SEND_FROM = r"""
-import socket, sys
-dst, port, timeout, srcs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
+import socket, sys, time
+dst4, dst6, port, timeout, srcs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5:]
 socks = []
 for a in srcs:
-    s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = ":" in a
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((a, 0))
-    s.settimeout(timeout)
-    s.sendto(a.encode(), (dst, port))
+    s.sendto(a.encode(), (dst6 if v6 else dst4, port))
     socks.append((a, s))
+deadline = time.monotonic() + timeout
 for a, s in socks:
+    s.settimeout(max(0.01, deadline - time.monotonic()))
     try:
         ok = s.recv(100) == a.encode()
     except OSError:
@@ -70,15 +73,10 @@ def add_sources(lab, n: int = N_SOURCES) -> list[str]:
 
 
 def send_from(lab, srcs: list[str], port: int = PORT, timeout: float = 1.0) -> dict[str, bool]:
-    """Source address -> whether its datagram was answered (to the router, by family)."""
-    out: dict[str, bool] = {}
-    for fam in (4, 6):
-        group = [a for a in srcs if (":" in a) == (fam == 6)]
-        if group:
-            cp = lab.exec("client", sys.executable, "-c", _SEND_FROM, lab.addr("router", fam, facing="client"),
-                          port, timeout, *group, timeout=timeout + 20)
-            out.update((a, r == "ok") for a, r in (line.split() for line in cp.stdout.splitlines()))
-    return out
+    """Source address -> whether its datagram to the router was answered."""
+    cp = lab.exec("client", sys.executable, "-c", _SEND_FROM, lab.addr("router", 4, facing="client"),
+                  lab.addr("router", 6, facing="client"), port, timeout, *srcs, timeout=timeout + 20)
+    return {a: r == "ok" for a, r in (line.split() for line in cp.stdout.splitlines())}
 
 
 def workers(eng) -> list[int]:
@@ -184,3 +182,69 @@ def test_kill9_of_one_worker_restarts_it_and_keeps_the_rules(nfh_lab):
     print(f"worker {w} pid {victim} killed, restarted as {set(new) - set(pids)}; {len(rules)} rules kept")
 
 
+
+
+def restarts(lab, w: str) -> float:
+    return metric(lab, "nfhooks_worker_restarts_total", worker=w)
+
+
+def rule_packets(lab, comment: str) -> int:
+    return rule_counter(lab, comment, family=4) + rule_counter(lab, comment, family=6)
+
+
+# supervise.RestartPolicy: at once, then doubling while the worker keeps dying within a minute
+DELAYS = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", ["--fail-closed", "--fail-open"])
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff_in_its_fail_mode(nfh_lab, mode):
+    lab = nfh_lab
+    srcs = add_sources(lab)
+    servers(lab, PORT)
+    dropped = servers(lab, DROPPED)
+    eng = lab.start_engine(policy_file(lab), "--workers", "2", "--queue-base", "40", mode)
+    rules = our_rules(lab)
+    assert any("--queue-bypass" in r for r in rules) == (mode == "--fail-open"), rules
+    assert all(send_from(lab, srcs).values())
+    w, other = victim_worker(lab)
+    keep = worker_pids(lab)[other]
+    live_queue = sorted(per_queue(lab), key=int)[int(other)]  # the other worker's udp_ok queue
+    probe, kills = None, 0
+    for k, delay in enumerate(DELAYS, 1):
+        if k > 4 and probe is not None:
+            break
+        kills = k
+        pid = lab.wait_for(lambda: worker_pids(lab).get(w), timeout=30, what=f"worker {w} ready")
+        os.kill(pid, signal.SIGKILL)  # a child of the engine we started, by its PID
+        line = lab.wait_for(lambda: re.search(rf"worker {w} \(pid {pid}\) died .*", eng.log()), timeout=10,
+                            what=f"death {k} of worker {w} logged").group(0)
+        assert f"{k} death(s) in a row" in line, line
+        assert line.endswith("restarting it now" if not delay else f"restarting it in {delay:g}s"), line
+        assert metric(lab, "nfhooks_worker_restart_delay_seconds", worker=w) == delay
+        assert our_rules(lab) == rules  # never removed, not even while the worker is down
+        if delay >= 4 and probe is None and restarts(lab, w) == k - 1:
+            before = (per_queue(lab)[live_queue], rule_packets(lab, "udp_ok"))
+            answered = send_from(lab, srcs)
+            after = (per_queue(lab)[live_queue], rule_packets(lab, "udp_ok"))
+            if restarts(lab, w) == k - 1:  # no new worker existed during the probe: it saw the gap
+                probe = answered, after[0] - before[0], after[1] - before[1]
+        lab.wait_for(lambda: restarts(lab, w) == k and worker_pids(lab).get(w) not in (None, pid),
+                     timeout=delay + 30, what=f"restart {k} of worker {w}")
+        assert worker_pids(lab)[other] == keep  # the other worker was never touched
+    assert probe is not None, "no probe fit into a restart delay of 4 s or more"
+    answered, decided, queued = probe
+    assert queued == len(srcs)  # every datagram met its queue rule ...
+    assert 0 < decided < len(srcs)  # ... the live worker decided its share only
+    if mode == "--fail-closed":  # the dead worker's share was dropped by the kernel
+        assert sum(answered.values()) == decided, answered
+    else:  # bypassed: accepted without a decision
+        assert all(answered.values()), answered
+    assert all(send_from(lab, srcs).values())  # decided by both workers again
+    assert restarts(lab, w) == kills and restarts(lab, other) == 0
+    assert not any(send_from(lab, srcs[:4] + srcs[-4:], DROPPED, timeout=0.5).values())
+    assert all(not s.datagrams() for s in dropped)  # nothing the policy drops ever arrived
+    assert eng.stop() == 0
+    assert nfh_lines(lab) == []
+    print(f"{mode}: worker {w} killed {kills} times, delays {DELAYS[:kills]}; while down {decided} of "
+          f"{len(srcs)} datagrams decided, {sum(answered.values())} answered")
