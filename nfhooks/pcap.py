@@ -18,6 +18,16 @@ Bounded: a file is rotated before it would exceed ``max_bytes`` (FILE -> FILE.1 
 ``files`` files are kept, the oldest is deleted), so at most ``max_bytes * files`` bytes are
 ever on disk. Each file is a complete pcapng on its own (section header + interface first).
 
+Safe in a directory others can write to (a sticky /tmp): the engine runs as root, so FILE is
+opened with ``O_NOFOLLOW`` relative to a descriptor of its directory, and refused -- at start,
+with one clear line -- if it is a symlink, not a regular file, another user's file or has a
+second hard link; an existing file of ours is truncated through the descriptor and made 0600
+(new files are 0600 whatever the umask). Before a rotation every FILE.N is checked with
+``lstat``: a name another user planted (a link to a root-owned file, say) is neither moved nor
+replaced -- the capture then stops recording (counted in ``nfhooks_pcap_errors_total``, logged)
+until it is removed -- and rename(2) never follows a link anyway. After FILE moved to FILE.1 it
+is created exclusively (``O_EXCL``), so nothing planted in between is written through.
+
 Why a hand-written writer rather than scapy's (checked against scapy 2.8.0): scapy's
 ``PcapNgWriter`` does write per-packet comments, but its public ``write()`` takes them only
 from a scapy ``Packet`` object's ``comments`` attribute -- building ``IP(raw)`` per packet
@@ -39,14 +49,20 @@ Packets are written on the engine thread; a daemon thread only flushes the buffe
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import stat
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
+
+__all__ = ["PcapWriter", "PcapPathError", "PcapCollector", "file_header", "comment_option", "comment_text",
+           "rotated_names", "read_blocks", "read_packets", "LINKTYPE_RAW", "SNAPLEN", "DEFAULT_MAX_BYTES",
+           "DEFAULT_FILES", "BUFFER_SIZE", "FLUSH_INTERVAL", "MIN_MAX_BYTES"]
 
 log = logging.getLogger("nfhooks.pcap")
 
@@ -100,6 +116,62 @@ def comment_text(hook: str, table: str, handler: str, verdict: str, via_default:
             + (" via=default" if via_default else ""))
 
 
+class PcapPathError(OSError):
+    """The --pcap path is not safe to write a capture to; ``str()`` says why and what to do."""
+
+
+def _open_dir(path: str) -> tuple[int, str]:
+    """A descriptor of FILE's directory and FILE's name in it: every later open, rename and
+    unlink is relative to that directory, so a directory swapped on the path afterwards (or
+    a link in it) is not followed."""
+    head, name = os.path.split(path)
+    if not name:
+        raise PcapPathError(f"{path} names a directory, not a file")
+    try:
+        return os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), name
+    except OSError as e:
+        raise PcapPathError(f"cannot open the directory {head or '.'}: {e.strerror}") from None
+
+
+def _check_ours(st: os.stat_result, shown: str) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise PcapPathError(f"{shown} is a symbolic link: nfhooks writes no capture through a link "
+                            "(remove it or choose another path)")
+    if not stat.S_ISREG(st.st_mode):
+        raise PcapPathError(f"{shown} is not a regular file; choose another path")
+    if st.st_uid != os.geteuid():
+        raise PcapPathError(f"{shown} is owned by uid {st.st_uid}, not by us: nfhooks does not "
+                            "overwrite another user's file (remove it or choose another path)")
+    if st.st_nlink > 1:
+        raise PcapPathError(f"{shown} has another hard link: overwriting it would change that "
+                            "file too (remove it or choose another path)")
+
+
+def _open_private(dir_fd: int, name: str, shown: str, flags: int) -> int:
+    """Open ``name`` in ``dir_fd`` with ``flags`` (O_NOFOLLOW), check it is a regular file of
+    ours with one link, truncate it and make it 0600 -- an existing file keeps no other mode."""
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PcapPathError(f"{shown} is a symbolic link: nfhooks writes no capture through a "
+                                "link (remove it or choose another path)") from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):  # a directory; a FIFO without a reader
+            raise PcapPathError(f"{shown} is not a regular file; choose another path") from None
+        if e.errno == errno.EEXIST:
+            raise PcapPathError(f"{shown} appeared after it was rotated away: not writing to "
+                                "something another user put there") from None
+        raise PcapPathError(f"cannot open {shown}: {e.strerror}") from None
+    try:
+        _check_ours(os.fstat(fd), shown)
+        os.ftruncate(fd, 0)
+        os.fchmod(fd, 0o600)  # a capture holds payloads: nobody else's business
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def rotated_names(path: str, files: int) -> list[str]:
     """The files a capture may consist of, newest first: FILE, FILE.1, ... FILE.<files-1>."""
     return [path] + [f"{path}.{i}" for i in range(1, files)]
@@ -138,7 +210,14 @@ class PcapWriter:
         self._closed = False
         self._f: io.BufferedWriter | None = None
         self._size = 0
-        self._open()  # fails here (bad directory, no permission), before the engine starts
+        # fails here (bad directory, a link or someone else's file), before the engine starts
+        self._dir_fd, self._name = _open_dir(self.path)
+        try:
+            self._check_names()
+            self._open()
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
         if flush_interval:
@@ -150,29 +229,47 @@ class PcapWriter:
 
     # -- files ------------------------------------------------------------------------
 
-    def _open(self) -> None:
-        # 0600: a capture holds payloads, which are nobody else's business (a file that
-        # already exists keeps its mode)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    def _open(self, exclusive: bool = False) -> None:
+        """Open FILE for a fresh capture, through the directory descriptor, never through a link.
+
+        ``exclusive`` (after a rotation moved FILE away): the name must be free, so whatever
+        appeared there meanwhile is not written to.
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = _open_private(self._dir_fd, self._name, self.path, flags | (os.O_EXCL if exclusive else 0))
         f = os.fdopen(fd, "wb", buffering=self.buffer_size)  # closed in _rotate/close
         f.write(self.header)
         self._f = f
         self._size = len(self.header)
         self.bytes_written += len(self.header)
 
+    def _check_names(self) -> None:
+        """Every existing FILE, FILE.1 ...: a regular file of ours, else PcapPathError."""
+        for name, shown in zip(rotated_names(self._name, self.files), rotated_names(self.path, self.files)):
+            try:
+                st = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            _check_ours(st, shown)
+
     def _rotate(self) -> None:
         f, self._f = self._f, None
         if f is not None:
             f.close()
-        names = rotated_names(self.path, self.files)
+        self._check_names()  # a name planted by someone else is neither moved nor replaced
+        names = rotated_names(self._name, self.files)
+        d = self._dir_fd
         if self.files == 1:
-            os.unlink(self.path)
+            os.unlink(self._name, dir_fd=d)
         else:
             for older, newer in zip(reversed(names[1:]), reversed(names[:-1])):
-                if os.path.exists(newer):
-                    os.replace(newer, older)  # the oldest is overwritten: it is the one dropped
+                try:
+                    # rename(2) moves directory entries: it never follows a link at either name
+                    os.replace(newer, older, src_dir_fd=d, dst_dir_fd=d)
+                except FileNotFoundError:
+                    pass
         self.rotations += 1
-        self._open()
+        self._open(exclusive=True)
 
     # -- per packet -------------------------------------------------------------------
 
@@ -240,6 +337,7 @@ class PcapWriter:
                 f.close()
             except OSError as e:
                 log.error("pcap %s: close failed: %s", self.path, e)
+        os.close(self._dir_fd)
 
     # -- the engine's hook (Dispatcher(tap=...)) ---------------------------------------
 
