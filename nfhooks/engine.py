@@ -202,7 +202,9 @@ class Dispatcher:
                     overruns.inc()
                     fail(nfpkt, mark, nbytes, f"{e} (interrupted)", None)
                     return
-                except Exception as e:  # noqa: BLE001 -- the guard: every packet gets a verdict
+                except BaseException as e:  # noqa: BLE001 -- the guard: SystemExit, KeyboardInterrupt
+                    # and every other exception a handler raises give the default; the engine's
+                    # own signals never raise (they set a flag and wake the loop: serve())
                     watch[0] = 0.0
                     fail(nfpkt, mark, nbytes, f"raised {type(e).__name__}: {e}", e)
                     return
@@ -280,11 +282,11 @@ class Dispatcher:
                     nfpkt.repeat()
                 else:
                     apply(nfpkt, v, mark, nbytes, counters)
-            except Exception as e:  # noqa: BLE001 -- last resort: never leave a packet undecided
-                log.exception("internal error deciding a packet at %s: %s", hook, e)
+            except BaseException as e:  # noqa: BLE001 -- last resort: never leave a packet undecided
+                log.error("internal error deciding a packet at %s: %s", hook, e, exc_info=e)
                 try:
                     nfpkt.accept() if type(default) is Accept else nfpkt.drop()
-                except Exception:  # noqa: BLE001 -- verdict already given
+                except BaseException:  # noqa: BLE001 -- verdict already given
                     pass
             finally:
                 histogram.observe(perf() - t0)
@@ -315,6 +317,7 @@ class Engine:
 
     RETIRE_GRACE = 0.2  # seconds the old queues must stay empty before the old set goes
     RETIRE_TIMEOUT = 10.0  # then it goes anyway (a packet still queued there is dropped)
+    DRAIN_TIMEOUT = 5.0  # seconds a stop may spend answering what is still queued
 
     def __init__(self, policy: Policy, *, metrics: Metrics | None = None, queue_base: int = 0,
                  fail: str | None = None, mark_mask: int | None = None,
@@ -348,6 +351,10 @@ class Engine:
         self.queues: Any = None
         self.owner: Any = None
         self.installed = False
+        self.failed: BaseException | None = None  # what ended serve(), if not a signal
+        self.left_installed = False  # stop() left the rules as a kill -9 would (after an error)
+        self.rule_watch: Any = None  # an integrity.RuleWatch once started
+        self._failpoint = os.environ.get("NFHOOKS_FAILPOINT", "")  # tests: simulate an internal error
 
     def _use(self, policy: Policy, ruleset: RuleSet) -> None:
         """Make (policy, ruleset) the current generation's: its dispatcher and NAT targets."""
@@ -416,6 +423,7 @@ class Engine:
             routing.start(self.ruleset)  # ip rules, routes, qdiscs exist before any rule marks a packet
             install(self.ruleset)
             self.installed = True
+            self._watch_rules()
             self._write_status(True, f"policy {self.policy.name} started (generation {self.ruleset.generation})")
         except BaseException:
             self.stop()
@@ -543,20 +551,53 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------
 
     def _on_wake(self) -> None:
+        if self._failpoint == "loop":  # NFHOOKS_FAILPOINT=loop: an internal error ends serve()
+            raise RuntimeError("failpoint 'loop' (NFHOOKS_FAILPOINT): a simulated internal error")
         if self._reload_wanted:
             self._reload_wanted = False
             self.reload()
         if self.retiring:
             self._retire()
+        if self.rule_watch is not None and self.rule_watch.due():
+            self.rule_watch.check()
+
+    def _tick(self) -> float:
+        return 0.05 if self.retiring else (self.rule_watch.interval if self.rule_watch else 5.0)
+
+    def _watch_rules(self) -> None:
+        """Check, periodically and at each scrape, that our rules are still there (integrity.py)."""
+        from .install import saved_text
+        from .integrity import RuleWatch
+
+        if self.rule_watch is None:
+            self.rule_watch = RuleWatch(lambda: self.ruleset, self._restore_rules, saved_text,
+                                        self.metrics.registry,
+                                        lambda: self.queues.wakeup_fd if self.queues is not None else None)
+
+    def _restore_rules(self, lost: list[str]) -> None:
+        from .install import install, remove_generation
+
+        if self.retiring:
+            self._retire(force=True)
+        remove_generation(self.ruleset.generation)
+        install(self.ruleset)
+        if self.nat is not None:
+            self.nat.reinstall()
 
     def serve(self) -> None:
-        """Run until SIGINT/SIGTERM; SIGHUP reloads. Signals only wake the loop (see queue.py)."""
+        """Run until SIGINT/SIGTERM; SIGHUP reloads. Signals only wake the loop (see queue.py).
+
+        Asked to stop (a signal), it stops taking new packets, answers those still queued
+        (``drain``), then removes the rules. Ended by an error instead, it leaves the rules
+        as a kill -9 would (see stop()), so no fail-closed hook is opened by a failure."""
         assert self.queues is not None
         q = self.queues
 
         def on_signal(signum: int, frame: Any) -> None:
             if signum == signal.SIGHUP:
                 self.request_reload()
+            elif q.stopping:
+                q.hurry()  # a second SIGINT/SIGTERM: do not wait for the queues to drain
             else:
                 q.stopping = True
 
@@ -565,7 +606,12 @@ class Engine:
         if self.watchdog is not None:
             self.watchdog.start()
         try:
-            q.run(on_wake=self._on_wake, tick=lambda: 0.05 if self.retiring else None)
+            try:
+                q.run(on_wake=self._on_wake, tick=self._tick)
+            except BaseException as e:
+                self.failed = e
+                raise
+            self.drain()
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()
@@ -573,18 +619,61 @@ class Engine:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def stop(self) -> None:
+    def drain(self) -> int:
+        """Stop without losing what waits in the queues: close them to new packets (the
+        kernel then applies each hook's fail mode, as without an engine), answer what is
+        queued with every rule still in place (bounded by DRAIN_TIMEOUT; a second signal cuts
+        it short), then remove the rules. Returns the packets left unanswered (dropped when
+        the queues are unbound), which the log names."""
         from .install import remove_all
 
+        if self.queues is None or not self.installed:
+            return 0
+        if self.rule_watch is not None:
+            self.rule_watch.enabled = False
+        t0 = time.monotonic()
+        self.queues.close_intake()
+        left = self.queues.drain(self.DRAIN_TIMEOUT, self.queues.waiting)
+        took = time.monotonic() - t0
+        if left:
+            log.warning("stopping: %d queued packet(s) not answered within %.1f s are dropped", left, took)
+        else:
+            log.info("stopping: every queued packet answered (%.2f s)", took)
+        removed = remove_all()
+        if removed:
+            log.info("removed: %s", "; ".join(removed))
+        self.installed = False
+        self.retiring = []
+        return left
+
+    def stop(self) -> None:
+        """Remove what start() set up. After an error ended serve() (``self.failed``), the
+        rules stay, as after a kill -9: fail-closed hooks keep dropping (their queue rules
+        have no listener), fail-open ones let traffic through, until the next start removes
+        the stale set or ``nfhooks flush`` does."""
+        from .install import remove_all
+
+        if self.rule_watch is not None:
+            self.rule_watch.enabled = False
+        if self.failed is not None and self.installed:
+            closed = sorted(h for h, o in self.ruleset.fail_open.items() if not o and
+                            any(x.hook == h for x in self.ruleset.queues.values()))
+            log.error("the engine stopped on an error (%s: %s); leaving its rules in place as a kill -9 "
+                      "would: fail-closed hooks (%s) drop what they would queue, fail-open hooks let it "
+                      "through, until `nfhooks run` starts again or `nfhooks flush` removes them",
+                      type(self.failed).__name__, self.failed, ", ".join(closed) or "none")
+            self.installed = False
+            self.left_installed = True
         try:
-            if self.installed or self.owner is not None:
+            if not self.left_installed and (self.installed or self.owner is not None):
                 removed = remove_all()
                 if removed:
                     log.info("removed: %s", "; ".join(removed))
                 self.installed = False
                 self.retiring = []
         finally:
-            routing.stop(self.ruleset, owned=self.owner is not None)  # after the rules that mark packets
+            if not self.left_installed:  # after the rules that mark packets
+                routing.stop(self.ruleset, owned=self.owner is not None)
             if self.queues is not None:
                 self.queues.close()
                 self.queues = None

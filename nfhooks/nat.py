@@ -109,6 +109,12 @@ class NatTargets:
             self.on_change(len(self.index))
         return idx
 
+    def reinstall(self) -> None:
+        """Install every chosen target's nat rule again, same index (the engine found its
+        rules removed under it and re-installed the rest: integrity.py)."""
+        for (family, hook, v, proto), idx in sorted(self.index.items(), key=lambda kv: kv[1]):
+            self.installer(family, "nat", hook, nat_rule(hook, idx, v, self.layout, proto, self.generation))
+
     def describe(self) -> list[str]:
         return [f"{idx:>3} ipv{fam} {hook} {v}{' ' + proto if proto else ''}"
                 for (fam, hook, v, proto), idx in sorted(self.index.items(), key=lambda kv: kv[1])]

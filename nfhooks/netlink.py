@@ -39,6 +39,7 @@ __all__ = [
     "NetlinkError",
     "config_message",
     "parse_replies",
+    "send_queue_config",
     "set_queue_config",
 ]
 
@@ -75,9 +76,11 @@ def _attr_u32(kind: int, value: int) -> bytes:
     return _NLATTR.pack(8, kind) + _BE32.pack(value)
 
 
-def config_message(queue: int, *, flags: int, mask: int, maxlen: int | None, seq: int) -> bytes:
+def config_message(queue: int, *, flags: int, mask: int, maxlen: int | None, seq: int,
+                   ack: bool = True) -> bytes:
     """NFQNL_MSG_CONFIG for ``queue``: set the ``mask`` bits of its flags to ``flags`` (and
-    its length to ``maxlen`` if given), asking for an ACK. Attributes are u32 big endian."""
+    its length to ``maxlen`` if given), asking for an ACK unless ``ack`` is False.
+    Attributes are u32 big endian."""
     if not 0 <= queue <= 0xFFFF:
         raise ValueError(f"queue number {queue} out of range")
     body = _NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue)
@@ -85,7 +88,8 @@ def config_message(queue: int, *, flags: int, mask: int, maxlen: int | None, seq
         body += _attr_u32(NFQA_CFG_QUEUE_MAXLEN, maxlen)
     body += _attr_u32(NFQA_CFG_MASK, mask) + _attr_u32(NFQA_CFG_FLAGS, flags & mask)
     kind = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0) + body
+    nl_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, nl_flags, seq, 0) + body
 
 
 def parse_replies(data: bytes, seq: int) -> tuple[int | None, list[int]]:
@@ -146,5 +150,21 @@ def set_queue_config(fd: int, queue: int, *, flags: int, mask: int, maxlen: int 
                 if error:
                     raise NetlinkError(error, os.strerror(error))
                 return
+    finally:
+        sock.close()
+
+
+def send_queue_config(fd: int, queue: int, *, flags: int, mask: int, maxlen: int | None = None) -> None:
+    """Send a config message on a queue that is already serving packets, without an ACK.
+
+    ``set_queue_config`` reads the socket for its ACK and refuses packet messages it finds
+    there (each would be a packet nobody answers); on a live queue packet messages are
+    expected, so this only sends. The kernel takes the same message at bind time, ACK
+    checked; what this sends (a new length at stop, see QueueSet.close_intake) is bounded
+    by a deadline at the caller either way.
+    """
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        sock.sendto(config_message(queue, flags=flags, mask=mask, maxlen=maxlen, seq=0, ack=False), (0, 0))
     finally:
         sock.close()

@@ -242,6 +242,7 @@ class QueueSet:
         os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self.stopping = False
+        self.hurrying = False
         self._exported: list[tuple[Any, Any]] = []  # (registry, collector)
 
     @property
@@ -370,20 +371,85 @@ class QueueSet:
                     if on_wake:
                         on_wake()
                     break  # on_wake may have unbound queues: the next poll reports the rest again
-                q, budgeted = entry
-                budgeted.left = BUDGET
-                try:
-                    if budgeted.fast and not events & err:
-                        budgeted.by_callback = True
-                        q.run(False)  # C loop until EAGAIN or _PassOver
-                    else:
-                        budgeted.by_callback = False
-                        q.run_socket(budgeted)
-                except _PassOver:
-                    pass
+                self._pass(entry, events & err)
             if timeout is not None and on_wake and time.monotonic() >= next_tick:
                 on_wake()
                 next_tick = time.monotonic() + timeout
+
+    @staticmethod
+    def _pass(entry: tuple[Any, _Budgeted], error: int) -> None:
+        """Serve one ready queue for at most BUDGET packets (see the module docstring)."""
+        q, budgeted = entry
+        budgeted.left = BUDGET
+        try:
+            if budgeted.fast and not error:
+                budgeted.by_callback = True
+                q.run(False)  # C loop until EAGAIN or _PassOver
+            else:
+                budgeted.by_callback = False
+                q.run_socket(budgeted)
+        except _PassOver:
+            pass
+
+    def close_intake(self) -> None:
+        """Stop, step 1: no new packet enters our queues, every rule stays.
+
+        Each queue's length is set to 0, so the kernel treats it as full: a fail-closed
+        queue drops what its rules send (counted as ``queue_dropped``), a fail-open one
+        accepts it -- exactly what the hook's fail mode does without an engine. Packets
+        already queued keep their place and still get their verdict from ``drain``, with
+        every nfhooks rule (reject, NAT, fall-through) still in place to act on it.
+        """
+        from .netlink import NFQA_CFG_F_FAIL_OPEN, send_queue_config
+
+        for num, b in self.bound.items():
+            q = self.queues.get(num)
+            if q is None:
+                continue
+            try:
+                send_queue_config(q.get_fd(), num, flags=NFQA_CFG_F_FAIL_OPEN if b.fail_open else 0,
+                                  mask=0, maxlen=0)
+            except OSError as e:  # the drain's deadline still bounds the stop
+                log.warning("queue %d: could not close it to new packets: %s", num, e)
+
+    def drain(self, timeout: float, waiting: Callable[[], int]) -> int:
+        """Stop, step 2: serve until the kernel holds no packet for us, or ``timeout``.
+
+        ``waiting()`` counts the packets queued and not yet answered (the kernel's
+        ``queue_total`` over our queues). Returns what is still waiting at the end (those
+        are dropped when the queues are unbound). ``hurry()`` (a second signal) ends it."""
+        deadline = time.monotonic() + timeout
+        poll, ready, wake_r = self._epoll.poll, self._ready, self._wake_r
+        self.hurrying = False
+        while True:
+            left = waiting()
+            if not left or self.hurrying or time.monotonic() >= deadline:
+                return left
+            for fd, events in poll(0.05):
+                entry = ready.get(fd)
+                if entry is not None:
+                    self._pass(entry, events & select.EPOLLERR)
+                elif fd == wake_r:
+                    try:
+                        while os.read(wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+
+    def hurry(self) -> None:
+        """Signal-safe: end a drain now (what is still queued is dropped at unbind)."""
+        self.hurrying = True
+
+    def waiting(self, proc_path: str = PROC_QUEUES) -> int:
+        """Packets waiting in the kernel for a verdict on this set's queues (queue_total)."""
+        from .metrics import parse_queue_stats
+
+        try:
+            with open(proc_path, encoding="ascii", errors="replace") as f:
+                stats = parse_queue_stats(f.read())
+        except OSError:
+            return 0
+        return sum(st.queue_total for st in stats if st.queue_number in self.queues)
 
     def close(self) -> None:
         for registry, collector in self._exported:
@@ -491,7 +557,10 @@ class OverloadCollector:
             CounterMetricFamily("nfhooks_queue_bypassed_packets",
                                 "Fail-open queues: packets the kernel accepted without asking nfhooks "
                                 "(queue or socket full); derived from the rule counter and the "
-                                "queue's statistics.", labels=labels),
+                                "queue's statistics. A lower bound on queues bound without GSO "
+                                "(gso=\"off\" in nfhooks_queue_config_info): the kernel may queue "
+                                "one GSO packet the rule counted once as several segments.",
+                                labels=labels),
             GaugeMetricFamily("nfhooks_queue_config_info",
                               "How each queue is bound (always 1).",
                               labels=[*labels, "fail_mode", "gso", "maxlen", "rcvbuf"]),
