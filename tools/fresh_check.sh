@@ -89,6 +89,8 @@ fi
 mkdir -p "$ROOT/root/nfhooks"
 git -C "$SRC" archive HEAD | tar -x -C "$ROOT/root/nfhooks"
 
+# the root must be a mount point: `ip netns exec` makes "/" rslave in its own mount namespace
+mount --bind "$ROOT" "$ROOT"
 mount -t proc proc "$ROOT/proc"
 mount -t sysfs sysfs "$ROOT/sys"
 mount --rbind /dev "$ROOT/dev" && mount --make-rslave "$ROOT/dev"
@@ -106,14 +108,16 @@ in_root() {
 : >"$LOG"
 failed=0
 for target in $TARGETS; do
-  echo "== fresh-check: make $target (in the chroot; output also in $LOG)"
+  echo "== fresh-check: make $target (in the chroot; output also in $LOG)" | tee -a "$LOG"
   t0=$(now)
   set +e
   in_root "cd /root/nfhooks && make $target" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   set -e
   took=$(secs "$t0" "$(now)")
-  if [ "$rc" = 0 ]; then SUMMARY+=("make $target: PASS in $took s"); else SUMMARY+=("make $target: FAIL (exit $rc) after $took s"); failed=1; fi
+  result=$(sed -n "/== fresh-check: make $target/,\$p" "$LOG" | grep -E '^=+ .*[0-9.]+s( \([0-9:]+\))? =+$' | tail -1 | tr -d '=' | xargs || true)
+  if [ "$rc" = 0 ]; then verdict="PASS in $took s"; else verdict="FAIL (exit $rc) after $took s"; failed=1; fi
+  SUMMARY+=("make $target: $verdict${result:+ -- pytest: $result}")
 done
 
 echo
