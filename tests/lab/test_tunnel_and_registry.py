@@ -74,7 +74,7 @@ def test_registry_groups_select_and_register():
 def test_lab_sets_only_for_declared_options():
     from types import SimpleNamespace
 
-    from nfhooks.lab.runner import _lab_sets
+    from nfhooks.lab.prepare import lab_sets
 
     class FakeLab:
         def addr(self, node, family=4, facing=None):
@@ -84,6 +84,6 @@ def test_lab_sets_only_for_declared_options():
             return "lan" if peer == "client" else "wan"
 
     pol = SimpleNamespace(options={"proxy": None, "proxy6": None, "inside": None, "drop_dst": None})
-    sets = _lab_sets(FakeLab(), pol, [])
+    sets = lab_sets(FakeLab(), pol, [])
     assert sets == ["drop_dst=10.9.0.6", "proxy=10.9.0.5:8080", "proxy6=[fd00::5]:8080", "inside=10.9.0.6"]
-    assert _lab_sets(FakeLab(), SimpleNamespace(options={}), []) == []  # a user's policy without them
+    assert lab_sets(FakeLab(), SimpleNamespace(options={}), []) == []  # a user's policy without them
