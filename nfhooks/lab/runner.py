@@ -242,7 +242,16 @@ def exec_in_node(node: str, cmd: Sequence[str]) -> None:
         raise LabError(f"no node {node!r} in lab {state['id']} (nodes: {', '.join(namespaces)})")
     if not cmd:
         raise LabError("no command given: nfhooks lab exec NODE -- CMD [ARGS...]")
-    os.execvp("ip", ["ip", "netns", "exec", namespaces[node], *cmd])
+    import sys
+    import sysconfig
+
+    # `.venv/bin/nfhooks lab exec router -- nfhooks rules` without an activated virtualenv:
+    # put this interpreter's scripts dir first on PATH, so the command finds the same nfhooks
+    # (and python) that is running now, as an activated virtualenv would.
+    bindir = sysconfig.get_path("scripts") or os.path.dirname(sys.executable)
+    rest = [p for p in os.environ.get("PATH", os.defpath).split(os.pathsep) if p and p != bindir]
+    env = {**os.environ, "PATH": os.pathsep.join([bindir, *rest])}
+    os.execvpe("ip", ["ip", "netns", "exec", namespaces[node], *cmd], env)
 
 
 def _stop_engine(engine: Mapping[str, Any], timeout: float = 10.0) -> str:
