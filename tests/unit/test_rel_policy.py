@@ -174,3 +174,41 @@ def test_check_cli_reports_system_exit_at_import(tmp_path):
     pol.write_text("from nfhooks import Policy\npolicy = Policy()\nraise SystemExit(0)\n")
     cp = subprocess.run([str(NFHOOKS), "check", str(pol)], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 2 and f"{pol}:3" in cp.stderr and "SystemExit" in cp.stderr, cp.stderr
+
+
+def test_policy_source_encoding_and_dataclasses_still_work(tmp_path):
+    """What importlib's loader did and the loader must still do: PEP 263 coding cookies and a
+    BOM, ``__file__``, and a module registered while it runs (dataclasses look it up)."""
+    pol = tmp_path / "pol.py"
+    pol.write_bytes(textwrap.dedent('''\
+        # -*- coding: latin-1 -*-
+        """Caf\xe9 policy."""
+        from __future__ import annotations
+        from dataclasses import dataclass
+        from nfhooks import Policy, accept
+
+        @dataclass
+        class Limit:
+            port: int
+
+        LIMIT = Limit(22)
+        HERE = __file__
+        policy = Policy()
+
+        @policy.input(proto="tcp", dport=LIMIT.port)
+        def ssh(pkt):
+            return accept()
+        ''').encode("latin-1"))
+    p = load_policy(pol)
+    assert p.description == "Caf\xe9 policy." and [h.name for h in p.handlers] == ["ssh"]
+    pol.write_bytes(b"\xef\xbb\xbf" + b"from nfhooks import Policy\npolicy = Policy(name='bom')\n")
+    assert load_policy(pol).name == "bom"
+
+
+def test_not_a_regular_file_is_refused(tmp_path):
+    fifo = tmp_path / "pol.py"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_policy(fifo)
+    with pytest.raises(PolicyError, match="not found"):
+        load_policy(tmp_path / "missing.py")
