@@ -298,13 +298,19 @@ def flush(force: bool = typer.Option(False, "--force", help="flush even while a 
 
 @app.command()
 def top(url: str = typer.Option("http://127.0.0.1:9477/metrics", "--url", help="the engine's metrics endpoint"),
-        interval: float = typer.Option(2.0, "--interval", "-n"),
+        interval: float = typer.Option(2.0, "--interval", "-n", help="seconds between refreshes"),
         once: bool = typer.Option(False, "--once", help="print the table once and exit")) -> None:
-    """Live per-hook table of verdicts (packets and rates), read from the metrics endpoint."""
-    from .top import run as run_top
+    """Live per-hook table of verdicts (packets and rates), read from the metrics endpoint.
+
+    Not on a terminal (a pipe, a file), it prints one plain table per interval.
+    """
+    from .top import check_args, run as run_top
 
     try:
+        check_args(url, interval)
         run_top(url, interval, once)
+    except ValueError as e:  # a bad --url / --interval, or an endpoint that serves no metrics
+        _fail(str(e))
     except OSError as e:
         _fail(f"cannot read {url}: {e}. Is `nfhooks run` serving metrics there (and in this namespace)?")
     except KeyboardInterrupt:
@@ -454,8 +460,27 @@ def reload(timeout: float = typer.Option(30.0, "--timeout", help="seconds to wai
     _fail(f"the engine (pid {pid}) did not answer within {timeout:g} s; see its log")
 
 
-def main() -> None:
-    app()
+def main(argv: Optional[List[str]] = None) -> None:
+    """The console script. Usage errors (a missing value, an unknown option, a number that is
+    not one) print in the same one-line form as nfhooks' own errors, exit status 2."""
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(args=argv, prog_name="nfhooks", standalone_mode=False)
+    except TyperException as e:  # click's UsageError & co. (typer vendors click privately)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `nfhooks`: the help (typer tells it so too)
+            text = e.format_message()
+            if text:
+                print(text)
+            raise SystemExit(2) from None
+        ctx = getattr(e, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        say(f"nfhooks: error: {e.format_message().rstrip('.') if where else e.format_message()}{where}")
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        say("nfhooks: aborted")
+        raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
