@@ -22,9 +22,10 @@ Exported by the main process: ``nfhooks_worker_restarts_total{worker}`` and
 
 A restarted worker is forked from the main process, which by then has threads (metrics
 endpoint, NAT server). The child uses none of their state: it gets fresh pipes, makes its own
-registry, locks and queues, and first closes the main process's descriptors it inherited (the
-other workers' pipes, the endpoint's socket), so that a worker never keeps another one's pipe
-open: each worker sees EOF and stops when the main process is gone.
+registry, locks and queues. Every worker first closes the main process's descriptors it
+inherited -- the main ends of its own and the other workers' pipes, the endpoint's socket --
+so that it sees EOF, and stops, when the main process is gone (kill -9 included): its queues
+are unbound and the stale rules apply the fail mode until the next start removes them.
 """
 
 from __future__ import annotations
@@ -152,8 +153,9 @@ class Pool:
             self.start(i)
 
     def _inherited(self, i: int) -> tuple[int, ...]:
-        """The main process's pipe ends a new worker ``i`` must close (slot ``i``'s old NAT
-        pipe is left out: its NatServer thread closes it, maybe right now)."""
+        """The main process's pipe ends a new worker ``i`` must close: a worker holding one
+        (even its own) would never see EOF there when the main process dies. Slot ``i``'s old
+        NAT pipe is left out: its NatServer thread closes it, maybe right now."""
         fds = list(self.extra_fds)
         nat = [c for j, c in enumerate(self.nat_conns) if j != i]
         for c in [*self.conns, *nat]:
@@ -169,9 +171,10 @@ class Pool:
         policy, rs, options, limits = self.args
         parent, child = self.ctx.Pipe()
         nat_parent, nat_child = self.ctx.Pipe() if self.with_nat else (None, None)
+        own = tuple(c.fileno() for c in (parent, nat_parent) if c is not None)  # its own pipes' main ends
         p = self.ctx.Process(target=worker_main, name=f"nfhooks-worker-{i}", daemon=False,
                              args=(i, child, policy, rs, self.per_worker[i], options, limits, nat_child,
-                                   self._inherited(i)))
+                                   self._inherited(i) + own))
         try:
             p.start()
         finally:

@@ -14,6 +14,8 @@ Who does what:
   the capability to change them, and the metrics endpoint. It decides no packet.
 * a **worker** is forked after the policy is loaded and compiled (no re-import), binds its
   queues, and serves them with the ordinary Dispatcher and QueueSet. It never touches rules.
+  One that dies is restarted by the main process, rate-limited, while the rules stay and its
+  queues follow the hook's fail mode (supervise.py: Pool, Supervisor).
 
 Metrics: each worker keeps the engine's plain-int counters (metrics.py) in its own registry.
 At scrape time the main process asks every worker over a pipe for its exposition text and

@@ -248,3 +248,37 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_in_its_fail_mode(nf
     assert nfh_lines(lab) == []
     print(f"{mode}: worker {w} killed {kills} times, delays {DELAYS[:kills]}; while down {decided} of "
           f"{len(srcs)} datagrams decided, {sum(answered.values())} answered")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("restart", [(), ("0", "1")], ids=["as-started", "both-restarted"])
+def test_workers_stop_when_the_main_process_dies(nfh_lab, restart):
+    """No worker may hold the main end of a pipe (its own, or -- forked later -- another's):
+    it would never see EOF, and a kill -9 of the main process would leave it serving the
+    queues, holding the namespace's lock, forever."""
+    lab = nfh_lab
+    servers(lab, PORT)
+    eng = lab.start_engine(policy_file(lab), "--workers", "2", "--queue-base", "40")
+    for w in restart:  # both: the second one restarted is forked after the first
+        pid = worker_pids(lab)[w]
+        os.kill(pid, signal.SIGKILL)
+        lab.wait_for(lambda: restarts(lab, w) == 1 and worker_pids(lab).get(w) not in (None, pid),
+                     timeout=20, what=f"worker {w} restarted")
+    pids = workers(eng)
+    assert len(pids) == 2, pids
+    eng.kill9()  # the main process we started
+    lab.wait_for(lambda: not any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in pids),
+                 timeout=20, what=f"the orphaned workers {pids} exited")
+    # no listener any more: the crashed engine's rules stay and the fail-closed hook drops
+    assert our_rules(lab)
+    lab.wait_for(lambda: not any(line.split()[0] in ("40", "41") for line in
+                                 lab.exec("router", "cat", "/proc/net/netfilter/nfnetlink_queue")
+                                 .stdout.splitlines() if line.split()),
+                 timeout=10, what="queues 40 and 41 unbound")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
