@@ -11,7 +11,7 @@
 # What is carried over from this machine is the site's network setup only, as any new box on
 # this network would have it: the apt sources (mirror), apt's Acquire settings, resolv.conf and
 # the CA bundle pip must trust. debootstrap's downloaded .debs are cached in $CACHE between runs
-# (the root itself is new every time).
+# and apt's in $CACHE/apt-archives (the root itself is new every time).
 #
 # The chroot shares this machine's kernel and root network namespace: the tests in it create
 # and remove their own namespaces exactly as outside. NFHOOKS_FRESH_CHECK=1 makes tests/conftest.py
@@ -91,6 +91,9 @@ git -C "$SRC" archive HEAD | tar -x -C "$ROOT/root/nfhooks"
 
 # the root must be a mount point: `ip netns exec` makes "/" rslave in its own mount namespace
 mount --bind "$ROOT" "$ROOT"
+# apt's downloads are kept between runs too (the .debs only: every run installs them afresh)
+mkdir -p "$CACHE/apt-archives/partial"
+mount --bind "$CACHE/apt-archives" "$ROOT/var/cache/apt/archives"
 mount -t proc proc "$ROOT/proc"
 mount -t sysfs sysfs "$ROOT/sys"
 mount --rbind /dev "$ROOT/dev" && mount --make-rslave "$ROOT/dev"
@@ -123,6 +126,8 @@ done
 echo
 echo "== fresh-check summary"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
+fails=$(grep -E '^(FAILED|ERROR) tests/' "$LOG" || true)
+if [ -n "$fails" ]; then echo "  failed tests:"; echo "$fails" | sed 's/^/    /'; fi
 skips=$(grep -E '^SKIPPED \[' "$LOG" || true)
 if [ -n "$skips" ]; then echo "  skipped tests (reasons):"; echo "$skips" | sed 's/^/    /'; fi
 [ -n "$(mounts_under_root | grep /run/netns/ || true)" ] && echo "  note: namespaces left in the chroot's /run/netns (removed now)"
