@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import POLICIES, TEST_POLICIES, metric, nfh_lines, rule_counter
+from .conftest import POLICIES, TEST_POLICIES, ipt, metric, nfh_lines, rule_counter
 
 
 @pytest.fixture
@@ -62,13 +62,13 @@ def test_fall_through_matches_the_kernel_counters(verdicts):
 def test_mark_and_connmark_seen_by_later_kernel_rules(verdicts):
     lab, eng, servers = verdicts
     # another tool's counting rules in the security table (runs after filter at INPUT)
-    lab.exec("router", "iptables-legacy", "-w", "-t", "security", "-A", "INPUT", "-p", "tcp",
+    lab.exec("router", ipt(4), "-w", "-t", "security", "-A", "INPUT", "-p", "tcp",
              "-m", "mark", "--mark", "0x5/0xffff")
-    lab.exec("router", "iptables-legacy", "-w", "-t", "security", "-A", "INPUT", "-p", "tcp",
+    lab.exec("router", ipt(4), "-w", "-t", "security", "-A", "INPUT", "-p", "tcp",
              "-m", "connmark", "--mark", "0x6/0xffff")
     assert lab.tcp_connect("client", lab.addr("router"), 7005) == "ok"
     assert lab.tcp_connect("client", lab.addr("router"), 7006) == "ok"
-    out = lab.exec("router", "iptables-legacy", "-t", "security", "-L", "INPUT", "-v", "-n", "-x").stdout
+    out = lab.exec("router", ipt(4), "-t", "security", "-L", "INPUT", "-v", "-n", "-x").stdout
     rows = [line.split() for line in out.splitlines() if "mark match" in line]
     counts = {("connmark" if "connmark" in " ".join(r) else "mark"): int(r[0]) for r in rows}
     assert counts["mark"] >= 1, out      # the SYN to 7005 carried mark 0x5

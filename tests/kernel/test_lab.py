@@ -23,7 +23,7 @@ import pytest
 
 from nfhooks.testing import requires_netns
 
-from .conftest import ROOT
+from .conftest import ROOT, SAVE_TOOLS
 
 pytestmark = pytest.mark.kernel
 _REASON = requires_netns(probe=False)
@@ -70,7 +70,7 @@ def root_links() -> set[str]:
 def root_nfhooks_rules() -> list[str]:
     """nfhooks rules in the machine's own namespace (read-only dump): must always be none."""
     lines: list[str] = []
-    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
+    for tool in (t for tools in SAVE_TOOLS.values() for t in tools.values()):
         cp = subprocess.run([tool], capture_output=True, text=True)
         lines += [l for l in cp.stdout.splitlines() if "NFH-" in l or "nfhooks" in l]
     return lines

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .conftest import POLICIES, nfh_lines, saved
+from .conftest import POLICIES, ipt, nfh_lines, saved
 
 FIREWALL = str(POLICIES / "firewall.py")
 
@@ -26,8 +26,8 @@ def test_check_prints_exactly_what_run_installs(nfh_lab):
 
 def test_exit_removes_exactly_ours_and_leaves_others(nfh_lab):
     lab = nfh_lab
-    lab.exec("router", "iptables-legacy", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "ACCEPT")
-    lab.exec("router", "ip6tables-legacy", "-w", "-N", "OTHERTOOL")
+    lab.exec("router", ipt(4), "-w", "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "ACCEPT")
+    lab.exec("router", ipt(6), "-w", "-N", "OTHERTOOL")
     lab.exec("router", "nft", "add table inet othertool { chain c { type filter hook input priority 0; } }",
              check=False)
     nft_before = lab.exec("router", "nft", "list", "ruleset", check=False).stdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .conftest import POLICIES, metric, nfh_lines, saved
+from .conftest import POLICIES, metric, nfh_lines, save, saved
 
 # Connect, send a request, read the answer: prints the address the socket is connected to
 # (what the client dialled) and the server's banner (who really answered).
@@ -80,7 +80,7 @@ def test_ipv6_masquerade_and_dnat(nfh_lab):
     assert web.wait_peers(1) == [router_wan]
     assert fetch(lab, "server", router_wan, 2222) == (router_wan, "nfhooks-lab client")
     assert ssh.wait_peers(1) == [lab.addr("server", 6)]
-    assert "-j MASQUERADE" in lab.exec("router", "ip6tables-legacy-save", "-t", "nat").stdout
+    assert "-j MASQUERADE" in save(lab, "router", 6, "-t", "nat")
 
 
 def test_load_balancer_spreads_connections(nfh_lab):
@@ -184,10 +184,10 @@ def test_nat_chain_created_on_demand_for_a_verdict_the_scan_missed(nfh_lab, tmp_
     pol.write_text(HELPER)
     eng = lab.start_engine(str(pol), "--set", f"proxy={lab.addr('proxy')}:8080")
     assert not any(line.startswith(":NFH-OUTPUT") for line in
-                   lab.exec("router", "iptables-legacy-save", "-t", "nat").stdout.splitlines())
+                   save(lab, "router", 4, "-t", "nat").splitlines())
     assert fetch(lab, "router", lab.addr("server"), 80) == (lab.addr("server"), "nfhooks-lab proxy")
     assert proxy.wait_peers(1) == [lab.addr("router", facing="proxy")]
-    nat = lab.exec("router", "iptables-legacy-save", "-t", "nat").stdout
+    nat = save(lab, "router", 4, "-t", "nat")
     assert "-A OUTPUT -m comment --comment nfhooks -j NFH-OUTPUT" in nat and "-A NFH-OUTPUT -p tcp" in nat
     eng.stop()
     assert nfh_lines(lab) == []

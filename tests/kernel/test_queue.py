@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .conftest import metric
+from .conftest import metric, save
 
 _NETLINK = r"""
 import errno, socket
@@ -140,7 +140,7 @@ def test_workers_share_a_handler_by_address_and_metrics_add_up(nfh_lab, tmp_path
     pol.write_text("from nfhooks import Policy, accept\npolicy = Policy()\n"
                    "@policy.input(proto='udp', dport=9001)\ndef spread(pkt):\n    return accept()\n")
     eng = lab.start_engine(str(pol), "--workers", str(n_workers), "--queue-base", "10")
-    saved = lab.exec("router", "iptables-legacy-save").stdout
+    saved = save(lab)
     assert f"--queue-balance 10:{10 + n_workers - 1}" in saved, saved
     # the client gets 200 more addresses in its LAN (inside its namespace only)
     client = lab.addr("client")
@@ -173,7 +173,7 @@ def test_workers_share_a_handler_by_address_and_metrics_add_up(nfh_lab, tmp_path
     # SIGTERM: rules removed, workers gone, queues unbound
     eng.proc.terminate()
     assert eng.proc.wait(15) == 0, eng.log()[-2000:]
-    assert "NFH-" not in lab.exec("router", "iptables-legacy-save").stdout
+    assert "NFH-" not in save(lab)
     table = lab.exec("router", "cat", "/proc/net/netfilter/nfnetlink_queue").stdout.split("\n")
     assert not [f for f in table if f.split() and f.split()[0] in counts], table
     print(f"workers: {counts} of {n_addrs}")
@@ -193,11 +193,11 @@ def test_a_dead_worker_stops_the_engine_and_its_rules(nfh_lab, tmp_path):
                    "@policy.input(proto='udp', dport=9001)\ndef two(pkt):\n    return accept()\n")
     eng = lab.start_engine(str(pol), "--workers", "2")
     pids = [int(p) for p in re.findall(r"worker \d pid (\d+)", eng.log())]
-    assert len(pids) == 2 and "NFH-" in lab.exec("router", "iptables-legacy-save").stdout
+    assert len(pids) == 2 and "NFH-" in save(lab)
     os.kill(pids[0], signal.SIGKILL)  # a process this test started (through the engine), by PID
     assert eng.proc.wait(15) == 1, eng.log()[-2000:]
     assert "worker 0" in eng.log() and "exit -9" in eng.log()
-    assert "NFH-" not in lab.exec("router", "iptables-legacy-save").stdout
+    assert "NFH-" not in save(lab)
     lab.wait_for(lambda: not os.path.exists(f"/proc/{pids[1]}"), timeout=10, what="the other worker to exit")
 
 
@@ -250,7 +250,7 @@ def test_workers_cpu_fanout_rule_installs_and_serves(nfh_lab, tmp_path):
     pol.write_text("from nfhooks import Policy, accept\npolicy = Policy()\n"
                    "@policy.input(proto='udp', dport=9001)\ndef fan(pkt):\n    return accept()\n")
     lab.start_engine(str(pol), "--workers", "2", "--queue-cpu-fanout")
-    saved = lab.exec("router", "iptables-legacy-save").stdout
+    saved = save(lab)
     assert "--queue-balance 0:1" in saved and "--queue-cpu-fanout" in saved, saved
     lab.udp_server("router", 9001)
     assert lab.udp_send("client", lab.addr("router"), 9001, b"fan") == b"fan"

@@ -16,7 +16,7 @@ from nfhooks.lab.routeshape import (
     class_bytes, router_addr, rx_bytes, shaped_run, snapshot, uplink_args,
 )
 
-from .conftest import metric
+from .conftest import metric, saved
 
 
 @pytest.fixture
@@ -230,8 +230,7 @@ def test_hot_reload_keeps_routing_and_leaves_one_generation(rs_lab):
     up2 = router_addr(lab, "up2", 4)
 
     def chains():
-        return sorted(line.split()[0] for line in (lab.exec("router", "iptables-legacy-save").stdout
-                      + lab.exec("router", "ip6tables-legacy-save").stdout).splitlines()
+        return sorted(line.split()[0] for line in saved(lab).splitlines()
                       if line.startswith(":NFH-"))
 
     first = chains()

@@ -25,7 +25,7 @@ from nfhooks.marks import core_layout
 from nfhooks.nat import NatError, NatTargets
 from nfhooks.workers import NatClient, NatServer, check_supported
 
-from .conftest import POLICIES, metric, rule_counter, saved
+from .conftest import POLICIES, metric, rule_counter, save, saved
 from .test_nat import gauge
 from .test_offload import SINK, SIZE, phases_done, start_client
 
@@ -51,7 +51,7 @@ def test_flow_offload_with_two_workers(nfh_lab, tmp_path):
     lab.popen("router", sys.executable, "-c", SINK, lab.addr("router"), PORT, SIZE, ready)
     lab.wait_for(ready.exists, what=f"sink on port {PORT}")
     eng = lab.start_engine(str(pol), "--workers", "2", "--queue-base", "20")
-    saved = lab.exec("router", "iptables-legacy-save").stdout
+    saved = save(lab)
     assert "--queue-balance 20:21" in saved and '"nfhooks offload flow_web"' in saved, saved
 
     n_conns, phases = 2, 2  # 2 connections x 2 phases x 2 MB
@@ -188,7 +188,7 @@ def test_nat_verdicts_with_two_workers(nfh_lab):
     assert metric(lab, "nfhooks_handler_packets_total", handler="port_forward", verdict="dnat") == n_in
     assert metric(lab, "nfhooks_handler_errors_total") == 0
     # exactly one nat rule per target, though both workers asked for both targets
-    nat_rules = [line for line in lab.exec("router", "iptables-legacy-save", "-t", "nat").stdout.splitlines()
+    nat_rules = [line for line in save(lab, "router", 4, "-t", "nat").splitlines()
                  if line.startswith("-A NFH-") and "nfhooks nat" in line]
     assert len(nat_rules) == 2, nat_rules
     assert sum("-j MASQUERADE" in r for r in nat_rules) == 1, nat_rules
