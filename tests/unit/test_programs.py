@@ -48,8 +48,10 @@ class _Unresolved(Exception):
 class Scanner(ast.NodeVisitor):
     """Collects (program, line, function) for one module."""
 
-    def __init__(self, tree: ast.Module) -> None:
+    def __init__(self, tree: ast.Module, path: Path | None = None) -> None:
         self.module = tree
+        self.path = path
+        self._imports: dict[str, Scanner | None] = {}
         self.stack: list[ast.AST] = [tree]
         self.found: list[tuple[str, int, str]] = []
         self.unresolved: list[tuple[int, str, str]] = []
@@ -85,7 +87,7 @@ class Scanner(ast.NodeVisitor):
         """Values assigned to `name` in the enclosing functions and the module (loops: the items)."""
         out: list[ast.expr] = []
         for scope in reversed(self.stack):
-            for node in ast.walk(scope):
+            for node in _walk_scope(scope):
                 if isinstance(node, ast.Assign) and any(
                         isinstance(t, ast.Name) and t.id == name for t in node.targets):
                     out.append(node.value)
@@ -102,6 +104,8 @@ class Scanner(ast.NodeVisitor):
                         for v in self.bindings(node.iter.id):
                             if isinstance(v, (ast.List, ast.Tuple)):
                                 out.extend(v.elts)
+                    elif isinstance(tgt, ast.Name) and tgt.id == name:
+                        out.append(ast.Starred(value=node.iter))  # any other iterable: its items
                     elif isinstance(tgt, ast.Tuple) and isinstance(node.iter, ast.Call) \
                             and isinstance(node.iter.func, ast.Attribute) and node.iter.func.attr == "items":
                         # for k, argv in cmds.items(): the dict's values
@@ -115,6 +119,8 @@ class Scanner(ast.NodeVisitor):
                                 out.append(defaults[a.arg])
             if out:
                 return out
+            if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) and name in _params(scope):
+                return out  # a parameter shadows the module's names
         return out
 
     def dicts(self, expr: ast.expr) -> list[ast.Dict]:
@@ -153,10 +159,123 @@ class Scanner(ast.NodeVisitor):
             return [expr.value.rsplit("/", 1)[-1]]
         if isinstance(expr, ast.Name):
             values = self.bindings(expr.id)
-            if not values:
-                raise _Unresolved
-            return [p for v in values for p in self.program(v, depth + 1)]
+            if values:
+                return [p for v in values for p in self.program(v, depth + 1)]
+            index = self.parameter_index(expr.id)
+            if index is not None and depth == 0 and self.func_name().startswith("_"):
+                self.wrappers[self.func_name()] = index  # `_need(tool)`: its callers are scanned
+                return []
+        leaves = self.strings(expr, depth + 1)  # a table of tool names, a helper's return value...
+        if leaves:
+            return [v.rsplit("/", 1)[-1] for v in leaves]
         raise _Unresolved
+
+    # -- every string an expression can be (for tables: {"legacy": {4: "iptables-legacy-save"}})
+    def strings(self, expr: ast.expr, depth: int) -> set[str]:
+        if depth > 16:
+            raise _Unresolved
+        d = depth + 1
+        if isinstance(expr, ast.Constant):
+            return {expr.value} if isinstance(expr.value, str) else set()
+        if isinstance(expr, (ast.List, ast.Tuple, ast.Set)):
+            return {v for e in expr.elts for v in self.strings(e, d)}
+        if isinstance(expr, ast.Dict):
+            return {v for e in expr.values for v in self.strings(e, d)}
+        if isinstance(expr, ast.Starred):
+            return self.strings(expr.value, d)
+        if isinstance(expr, (ast.GeneratorExp, ast.ListComp, ast.SetComp)):
+            self.stack.append(expr)
+            try:
+                return self.strings(expr.elt, d)
+            finally:
+                self.stack.pop()
+        if isinstance(expr, ast.Subscript):
+            return self.strings(expr.value, d)
+        if isinstance(expr, ast.IfExp):
+            return self.strings(expr.body, d) | self.strings(expr.orelse, d)
+        if isinstance(expr, ast.BoolOp):
+            return {v for e in expr.values for v in self.strings(e, d)}
+        if isinstance(expr, ast.JoinedStr):
+            combos = {""}
+            for part in expr.values:
+                got = self.strings(part.value, d) if isinstance(part, ast.FormattedValue) else self.strings(part, d)
+                combos = {a + b for a in combos for b in got}
+                if not combos or len(combos) > 64:
+                    raise _Unresolved
+            return combos
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) \
+                and expr.func.attr in ("values", "get"):
+            return self.strings(expr.func.value, d)
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name):
+            passed = self.passed_through(expr, d)
+            return passed if passed is not None else self.returned_strings(expr.func.id, d)
+        if isinstance(expr, ast.Name):
+            values = self.bindings(expr.id)
+            if values:
+                return {v for e in values for v in self.strings(e, d)}
+            other = self.imported(expr.id)
+            if other is not None:
+                top = [n.value for n in other.module.body if isinstance(n, ast.Assign)
+                       and any(isinstance(t, ast.Name) and t.id == expr.id for t in n.targets)]
+                return {v for e in top for v in other.strings(e, d)}
+        raise _Unresolved
+
+    def passed_through(self, call: ast.Call, depth: int) -> set[str] | None:
+        """For a helper that returns one of its parameters (``_need(tool) -> tool``): the strings
+        of the argument given there; None when the helper is not one."""
+        defs = [n for n in self.module.body if isinstance(n, ast.FunctionDef) and n.name == _call_name(call)]
+        if not defs:
+            return None
+        params = [a.arg for a in defs[0].args.args]
+        rets = [r.value for r in ast.walk(defs[0]) if isinstance(r, ast.Return) and r.value is not None]
+        if not rets or not all(isinstance(r, ast.Name) and r.id in params for r in rets):
+            return None
+        out: set[str] = set()
+        for r in rets:
+            i = params.index(r.id)  # type: ignore[union-attr]
+            if i >= len(call.args):
+                raise _Unresolved
+            out |= self.strings(call.args[i], depth)
+        return out
+
+    def returned_strings(self, func: str, depth: int) -> set[str]:
+        """Every string a function (of this module or imported from a sibling) may return."""
+        owner = self
+        defs = [n for n in self.module.body if isinstance(n, ast.FunctionDef) and n.name == func]
+        if not defs:
+            other = self.imported(func)
+            if other is None:
+                raise _Unresolved
+            owner = other
+            defs = [n for n in other.module.body if isinstance(n, ast.FunctionDef) and n.name == func]
+        returns = [r.value for f in defs for r in ast.walk(f) if isinstance(r, ast.Return) and r.value is not None]
+        if not returns:
+            raise _Unresolved
+        saved, owner.stack = owner.stack, [owner.module, defs[0]]
+        try:
+            return {v for r in returns for v in owner.strings(r, depth)}
+        finally:
+            owner.stack = saved
+
+    def imported(self, name: str) -> Scanner | None:
+        """The module `name` was imported from (``from .conftest import ipt``), within this repo."""
+        if name in self._imports:
+            return self._imports[name]
+        self._imports[name] = None
+        for node in self.module.body:
+            if not isinstance(node, ast.ImportFrom) or self.path is None \
+                    or not any((a.asname or a.name) == name for a in node.names):
+                continue
+            if node.level:
+                base = self.path.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                target = base.joinpath(*(node.module or "").split(".")).with_suffix(".py")
+            else:
+                target = ROOT.joinpath(*(node.module or "").split(".")).with_suffix(".py")
+            if target.is_file():
+                self._imports[name] = Scanner(ast.parse(target.read_text()), target)
+        return self._imports[name]
 
     def returned(self, func: str, depth: int) -> list[str]:
         """Programs a module-level helper without arguments returns (``return shutil.which(...)``)."""
@@ -252,6 +371,24 @@ class Scanner(ast.NodeVisitor):
             self.found.append((p, node.lineno, self.func_name()))
 
 
+def _walk_scope(scope: ast.AST):  # type: ignore[no-untyped-def]
+    """ast.walk, but not into functions nested in `scope` (their names are their own)."""
+    todo = [scope]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                todo.append(child)
+            elif child is not scope:
+                yield child  # the def itself (its defaults), not its body
+
+
+def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    a = fn.args
+    return {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg)))}
+
+
 def _defaults(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, ast.expr]:
     pos = fn.args.args[len(fn.args.args) - len(fn.args.defaults):]
     out = {a.arg: d for a, d in zip(pos, fn.args.defaults)}
@@ -282,7 +419,7 @@ def scan(paths: tuple[str, ...] = SCANNED) -> tuple[dict[str, list[str]], list[s
                 tree = ast.parse(path.read_text(), rel)
             except SyntaxError:  # the deliberately broken test policies
                 continue
-            s = Scanner(tree)
+            s = Scanner(tree, path)
             s.visit(s.module)
             s.visit_wrapper_calls()
             for prog, line, _ in s.found:
@@ -327,12 +464,21 @@ def f(lab, fam, user_cmd):
     lab.exec("r", "ping", "-c", 1)
     os.execvp("ip", ["ip", "netns"])
     lab.exec("r", *user_cmd)
+SAVE = {"legacy": {4: "iptables-legacy-save"}, "nft": {4: "iptables-nft-save"}}
+def _need(tool):
+    if not shutil.which(tool):
+        raise OSError(tool)
+    return tool
+def g(b, fam):
+    subprocess.run([SAVE[b][fam], "-c"])
+    subprocess.run([_need("ip6tables-nft-restore"), "-w"])
 '''
     s = Scanner(ast.parse(src))
     s.visit(s.module)
+    s.visit_wrapper_calls()
     got = sorted({p for p, _, _ in s.found})
     assert got == sorted({"ip6tables-legacy-save", "iptables-legacy-save", "tc", "ss", "nstat", "pgrep",
-                          INTERPRETER, "ping", "ip"})
+                          INTERPRETER, "ping", "ip", "iptables-nft-save", "ip6tables-nft-restore"})
     assert [fn for _, fn, _ in s.unresolved] == ["f"]
 
 
