@@ -41,7 +41,7 @@ from typing import Any
 
 from .install import KernelError
 
-__all__ = ["Pool", "RestartPolicy", "Supervisor", "worker_main", "READY_TIMEOUT", "SCRAPE_TIMEOUT",
+__all__ = ["CounterCarry", "Pool", "RestartPolicy", "Supervisor", "worker_main", "READY_TIMEOUT", "SCRAPE_TIMEOUT",
            "FIRST_DELAY", "MAX_DELAY", "STABLE_AFTER"]
 
 log = logging.getLogger("nfhooks.workers")
@@ -50,6 +50,8 @@ SCRAPE_TIMEOUT = 3.0
 FIRST_DELAY = 1.0  # the wait before restarting a worker that died again soon after its restart
 MAX_DELAY = 30.0
 STABLE_AFTER = 60.0  # a worker up this long is restarted at once when it dies
+_MONOTONIC = ("counter", "histogram", "summary")
+SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]  # family, sample name, sorted labels
 
 
 def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any], options: Any,
@@ -382,3 +384,46 @@ class Supervisor:
             delay.add_metric([str(i)], self.delays[i])
         yield restarts
         yield delay
+
+
+class CounterCarry:
+    """Keeps the workers' summed counters monotonic across restarts (for WorkerMetrics).
+
+    A restarted worker counts from 0, so the sum would drop, and Prometheus would read a
+    counter reset (and the derived fail-open bypass count would jump up). So the last scrape
+    of each worker is kept: while the worker is not scraped (dead, restarting, slow) its last
+    values stand in, and once a new PID answers for that slot they are added to ``retired``
+    for good. What a worker counted after its last scrape is lost: an undercount, never more.
+    """
+
+    def __init__(self) -> None:
+        self.last: dict[int, tuple[int, dict[SampleKey, float]]] = {}
+        self.retired: dict[SampleKey, float] = {}
+        self.fams: dict[str, tuple[str, str]] = {}  # family -> (documentation, type)
+
+    def seen(self, i: int, pid: int, fams: list[Any]) -> None:
+        """Worker ``i`` (``pid``) answered a scrape with these families."""
+        mono: dict[SampleKey, float] = {}
+        for fam in fams:
+            if fam.type not in _MONOTONIC:
+                continue
+            self.fams.setdefault(fam.name, (fam.documentation, fam.type))
+            for s in fam.samples:
+                if not s.name.endswith("_created"):
+                    mono[(fam.name, s.name, tuple(sorted(s.labels.items())))] = s.value
+        prev = self.last.get(i)
+        if prev is not None and prev[0] != pid:
+            for k, v in prev[1].items():
+                self.retired[k] = self.retired.get(k, 0.0) + v
+        self.last[i] = (pid, mono)
+
+    def extra(self, scraped: set[int]) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+        """Per family, what to add to this scrape's sums: retired workers' counts and the last
+        counts of the workers that did not answer now."""
+        out: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        parts = [self.retired, *(mono for i, (_, mono) in self.last.items() if i not in scraped)]
+        for part in parts:
+            for (fam, sname, labels), v in part.items():
+                per = out.setdefault(fam, {})
+                per[(sname, labels)] = per.get((sname, labels), 0.0) + v
+        return out

@@ -60,7 +60,7 @@ from typing import Any
 
 from .nat import Key, NatError, NatTargets
 from .rules import MAX_QUEUE
-from .supervise import Pool, Supervisor
+from .supervise import CounterCarry, Pool, Supervisor
 
 log = logging.getLogger("nfhooks.workers")
 NAT_TIMEOUT = 10.0  # a worker waits this long for the main process to allocate a NAT target
@@ -256,7 +256,8 @@ def balance_rule_packets(texts: list[str]) -> dict[tuple[int, int], int]:
 
 
 class WorkerMetrics:
-    """Collector of the main process: the workers' samples, summed (see the module docstring).
+    """Collector of the main process: the workers' samples, summed (see the module docstring),
+    counters carried over a worker's restart (supervise.CounterCarry).
 
     Also the fail-open accepts the kernel counts nowhere (queue.bypassed), per balanced rule:
     its counter minus, over its queues, what the kernel dropped, what waits, and what the
@@ -274,6 +275,7 @@ class WorkerMetrics:
         self.proc_path = proc_path or PROC_QUEUES
         self.saved = saved or _saved_with_counters
         self._high: dict[tuple[int, int], int] = {}
+        self.carry = CounterCarry()  # counters stay monotonic when a worker is restarted
 
     def _bypass_inputs(self) -> tuple[dict[tuple[int, int], int], dict[int, Any]]:
         from .metrics import parse_queue_stats
@@ -297,10 +299,15 @@ class WorkerMetrics:
         rules, stats = self._bypass_inputs()  # before the workers' counters (see above)
         fams: dict[str, tuple[str, str]] = {}
         values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for text in self.pool.texts():
-            for fam in text_string_to_metric_families(text):
-                if fam.name.startswith(("process_", "python_")) or fam.name in _MAIN_ONLY:
-                    continue  # per process; the main process exports its own
+        scraped = set()
+        scrape = getattr(self.pool, "scrape", None)  # a pool without it (a test's fake): no carry
+        answers = scrape() if scrape is not None else ((i, 0, t) for i, t in enumerate(self.pool.texts()))
+        for i, pid, text in answers:
+            parsed = [fam for fam in text_string_to_metric_families(text)  # per process: the main
+                      if not fam.name.startswith(("process_", "python_")) and fam.name not in _MAIN_ONLY]
+            self.carry.seen(i, pid, parsed)
+            scraped.add(i)
+            for fam in parsed:
                 fams.setdefault(fam.name, (fam.documentation, fam.type))
                 per = values.setdefault(fam.name, {})
                 use_max = fam.type == "gauge" and (fam.name.endswith("_info") or fam.name in _MAX_COMBINED)
@@ -314,6 +321,11 @@ class WorkerMetrics:
                         per[key] = max(per[key], s.value)
                     else:
                         per[key] += s.value
+        for name, more in self.carry.extra(scraped).items():  # restarted workers' earlier counts
+            fams.setdefault(name, self.carry.fams[name])
+            per = values.setdefault(name, {})
+            for key, v in more.items():
+                per[key] = per.get(key, 0.0) + v
         for name, (doc, typ) in fams.items():
             m = Metric(name, doc, typ)
             for (sname, labels), v in values[name].items():

@@ -179,3 +179,27 @@ def test_exported_restart_counter_and_delay():
 @pytest.mark.parametrize("streak,delay", [(1, 0), (2, 1), (3, 2), (6, 16), (7, 30), (50, 30)])
 def test_restart_policy(streak, delay):
     assert RestartPolicy().delay(streak) == delay
+
+
+def test_counter_carry_keeps_summed_counters_monotonic_across_a_restart():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nfhooks.supervise import CounterCarry
+
+    def fams(received: int, waiting: int) -> list:
+        """A worker's exposition text, parsed as WorkerMetrics parses it."""
+        reg = CollectorRegistry()
+        Counter("rx", "received", ["queue"], registry=reg).labels("11").inc(received)
+        Gauge("wait", "waiting", ["queue"], registry=reg).labels("11").set(waiting)
+        return list(text_string_to_metric_families(generate_latest(reg).decode()))
+
+    carry = CounterCarry()
+    carry.seen(1, 101, fams(40, 3))
+    assert carry.extra({1}) == {}  # scraped now: nothing to add
+    assert carry.extra(set()) == {"rx": {("rx_total", (("queue", "11"),)): 40}}  # down: its last count
+    carry.seen(1, 202, fams(2, 0))  # restarted, counting from 0 again
+    assert carry.retired == {("rx", "rx_total", (("queue", "11"),)): 40}  # gauges and _created not carried
+    assert carry.extra({1}) == {"rx": {("rx_total", (("queue", "11"),)): 40}}
+    carry.seen(1, 202, fams(7, 0))  # the same process again: not retired twice
+    assert carry.retired[("rx", "rx_total", (("queue", "11"),))] == 40
