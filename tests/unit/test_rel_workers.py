@@ -203,3 +203,33 @@ def test_counter_carry_keeps_summed_counters_monotonic_across_a_restart():
     assert carry.extra({1}) == {"rx": {("rx_total", (("queue", "11"),)): 40}}
     carry.seen(1, 202, fams(7, 0))  # the same process again: not retired twice
     assert carry.retired[("rx", "rx_total", (("queue", "11"),))] == 40
+
+
+def test_a_restarted_workers_nat_pipe_is_served_and_the_dead_ones_closed():
+    """The NatServer serves the pipe of a restarted worker (Supervisor's on_start) and closes
+    the dead worker's when it sees EOF; the target allocated before is the same index."""
+    from multiprocessing import Pipe
+
+    from nfhooks import masquerade
+    from nfhooks.fake import fake_packet
+    from nfhooks.marks import core_layout
+    from nfhooks.nat import NatTargets
+    from nfhooks.workers import NatClient, NatServer
+
+    rules: list[str] = []
+    layout = core_layout(1, extra=[("nat", 6)])
+    server_end, worker_end = Pipe()
+    server = NatServer(NatTargets(layout, 4, lambda fam, t, h, rule: rules.append(rule.render())), [server_end])
+    server.start()
+    syn = fake_packet(hook="POSTROUTING", dport=80)
+    first = NatClient(worker_end, layout, 4).mark_bits(syn, masquerade())
+    worker_end.close()  # the worker died
+    server.threads[0].join(5)
+    assert not server.threads[0].is_alive() and server_end.closed  # its thread ended, pipe closed
+    new_server_end, new_worker_end = Pipe()
+    server.add(0, new_server_end)  # what run_workers' on_start does for the restarted worker
+    assert NatClient(new_worker_end, layout, 4).mark_bits(syn, masquerade()) == first
+    assert len(rules) == 1  # asked again by the new worker: the same target, no second rule
+    new_worker_end.close()
+    server.threads[1].join(5)
+    assert new_server_end.closed
