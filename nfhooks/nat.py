@@ -19,7 +19,7 @@ engine's ``remove_all()`` (every ``NFH-*`` chain, the nat ones included).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from .marks import MarkLayout
 from .packet import Packet
@@ -31,6 +31,14 @@ PORT_PROTOS = {6: "tcp", 17: "udp", 132: "sctp", 33: "dccp"}
 
 Installer = Callable[[int, str, str, Rule], None]  # (family, table, hook, rule)
 Key = tuple[int, str, Nat, str | None]  # (family, hook, verdict, proto when it has ports)
+
+
+def backend_installer(backend: Any, layout: MarkLayout, generation: int) -> Installer:
+    """A NatTargets installer appending through ``backend`` (a backends.Backend), with the
+    generation guard as the prelude of a chain it has to create."""
+    def install(family: int, table: str, hook: str, rule: Rule) -> None:
+        backend.append_rule(family, table, hook, rule, prelude=generation_rules(rule.chain, layout, generation))
+    return install
 
 
 class NatError(RuntimeError):

@@ -62,11 +62,10 @@ import ast
 import inspect
 import os
 import random
-import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .hooks import HOOKS
@@ -312,14 +311,15 @@ class FlowOffload:
 
     ``save(handler)`` gives (bits to set, mask to clear) for the dispatcher: the mark a flow
     handler's accept carries back into the table. Both metrics come from kernel rule counters
-    at scrape time (``iptables-legacy-save -c`` in the engine's namespace, cached for a
-    second): flows from the ``flowsave`` rules, which fire once per connection and direction
+    at scrape time (the backend's ``iptables-save -c`` in the engine's namespace, cached for a
+    second; ``saved`` returns both families' text, default: the $NFHOOKS_BACKEND backend's): flows from the ``flowsave`` rules, which fire once per connection and direction
     (only while the connmark field is empty: packets of a connection already queued when its
     first verdict came back are accepted and saved again, but not counted twice), packets
     from the ``offload`` rules (a GSO/GRO aggregate counts once there, as in ``nfhooks rules``).
     """
 
-    def __init__(self, rs: "RuleSet", policy: "Policy") -> None:
+    def __init__(self, rs: "RuleSet", policy: "Policy", saved: Callable[[], list[str]] | None = None) -> None:
+        self.saved = saved
         self.layout = rs.layout
         self.positions = dict(rs.positions)
         self.generation = rs.flow_generation
@@ -342,11 +342,11 @@ class FlowOffload:
                 return cached
             out: dict[str, dict[tuple[str, str], int]] = {
                 kind: {(h.hook, h.name): 0 for h in self.handlers.values()} for kind in ("offload", "flowsave")}
-            for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
-                try:
-                    text = subprocess.run([tool, "-c"], capture_output=True, text=True, timeout=5).stdout
-                except (OSError, subprocess.SubprocessError):
-                    continue
+            saved = self.saved
+            if saved is None:
+                from .backends import get_backend
+                saved = get_backend().counter_texts
+            for text in saved():
                 add_counters(out, text, self.handlers)
             self._cache = (time.monotonic(), out)
             return out
@@ -355,18 +355,18 @@ class FlowOffload:
 def add_counters(out: dict[str, dict[tuple[str, str], int]], saved: str, handlers: dict[str, "Handler"]) -> None:
     """Add the packet counters of ``nfhooks offload|flowsave <handler>`` rules in
     ``iptables-save -c`` text to ``out[kind][(hook, handler)]``."""
-    for line in saved.splitlines():
-        if not line.startswith("["):
-            continue
+    from .saved import counted_rules
+
+    for rule in counted_rules(saved):
         for kind in out:
             tag = f'--comment "nfhooks {kind} '
-            i = line.find(tag)
+            i = rule.text.find(tag)
             if i < 0:
                 continue
-            h = handlers.get(line[i + len(tag):].split('"', 1)[0])
+            h = handlers.get(rule.text[i + len(tag):].split('"', 1)[0])
             if h is not None:
                 key = (h.hook, h.name)
-                out[kind][key] = out[kind].get(key, 0) + int(line[1:line.index(":")])
+                out[kind][key] = out[kind].get(key, 0) + rule.packets
 
 
 class OffloadCollector:

@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .install import KernelError
+from .errors import KernelError
 
 log = logging.getLogger("nfhooks.queue")
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
@@ -473,32 +473,38 @@ class QueueSet:
 
 # --------------------------------------------------------------------------- overload metrics
 
-_QUEUE_RULE = re.compile(r"^\[(\d+):\d+\] -A NFH-\S+ .*-j NFQUEUE --queue-num (\d+)(?: |$)")
+_QUEUE_TARGET = re.compile(r"-j NFQUEUE --queue-num (\d+)(?: |$)")
 
 
 def rule_packets(texts: Iterable[str]) -> dict[int, int]:
     """Packets each queue's rules sent to it: iptables-save -c text of our chains, summed
     per ``--queue-num`` over rules (a handler has one rule per address family)."""
+    from .saved import counted_rules
+
     out: dict[int, int] = {}
     for text in texts:
-        for line in text.splitlines():
-            m = _QUEUE_RULE.match(line)
+        for rule in counted_rules(text):
+            m = _QUEUE_TARGET.search(rule.text) if rule.chain.startswith("NFH-") else None
             if m:
-                q = int(m.group(2))
-                out[q] = out.get(q, 0) + int(m.group(1))
+                q = int(m.group(1))
+                out[q] = out.get(q, 0) + rule.packets
     return out
 
 
-def _saved_with_counters() -> list[str]:
-    from .install import saved_text
-
-    texts = []
-    for fam in (4, 6):
+def saved_with_counters(backend: Any = None) -> list[str]:
+    """Both families' save text with counters, from ``backend`` (default: the one
+    $NFHOOKS_BACKEND names, else auto); a family that fails is left out."""
+    if backend is None:
+        from .backends import get_backend
         try:
-            texts.append(saved_text(fam, counters=True))
+            backend = get_backend()
         except Exception:  # noqa: BLE001 -- a failing scrape would hide every other metric
-            log.debug("iptables-save -c failed for IPv%d", fam, exc_info=True)
-    return texts
+            log.debug("no rules backend for the queue rule counters", exc_info=True)
+            return []
+    return backend.counter_texts()
+
+
+_saved_with_counters = saved_with_counters  # the name workers.py imports
 
 
 def bypassed(rule: int, queue_dropped: int, user_dropped: int, waiting: int, received: int) -> int:

@@ -54,7 +54,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .install import KernelError
+from .errors import KernelError
 from .marks import MarkLayout, bits_for
 
 if TYPE_CHECKING:
@@ -716,12 +716,16 @@ def reload(old: "RuleSet", new: "RuleSet") -> None:
     _install_nat(new)
 
 
-def _install_nat(ruleset: "RuleSet") -> None:
-    """The uplink NAT chain, through ``ip(6)tables-legacy-restore --noflush`` (one commit per
-    family), taken out of what python-iptables installs: python-iptables cannot create
-    MASQUERADE/SNAT for both families in one process (see install.append_rule). The chain is
-    ``NFH-*`` and the jump tagged ``nfhooks``, so install.remove_all removes them as usual."""
-    from .install import restore
+def _install_nat(ruleset: "RuleSet", restore: Callable[..., None] | None = None) -> None:
+    """The uplink NAT chain, through the backend's ``restore`` (``ip(6)tables-*-restore
+    --noflush``, one commit per family), taken out of what the backend's install does: the
+    legacy backend's python-iptables cannot create MASQUERADE/SNAT for both families in one
+    process (see backends/legacy.py). The chain is ``NFH-*`` and the jump tagged ``nfhooks``,
+    so the backend's remove() removes them as usual. ``restore`` None: the backend
+    $NFHOOKS_BACKEND names (else auto; `nfhooks run` exports its choice there)."""
+    if restore is None:
+        from .backends import get_backend
+        restore = get_backend().restore
 
     for fam in (4, 6):
         key = (fam, "nat")

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .install import KernelError
+from .errors import KernelError
 
 __all__ = ["CounterCarry", "Pool", "RestartPolicy", "Supervisor", "worker_main", "READY_TIMEOUT", "SCRAPE_TIMEOUT",
            "FIRST_DELAY", "MAX_DELAY", "STABLE_AFTER"]

@@ -240,18 +240,20 @@ _MAX_COMBINED = ("nfhooks_up",)
 _MAIN_ONLY = ("nfhooks_nat_targets",)  # the main process's own value replaces the workers'
 
 
-_BALANCE_RULE = re.compile(r"^\[(\d+):\d+\] -A NFH-\S+ .*-j NFQUEUE --queue-balance (\d+):(\d+)(?: |$)")
+_BALANCE_TARGET = re.compile(r"-j NFQUEUE --queue-balance (\d+):(\d+)(?: |$)")
 
 
 def balance_rule_packets(texts: list[str]) -> dict[tuple[int, int], int]:
     """Packets each ``--queue-balance a:b`` rule of ours sent, summed over address families."""
+    from .saved import counted_rules
+
     out: dict[tuple[int, int], int] = {}
     for text in texts:
-        for line in text.splitlines():
-            m = _BALANCE_RULE.match(line)
+        for rule in counted_rules(text):
+            m = _BALANCE_TARGET.search(rule.text) if rule.chain.startswith("NFH-") else None
             if m:
-                key = (int(m.group(2)), int(m.group(3)))
-                out[key] = out.get(key, 0) + int(m.group(1))
+                key = (int(m.group(1)), int(m.group(2)))
+                out[key] = out.get(key, 0) + rule.packets
     return out
 
 
@@ -363,22 +365,25 @@ class WorkerMetrics:
 
 def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_fanout: bool = False,
                 metrics_addr: str = "off", allow_public: bool = False, budget: float = 0.0,
-                timeout: float | None = None, say: Callable[[str], None] = print) -> int:
+                timeout: float | None = None, say: Callable[[str], None] = print, backend: Any = None) -> int:
     """Serve ``rs`` with ``workers`` processes until SIGINT/SIGTERM; the exit status.
 
+    ``backend``: where the rules go (a backends.Backend; None: $NFHOOKS_BACKEND, else auto).
     Raises WorkersError / KernelError / OwnedElsewhere for the caller to print.
     """
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.process_collector import ProcessCollector
 
-    from .install import check_kernel, install, installed, remove_all
+    from .backends import get_backend, other_backends_with_ours
     from .metrics import _is_loopback, parse_listen_addr
+    from .nat import backend_installer
     from .owner import Ownership
 
     check_supported(rs, workers)
     brs, per_worker = balance(rs, workers, cpu_fanout)
     policy.self_mark = brs.layout["self"].mask
-    check_kernel()
+    backend = backend or get_backend()
+    backend.check_kernel()
     owner = Ownership.acquire()
     pool: Pool | None = None
     nat: NatServer | None = None
@@ -409,18 +414,20 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        _, stale = installed()
-        if stale:
-            log.warning("removing a stale nfhooks rule set left by an engine that is gone: %s",
-                        "; ".join(remove_all()))
+        for b in [backend, *other_backends_with_ours(backend)]:
+            if b.has_ours():
+                log.warning("removing a stale nfhooks rule set (backend %s) left by an engine that is gone: %s",
+                            b.name, "; ".join(b.remove()))
         pool = Pool(policy, brs, per_worker, options, (budget, timeout))
         if pool.nat_conns:  # started after the fork, before any packet is queued
-            nat = NatServer(NatTargets(brs.layout, brs.nat_targets, generation=brs.generation), pool.nat_conns)
+            targets = NatTargets(brs.layout, brs.nat_targets, generation=brs.generation,
+                                 installer=backend_installer(backend, brs.layout, brs.generation))
+            nat = NatServer(targets, pool.nat_conns)
             nat.start()
         pool.wait_ready()
         supervisor = Supervisor(pool, on_start=nat.add if nat is not None else (lambda i, conn: None),
                                 fail_modes={q: brs.fail_open[h.hook] for q, h in brs.queues.items()})
-        install(brs)
+        backend.install(brs)
         where = "off"
         if metrics_addr != "off":  # started after the fork: no worker inherits its threads
             host, port = parse_listen_addr(metrics_addr)
@@ -432,12 +439,12 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             ranges = [(first, first + workers - 1, h.hook, h.name, brs.fail_open[h.hook])
                       for first, h in sorted(per_worker[0].items())]
             nat_count = nat.__len__ if nat is not None else (lambda: 0)
-            registry.register(WorkerMetrics(pool, ranges, nat_targets=nat_count))
+            registry.register(WorkerMetrics(pool, ranges, saved=backend.counter_texts, nat_targets=nat_count))
             registry.register(supervisor)
             if getattr(brs, "flow_generation", 0):  # from the kernel's rule counters: once, here
                 from .offload import FlowOffload, OffloadCollector
 
-                offload = FlowOffload(brs, policy)
+                offload = FlowOffload(brs, policy, saved=backend.counter_texts)
                 registry.register(OffloadCollector(lambda: offload))
             server, _ = start_http_server(port, addr=host, registry=registry)
             bound = server.server_address
@@ -458,7 +465,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         if nat is not None:
             nat.close()  # no nat rule added while or after the rules are removed
         try:
-            removed = remove_all()
+            removed = backend.remove()
             if removed:
                 log.info("removed: %s", "; ".join(removed))
         finally:
