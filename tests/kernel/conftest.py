@@ -50,9 +50,19 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.kernel)
 
 
+def _chosen_by_the_test(metafunc: pytest.Metafunc) -> bool:
+    """Whether the test parametrizes ``nfh_backend`` itself (test_backend_isolation.py)."""
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "nfh_backend" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return True
+    return False
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Both backends for every kernel test that installs rules (ids ``legacy``/``nft``)."""
-    if "nfh_backend" in metafunc.fixturenames and metafunc.function.__name__ not in NO_RULES:
+    if ("nfh_backend" in metafunc.fixturenames and metafunc.function.__name__ not in NO_RULES
+            and not _chosen_by_the_test(metafunc)):
         metafunc.parametrize("nfh_backend", BACKENDS, ids=BACKENDS, indirect=True)
 
 
