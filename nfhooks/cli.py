@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .backends.choice import choose, remove_everywhere
 from .hooks import explain
 from .policy import PolicyError, load_policy, parse_sets
 
@@ -24,6 +25,7 @@ out = Console()
 
 POLICY_ARG = typer.Argument(..., help="policy file, e.g. policies/firewall.py")
 SET_OPT = typer.Option([], "--set", "-s", help="set a policy option: key=value (repeatable)")
+BACKEND_OPT = typer.Option(None, "--backend", help="where the rules go: auto (or $NFHOOKS_BACKEND), legacy, nft")
 
 
 class UserError(Exception):
@@ -68,11 +70,10 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
           fail_closed: bool = typer.Option(False, "--fail-closed", help="as `run --fail-closed`"),
           queue_base: int = typer.Option(0, "--queue-base", help="first NFQUEUE number"),
           mark_mask: str = typer.Option("0xffff0000", "--mark-mask", help="mark bits nfhooks may use"),
-          nat_targets: int = typer.Option(63, "--nat-targets", help="bound on distinct NAT targets")) -> None:
-    """Validate POLICY and print the rules `run` would install (iptables-save format).
-
-    Touches nothing and needs no root.
-    """
+          nat_targets: int = typer.Option(63, "--nat-targets", help="bound on distinct NAT targets"),
+          backend: Optional[str] = BACKEND_OPT) -> None:
+    """Validate POLICY and print the rules `run` would install (iptables-save format; the nft
+    backend's restore tool named in a first comment). Touches nothing and needs no root."""
     from .engine import hooks_summary
     from .rules import compile_policy
 
@@ -101,7 +102,7 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
         flows = ", ".join(h.name for h in pol.handlers if h.flow)
         say(f"# flow offload: {flows}; the connmark generation shown is {rs.flow_generation}, `run` picks "
             "a new one at every start and reload (flow fields live in the connmark only)")
-    sys.stdout.write(rs.render())
+    sys.stdout.write(choose(backend, _fail)[0].save_header() + rs.render())
 
 
 def _pcap_writer(path: Optional[Path], max_bytes: int, files: int, metrics):  # type: ignore[no-untyped-def]
@@ -123,7 +124,7 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
                    public_metrics: bool) -> None:
     """`run --workers N` (workers.py): the main process owns the rules, N processes decide."""
     from .engine import hooks_summary
-    from .install import KernelError
+    from .errors import KernelError
     from .owner import OwnedElsewhere
     from .workers import run_workers
 
@@ -133,7 +134,7 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
         say(f"  {line}")
     try:
         code = run_workers(engine.policy, engine.ruleset, workers, options=engine.queue_options,
-                           cpu_fanout=cpu_fanout, metrics_addr=metrics_addr,
+                           cpu_fanout=cpu_fanout, metrics_addr=metrics_addr, backend=engine.backend,
                            allow_public=public_metrics, budget=getattr(engine, "handler_budget", 0.0),
                            timeout=getattr(getattr(engine, "watchdog", None), "timeout", None), say=say)
     except (KernelError, OwnedElsewhere, ValueError, OSError) as e:
@@ -185,22 +186,22 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                               "not returned is interrupted; the packet gets the default (0: off)"),
         keep_capabilities: bool = typer.Option(False, "--keep-capabilities",
                                                help="do not drop capabilities other than NET_ADMIN and NET_RAW"),
+        backend: Optional[str] = BACKEND_OPT,
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run POLICY: bind its queues, install its rules, decide packets until Ctrl-C/SIGTERM.
 
     SIGHUP (or `nfhooks reload`) loads POLICY again; a broken file leaves the running policy.
     """
     from .engine import Engine, _stderr_logging, hooks_summary
-    from .install import KernelError
+    from .errors import KernelError
     from .metrics import Metrics
-    from .owner import OwnedElsewhere, status_path
+    from .owner import OwnedElsewhere, live_owner, status_path
 
     _stderr_logging(logging.DEBUG if verbose else logging.INFO)
-    from .install import check_kernel
-    from .owner import live_owner
-
+    rules_backend, why = choose(backend, _fail)
+    say(f"nfhooks: backend {rules_backend.name} ({why})")
     try:
-        check_kernel()  # root/CAP_NET_ADMIN and kernel support first: the clearest error
+        rules_backend.check_kernel()  # root/CAP_NET_ADMIN and kernel support first: the clearest error
         owner = live_owner()
     except (KernelError, OSError) as e:
         _fail(str(e))
@@ -222,7 +223,7 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
         tap = _pcap_writer(pcap, pcap_max_bytes, pcap_files, metrics)
         engine = Engine(pol, metrics=metrics, queue_base=queue_base,
                         fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask),
-                        nat_targets=nat_targets, pcap=tap,
+                        nat_targets=nat_targets, pcap=tap, backend=rules_backend,
                         loader=lambda: load_policy(policy, sets), status_file=status_path(),
                         queue_options=_queue_options(queue_maxlen, queue_rcvbuf, gso),
                         handler_budget=handler_budget / 1000, handler_timeout=handler_timeout or None)
@@ -255,21 +256,23 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
 
 
 @app.command()
-def rules(save: bool = typer.Option(False, "--save", help="print iptables-save text instead of a table")) -> None:
+def rules(save: bool = typer.Option(False, "--save", help="print iptables-save text instead of a table"),
+          backend: Optional[str] = BACKEND_OPT) -> None:
     """Show the installed nfhooks rules with packet/byte counters (like iptables -L -v)."""
-    from .install import KernelError, check_kernel, installed
+    from .errors import KernelError
 
+    b, _ = choose(backend, _fail)
     try:
-        check_kernel()
-        text, counted = installed(counters=True)
+        b.check_kernel()
+        text, counted = b.installed(counters=True)
     except KernelError as e:
         _fail(str(e))
         return
     if save:
-        sys.stdout.write(text)
+        sys.stdout.write(b.save_header() + text)
         return
     if not counted:
-        out.print("no nfhooks rules installed in this network namespace")
+        out.print(f"no nfhooks rules installed in this network namespace (backend {b.name})")
         return
     t = Table("fam", "table", "pkts", "bytes", "rule", box=None)
     for c in counted:
@@ -278,18 +281,20 @@ def rules(save: bool = typer.Option(False, "--save", help="print iptables-save t
 
 
 @app.command()
-def flush(force: bool = typer.Option(False, "--force", help="flush even while a live engine owns the rules")) -> None:
-    """Remove every nfhooks rule and chain in this network namespace (IPv4 and IPv6, all tables)."""
-    from .install import KernelError, check_kernel, remove_all
+def flush(force: bool = typer.Option(False, "--force", help="flush even while a live engine owns the rules"),
+          backend: Optional[str] = BACKEND_OPT) -> None:
+    """Remove every nfhooks rule and chain in this network namespace (IPv4 and IPv6, all tables, both backends)."""
+    from .errors import KernelError
     from .owner import live_owner
 
+    b, _ = choose(backend, _fail)
     try:
-        check_kernel()
+        b.check_kernel()
         owner = live_owner()
         if owner and not force:
             _fail(f"a live nfhooks engine (pid {owner[0]}, instance {owner[1]}) owns the rules here; "
                   f"stop it (kill -TERM {owner[0]}) or use --force")
-        removed = remove_all()
+        removed = remove_everywhere(b)
     except KernelError as e:
         _fail(str(e))
         return
@@ -350,7 +355,8 @@ def lab(ctx: typer.Context,
         pcap: Optional[Path] = typer.Option(None, "--pcap", help="passed to the engine: `nfhooks run --pcap FILE`"),
         json_: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout (progress on stderr)"),
         scenario: List[str] = typer.Option([], "--scenario", help="a scenario or group: standard (default), "
-                                           "vpn, all, or a scenario's name (repeatable)")) -> None:
+                                           "vpn, all, or a scenario's name (repeatable)"),
+        backend: Optional[str] = BACKEND_OPT) -> None:
     """Build the lab, run the policy on its router, drive traffic across every hook, explain it.
 
     Needs root; everything happens in network namespaces named nfhlab-*, removed at the end
@@ -360,6 +366,7 @@ def lab(ctx: typer.Context,
         return
     from .lab.runner import LabConfig, LabError, run as run_lab
 
+    choose(backend, _fail)  # exported: the lab's engines and its checks use it
     try:
         code = run_lab(LabConfig(policy=policy, sets=list(set_), duration=duration,
                                  metrics_addr=metrics_addr, keep=keep, pcap=pcap, json=json_,
@@ -414,7 +421,8 @@ def tunnel(dev: str = typer.Option("tun0", "--dev", help="tun device to create")
 
 
 @app.command()
-def reload(timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the engine's answer")) -> None:
+def reload(timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the engine's answer"),
+           backend: Optional[str] = BACKEND_OPT) -> None:
     """Reload the policy of the engine running in this network namespace (as SIGHUP does).
 
     The engine validates the file first: if it is broken, the running policy stays in force

@@ -119,7 +119,7 @@ def resolve(name: str | None = None, probes: Probes | None = None) -> tuple[str,
         return chosen, f"auto: {why}"
     if given not in BACKENDS:
         src = f"{ENV}={given}" if not name else f"--backend {given}"
-        raise KernelError(f"{src}: unknown backend; choose one of {', '.join(CHOICES)}")
+        raise ValueError(f"{src}: unknown backend; choose one of {', '.join(CHOICES)}")
     return given, "--backend" if name else f"{ENV}={given}"
 
 

@@ -101,6 +101,10 @@ class Backend(ABC):
     def chain_exists(self, family: int, table: str, chain: str) -> bool:
         """Whether ``chain`` exists in ``table`` now."""
 
+    def save_header(self) -> str:
+        """The comment line saying which tool the rule text is for (`nfhooks check`, `rules --save`)."""
+        return f"# backend {self.name} ({self.restore_tool})\n"
+
     def has_ours(self) -> bool:
         """Any nfhooks chain or jump in this store (a stale set, maybe another backend's)?"""
         if not self.can_look():

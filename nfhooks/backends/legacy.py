@@ -146,6 +146,10 @@ class LegacyBackend(Backend):
             raise KernelError("the kernel has no legacy xtables (ip_tables), which python-iptables needs: "
                               "modprobe ip_tables, use a kernel with CONFIG_IP_NF_IPTABLES, or use --backend nft")
 
+    def save_header(self) -> str:
+        """None: the legacy output stays byte for byte what nfhooks always printed."""
+        return ""
+
     def can_look(self) -> bool:
         """Only where legacy tables exist already: reading would otherwise load ip_tables."""
         return any(_nonempty(p) for p in ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"))

@@ -64,11 +64,20 @@ def _ours_jump(rule: str, only: set[str] | None) -> bool:
     return f"--comment {COMMENT} " in rule + " " or f'--comment "{COMMENT} ' in rule
 
 
-def removal_lines(saved: str, family: int, only: set[str] | None = None) -> tuple[list[str], list[str]]:
+def removal_lines(saved: str, family: int,
+                  only: set[str] | None = None) -> tuple[list[str], list[str], list[str]]:
     """From one family's save text: restore text removing our jumps and chains (``only``:
     just these chains and the jumps into them), one block per table (jumps deleted, then our
-    chains flushed, then deleted), and one line per table saying what goes."""
+    chains flushed, then deleted); one line per table saying what goes; and the cleanup text
+    deleting the built-in chains that removal leaves empty with policy ACCEPT.
+
+    iptables-nft creates a built-in chain (an nf_tables base chain, a hook registration) only
+    when a rule needs it, so our jump may have created it; empty and accepting, it is the same
+    as no chain to every packet. The cleanup is a separate restore that may fail (another tool
+    added a rule meanwhile) without undoing the removal."""
     tables: dict[str, tuple[list[str], list[str]]] = {}  # table -> (our chains, our jumps)
+    policies: dict[tuple[str, str], str] = {}  # (table, built-in chain) -> policy
+    others: set[tuple[str, str]] = set()  # built-in chains with rules that stay
     table = ""
     for raw in saved.splitlines():
         line = raw.split("] ", 1)[1] if raw.startswith("[") and "] " in raw else raw
@@ -79,11 +88,17 @@ def removal_lines(saved: str, family: int, only: set[str] | None = None) -> tupl
             name = line[1:].split(" ")[0]
             if only is None or name in only:
                 tables[table][0].append(name)
+        elif line.startswith(":"):
+            parts = line[1:].split(" ")
+            policies[(table, parts[0])] = parts[1] if len(parts) > 1 else ""
         elif line.startswith("-A ") and not line.split(" ")[1].startswith(CHAIN_PREFIX):
             if _ours_jump(line, only):
                 tables[table][1].append(line)
+            else:
+                others.add((table, line.split(" ")[1]))
     lines: list[str] = []
     summary: list[str] = []
+    cleanup: list[str] = []
     for table, (chains, jumps) in sorted(tables.items(), key=lambda kv: _table_key(kv[0])):
         if not chains and not jumps:
             continue
@@ -91,7 +106,11 @@ def removal_lines(saved: str, family: int, only: set[str] | None = None) -> tupl
                   *(f"-X {c}" for c in chains), "COMMIT"]
         summary.append(f"ip{'6' if family == 6 else ''}tables {table}: {len(jumps)} jump(s), "
                        f"{len(chains)} chain(s) {' '.join(sorted(chains))}")
-    return lines, summary
+        emptied = sorted({j.split(" ")[1] for j in jumps} - {c for t, c in others if t == table})
+        emptied = [c for c in emptied if policies.get((table, c)) == "ACCEPT"]
+        if emptied:
+            cleanup += [f"*{table}", *(f"-X {c}" for c in emptied), "COMMIT"]
+    return lines, summary, cleanup
 
 
 def _table_key(table: str) -> int:
@@ -152,10 +171,15 @@ class NftBackend(Backend):
     def remove(self, only: set[str] | None = None) -> list[str]:
         removed: list[str] = []
         for fam in (4, 6):
-            lines, summary = removal_lines(self.saved_text(fam), fam, only)
+            lines, summary, cleanup = removal_lines(self.saved_text(fam), fam, only)
             if lines:
                 self.restore(fam, lines, "the removal of nfhooks' rules")
                 removed += summary
+            if cleanup:
+                try:
+                    self.restore(fam, cleanup, "the deletion of built-in chains left empty")
+                except KernelError:
+                    pass  # not ours any more (a rule was added meanwhile): it stays
         return removed
 
     def restore(self, family: int, lines: Sequence[str], what: str) -> None:
