@@ -242,15 +242,11 @@ class Engine:
 
     def _retire(self, force: bool = False) -> None:
         """Remove old generations whose queues have stayed empty for RETIRE_GRACE."""
-        from .metrics import DEFAULT_PROC_PATH, parse_queue_stats
+        from .kstats import read_queue_stats
 
         if not self.retiring:
             return
-        try:
-            with open(DEFAULT_PROC_PATH) as f:
-                waiting = {s.queue_number: s.queue_total for s in parse_queue_stats(f.read())}
-        except OSError:
-            waiting = {}
+        waiting = {n: st.queue_total for n, st in read_queue_stats().items()}
         now = time.monotonic()
         keep = []
         for rs, since, empty_since in self.retiring:

@@ -15,30 +15,18 @@ alerts then returns data even for verdicts never given yet.
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import re
-import socket
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    start_http_server,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client import metrics as _prom_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
-    GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
@@ -46,6 +34,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
+
+from .exporter import DEFAULT_METRICS_ADDR, parse_listen_addr, serve_registry
+from .kstats import DEFAULT_PROC_PATH, QueueStat, QueueStatsCollector, parse_queue_stats
 
 __all__ = [
     "DECISION_BUCKETS",
@@ -58,20 +49,10 @@ __all__ = [
     "QueueStat",
     "QueueStatsCollector",
     "VerdictCounter",
-    "dashboard_queries",
     "package_version",
     "parse_listen_addr",
     "parse_queue_stats",
 ]
-
-#: Loopback only by default: the metrics name hooks, handlers and policy versions, which is
-#: nobody else's business. 9477 sits in Prometheus' exporter range (9100-9999); the
-#: project's port-allocation wiki lists it only for a Rubrik backup exporter announced as
-#: "coming soon", so it clashes with no common exporter (node 9100, nftables 9630, ...).
-DEFAULT_METRICS_ADDR: Final = "127.0.0.1:9477"
-
-#: The kernel's per-queue statistics, for the network namespace of the reading process.
-DEFAULT_PROC_PATH: Final = "/proc/net/netfilter/nfnetlink_queue"
 
 #: The label value for a hook's default verdict (no handler matched): an empty label value
 #: is the same as a missing label in PromQL, which would make such series hard to select.
@@ -268,169 +249,6 @@ class PacketCollector:
         yield decision
 
 
-# --------------------------------------------------------------------------- kernel queue stats
-
-
-@dataclass(frozen=True, slots=True)
-class QueueStat:
-    """One line of /proc/net/netfilter/nfnetlink_queue (one bound queue).
-
-    ``peer_portid`` is the netlink port id of the socket bound to the queue; for the first
-    netlink socket of a process it is the process id, which is how nfhooks tells the user
-    which process already holds a queue number.
-    """
-
-    queue_number: int
-    peer_portid: int
-    queue_total: int  # packets waiting in the kernel for a verdict
-    copy_mode: int  # 0 none, 1 meta, 2 packet
-    copy_range: int  # bytes of payload copied to userspace
-    queue_dropped: int  # dropped by the kernel: queue full (queue_maxlen reached)
-    user_dropped: int  # dropped: netlink socket receive buffer overrun
-    id_sequence: int  # last packet id handed out
-
-
-_QUEUE_FIELDS: Final = 8
-
-
-def parse_queue_stats(text: str) -> list[QueueStat]:
-    """Parse the kernel's nfnetlink_queue stats file.
-
-    Each line is ``queue_number peer_portid queue_total copy_mode copy_range queue_dropped
-    user_dropped id_sequence 1`` (the trailing 1 is a historical constant). Lines that do
-    not have at least eight integer columns are skipped rather than failing a scrape.
-    """
-    stats: list[QueueStat] = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < _QUEUE_FIELDS:
-            continue
-        try:
-            values = [int(f) for f in fields[:_QUEUE_FIELDS]]
-        except ValueError:
-            continue
-        stats.append(QueueStat(*values))
-    return stats
-
-
-class QueueStatsCollector:
-    """Reads the kernel's queue statistics at scrape time, for this engine's queues only.
-
-    The kernel knows things userspace cannot count: packets still waiting for a verdict and
-    packets dropped before they ever reached us (queue full, socket buffer overrun). Queues
-    bound by other programs in the same namespace are skipped: their numbers mean nothing
-    to this engine's operators.
-    """
-
-    def __init__(self, proc_path: str = DEFAULT_PROC_PATH) -> None:
-        self.proc_path = proc_path
-        # queue number -> (hook, handler). Replaced whole, never mutated, so a scrape on
-        # the HTTP thread never sees a half-updated map.
-        self._queues: Mapping[int, tuple[str, str]] = {}
-
-    def set_queues(self, queues: Mapping[int, tuple[str, str]]) -> None:
-        """Make ``queues`` (queue number -> (hook, handler label)) the engine's queues."""
-        self._queues = dict(queues)
-
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily]:
-        labels = ["queue", "hook", "handler"]
-        return (
-            GaugeMetricFamily(
-                "nfhooks_queue_waiting_packets",
-                "Packets waiting in the kernel queue for a verdict from nfhooks.",
-                labels=labels,
-            ),
-            CounterMetricFamily(
-                "nfhooks_queue_kernel_dropped_packets_total",
-                "Packets the kernel dropped because the queue was full (nfhooks too slow).",
-                labels=labels,
-            ),
-            CounterMetricFamily(
-                "nfhooks_queue_user_dropped_packets_total",
-                "Packets the kernel dropped because the netlink socket buffer overran.",
-                labels=labels,
-            ),
-        )
-
-    def describe(self) -> Iterable[Metric]:
-        """The names this collector produces, so the registry refuses duplicates."""
-        return self._families()
-
-    def collect(self) -> Iterator[Metric]:
-        queues = self._queues
-        if not queues:
-            return
-        try:
-            with open(self.proc_path, encoding="ascii", errors="replace") as f:
-                text = f.read()
-        except OSError:
-            # Module not loaded, no queue bound yet, or another namespace's /proc: no data
-            # is the truth here, and a failing scrape would hide every other metric.
-            return
-        waiting, kernel_dropped, user_dropped = self._families()
-        found = False
-        for st in parse_queue_stats(text):
-            owner = queues.get(st.queue_number)
-            if owner is None:
-                continue
-            found = True
-            labels = [str(st.queue_number), owner[0], owner[1]]
-            waiting.add_metric(labels, st.queue_total)
-            kernel_dropped.add_metric(labels, st.queue_dropped)
-            user_dropped.add_metric(labels, st.user_dropped)
-        if found:
-            yield waiting
-            yield kernel_dropped
-            yield user_dropped
-
-
-# --------------------------------------------------------------------------- addresses
-
-
-def parse_listen_addr(addr: str) -> tuple[str, int]:
-    """Split a listen address into (host, port).
-
-    Accepts ``HOST:PORT``, ``[V6ADDR]:PORT``, ``:PORT`` (every interface, like Go's
-    listeners: "0.0.0.0") and a bare ``PORT`` (loopback, 127.0.0.1).
-    """
-    addr = addr.strip()
-    if addr.isdigit():
-        host, port_s = "127.0.0.1", addr
-    elif addr.startswith("["):
-        m = re.fullmatch(r"\[([^\]]+)\]:(\d+)", addr)
-        if not m:
-            raise ValueError(f"bad metrics address {addr!r}: expected [IPV6]:PORT")
-        host, port_s = m.group(1), m.group(2)
-    else:
-        host, sep, port_s = addr.rpartition(":")
-        if not sep or not port_s.isdigit() or ":" in host:
-            raise ValueError(
-                f"bad metrics address {addr!r}: expected HOST:PORT, [IPV6]:PORT, :PORT or PORT"
-            )
-        host = host or "0.0.0.0"
-    port = int(port_s)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad metrics address {addr!r}: port {port} out of range")
-    return host, port
-
-
-def _is_loopback(host: str) -> bool:
-    """True when every address ``host`` names is a loopback address."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
-        mapped = getattr(ip, "ipv4_mapped", None)
-        return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return False
-    return bool(infos) and all(_is_loopback(str(info[4][0])) for info in infos)
-
-
 # --------------------------------------------------------------------------- the metrics
 
 
@@ -578,17 +396,8 @@ class Metrics:
         """
         if self._server is not None:
             raise RuntimeError("metrics are already being served")
-        host, port = parse_listen_addr(addr)
-        if not allow_public and not _is_loopback(host):
-            raise ValueError(
-                f"refusing to serve metrics on non-loopback address {addr!r}: they name the "
-                "policy and its handlers; ask for it explicitly (allow_public=True, "
-                "`nfhooks run --public-metrics`) to expose them beyond this host"
-            )
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = server
-        bound = server.server_address
-        return str(bound[0]), int(bound[1])
+        self._server, host, port = serve_registry(self.registry, addr, allow_public=allow_public)
+        return host, port
 
     def close(self) -> None:
         """Stop serving and report the engine down (``nfhooks_up`` 0)."""
@@ -599,60 +408,3 @@ class Metrics:
             server.server_close()
 
 
-# --------------------------------------------------------------------------- dashboard
-
-
-#: What each Grafana interval variable becomes when a query is run outside Grafana.
-_INTERVAL_VARS: Final = {
-    "__rate_interval": "1m",
-    "__interval": "1m",
-    "__range": "1m",
-}
-_VAR_RE: Final = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\$(\w+)|\[\[(\w+)(?::[^\]]*)?\]\]")
-_MATCHER_RE: Final = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
-
-
-def _substitute(expr: str) -> str:
-    """Replace Grafana variables: intervals by "1m", every other variable by ".*".
-
-    A label matcher whose value names a variable becomes a regex matcher (``=`` -> ``=~``,
-    ``!=`` -> ``!~``) so that the substituted ``.*`` keeps its meaning.
-    """
-
-    def var_value(m: re.Match[str]) -> str:
-        name = m.group(1) or m.group(2) or m.group(3)
-        return _INTERVAL_VARS.get(name, ".*")
-
-    def matcher(m: re.Match[str]) -> str:
-        label, op, value = m.groups()
-        if not _VAR_RE.search(value):
-            return m.group(0)
-        op = {"=": "=~", "!=": "!~"}.get(op, op)
-        return f'{label}{op}"{_VAR_RE.sub(var_value, value)}"'
-
-    expr = _MATCHER_RE.sub(matcher, expr)
-    return _VAR_RE.sub(var_value, expr)
-
-
-def _panels(panels: Iterable[dict]) -> Iterator[dict]:
-    for panel in panels:
-        yield panel
-        yield from _panels(panel.get("panels") or ())  # collapsed rows nest their panels
-
-
-def dashboard_queries(path: str | Path) -> list[str]:
-    """Every PromQL expression of a Grafana dashboard, runnable against Prometheus as is.
-
-    Grafana variables are substituted (``$__rate_interval`` -> ``1m``, ``$hook``/``${hook}``
-    -> ``.*`` with the matcher made a regex one), so a test can run each query against a
-    real Prometheus and check it returns data.
-    """
-    dashboard = json.loads(Path(path).read_text(encoding="utf-8"))
-    dashboard = dashboard.get("dashboard", dashboard)  # API export wraps it
-    queries: list[str] = []
-    for panel in _panels(dashboard.get("panels") or ()):
-        for target in panel.get("targets") or ():
-            expr = target.get("expr")
-            if expr and not target.get("hide"):
-                queries.append(_substitute(expr))
-    return queries

@@ -35,7 +35,7 @@ Overload (what happens when packets come faster than the handlers decide):
 * ``--queue-maxlen`` packets may wait in the kernel per queue (default 4096). A full queue
   drops (fail-closed, counted by the kernel as ``queue_dropped``) or, on a hook whose fail
   mode is open, accepts: the queue is bound with NFQA_CFG_F_FAIL_OPEN (netlink.py), and
-  the kernel counts those accepts nowhere -- :class:`OverloadCollector` derives them.
+  the kernel counts those accepts nowhere -- overload.py's ``OverloadCollector`` derives them.
 * The netlink socket's receive buffer (``--queue-rcvbuf``, set with SO_RCVBUFFORCE; by
   default room for a full queue of maximal copies) overrunning makes recv() fail with
   ENOBUFS once (the kernel counts ``user_dropped``, or accepts on a fail-open queue);
@@ -58,20 +58,21 @@ import errno
 import inspect
 import logging
 import os
-import re
 import select
 import socket
 import textwrap
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import KernelError
+from .kstats import DEFAULT_PROC_PATH, read_queue_stats
+from .overload import OverloadCollector, bypassed, rule_packets, saved_with_counters  # noqa: F401 -- re-exported
 
 log = logging.getLogger("nfhooks.queue")
-PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
+PROC_QUEUES = DEFAULT_PROC_PATH
 COPY_RANGE = 0xFFFF  # asked for; clamped to MAX_COPY (tests lower it to force truncation)
 #: NetfilterQueue's recv buffer (4096) minus the most metadata the kernel adds (128 bytes).
 MAX_COPY = 4096 - 128
@@ -442,14 +443,7 @@ class QueueSet:
 
     def waiting(self, proc_path: str = PROC_QUEUES) -> int:
         """Packets waiting in the kernel for a verdict on this set's queues (queue_total)."""
-        from .metrics import parse_queue_stats
-
-        try:
-            with open(proc_path, encoding="ascii", errors="replace") as f:
-                stats = parse_queue_stats(f.read())
-        except OSError:
-            return 0
-        return sum(st.queue_total for st in stats if st.queue_number in self.queues)
+        return sum(st.queue_total for n, st in read_queue_stats(proc_path).items() if n in self.queues)
 
     def close(self) -> None:
         for registry, collector in self._exported:
@@ -469,143 +463,3 @@ class QueueSet:
                 os.close(fd)
             except OSError:
                 pass
-
-
-# --------------------------------------------------------------------------- overload metrics
-
-_QUEUE_TARGET = re.compile(r"-j NFQUEUE --queue-num (\d+)(?: |$)")
-
-
-def rule_packets(texts: Iterable[str]) -> dict[int, int]:
-    """Packets each queue's rules sent to it: iptables-save -c text of our chains, summed
-    per ``--queue-num`` over rules (a handler has one rule per address family)."""
-    from .saved import counted_rules
-
-    out: dict[int, int] = {}
-    for text in texts:
-        for rule in counted_rules(text):
-            m = _QUEUE_TARGET.search(rule.text) if rule.chain.startswith("NFH-") else None
-            if m:
-                q = int(m.group(1))
-                out[q] = out.get(q, 0) + rule.packets
-    return out
-
-
-def saved_with_counters(backend: Any = None) -> list[str]:
-    """Both families' save text with counters, from ``backend`` (default: the one
-    $NFHOOKS_BACKEND names, else auto); a family that fails is left out."""
-    if backend is None:
-        from .backends import get_backend
-        try:
-            backend = get_backend()
-        except Exception:  # noqa: BLE001 -- a failing scrape would hide every other metric
-            log.debug("no rules backend for the queue rule counters", exc_info=True)
-            return []
-    return backend.counter_texts()
-
-
-_saved_with_counters = saved_with_counters  # the name workers.py imports
-
-
-def bypassed(rule: int, queue_dropped: int, user_dropped: int, waiting: int, received: int) -> int:
-    """Packets a queue rule sent to the queue that the kernel accepted without asking us.
-
-    From net/netfilter/nfnetlink_queue.c (``__nfqnl_enqueue_packet``): a packet the rule
-    queues either (a) finds the queue full: fail-closed counts ``queue_dropped``, fail-open
-    accepts it *before* taking an id (``id_sequence`` unchanged, counted nowhere); or
-    (b) takes the next id and is unicast to our socket; if the socket buffer is full,
-    fail-closed counts ``user_dropped``, fail-open accepts it (counted nowhere); or (c) waits
-    in the queue (``queue_total``) until we read it and give the verdict (``received``).
-    So ``rule = queue_dropped + user_dropped + fail-open accepts + waiting + received``
-    (plus, rarely, packets the kernel drops uncounted: a dying unconfirmed conntrack entry,
-    no memory for the message). Without NFQA_CFG_F_GSO, one GSO packet the rule counted
-    once may be queued as several segments, which makes this an undercount.
-    """
-    return max(0, rule - queue_dropped - user_dropped - waiting - received)
-
-
-class OverloadCollector:
-    """Per-queue overload metrics, computed at scrape time (no per-packet cost beyond the
-    two counters in :class:`_Budgeted`).
-
-    * ``nfhooks_queue_received_packets_total``: packet messages read from the queue (each
-      gets exactly one verdict before the next is read);
-    * ``nfhooks_queue_enobufs_total``: socket receive buffer overruns reported to us;
-    * ``nfhooks_queue_bypassed_packets_total``: fail-open queues only, packets the kernel
-      accepted without asking nfhooks because the queue or socket was full (derived, see
-      :func:`bypassed`; exported as a high-water mark so it never goes down);
-    * ``nfhooks_queue_config_info``: 1 per queue, labelled with its fail mode, GSO and sizes.
-
-    Read order for the derived value: rule counters first, then the kernel's queue table,
-    then ``received``; every packet counted by the rule is by then in one of the other
-    terms or accepted, so a race can only undercount (never report a bypass that was not).
-    """
-
-    def __init__(self, bound: Mapping[int, BoundQueue], proc_path: str = PROC_QUEUES,
-                 saved: Callable[[], list[str]] = _saved_with_counters) -> None:
-        self.bound = bound
-        self.proc_path = proc_path
-        self.saved = saved
-        self.created = time.time()
-
-    @staticmethod
-    def _families() -> tuple[Any, Any, Any, Any]:
-        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
-
-        labels = ["queue", "hook", "handler"]
-        return (
-            CounterMetricFamily("nfhooks_queue_received_packets",
-                                "Packets read from the queue; each got one verdict before the next.",
-                                labels=labels),
-            CounterMetricFamily("nfhooks_queue_enobufs",
-                                "recv() reported ENOBUFS: the queue's socket receive buffer overran.",
-                                labels=labels),
-            CounterMetricFamily("nfhooks_queue_bypassed_packets",
-                                "Fail-open queues: packets the kernel accepted without asking nfhooks "
-                                "(queue or socket full); derived from the rule counter and the "
-                                "queue's statistics. A lower bound on queues bound without GSO "
-                                "(gso=\"off\" in nfhooks_queue_config_info): the kernel may queue "
-                                "one GSO packet the rule counted once as several segments.",
-                                labels=labels),
-            GaugeMetricFamily("nfhooks_queue_config_info",
-                              "How each queue is bound (always 1).",
-                              labels=[*labels, "fail_mode", "gso", "maxlen", "rcvbuf"]),
-        )
-
-    def describe(self) -> Iterator[Any]:
-        return iter(self._families())
-
-    def collect(self) -> Iterator[Any]:
-        from .metrics import parse_queue_stats
-
-        bound = dict(self.bound)
-        if not bound:
-            return
-        received, enobufs, bypass, info = self._families()
-        open_queues = [b for b in bound.values() if b.fail_open]
-        rules: dict[int, int] = rule_packets(self.saved()) if open_queues else {}
-        stats = {}
-        if open_queues:
-            try:
-                with open(self.proc_path, encoding="ascii", errors="replace") as f:
-                    stats = {st.queue_number: st for st in parse_queue_stats(f.read())}
-            except OSError:
-                stats = {}
-        for num, b in sorted(bound.items()):
-            labels = [str(num), b.hook, b.handler or "(default)"]
-            n = b.counter.received
-            received.add_metric(labels, n, created=self.created)
-            enobufs.add_metric(labels, b.counter.enobufs, created=self.created)
-            info.add_metric([*labels, "open" if b.fail_open else "closed", "on" if b.gso else "off",
-                             str(b.maxlen), str(b.rcvbuf)], 1)
-            st = stats.get(num)
-            if b.fail_open and st is not None and num in rules:
-                # derivable only where one rule feeds exactly this queue (not --queue-balance)
-                value = bypassed(rules[num], st.queue_dropped, st.user_dropped, st.queue_total, n)
-                b.bypassed_high = max(b.bypassed_high, value)
-                bypass.add_metric(labels, b.bypassed_high, created=self.created)
-        yield received
-        yield enobufs
-        if open_queues:
-            yield bypass
-        yield info

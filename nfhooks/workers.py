@@ -269,34 +269,30 @@ class WorkerMetrics:
     def __init__(self, pool: Pool, ranges: list[tuple[int, int, str, str, bool]] = (),  # type: ignore[assignment]
                  proc_path: str | None = None, saved: Callable[[], list[str]] | None = None,
                  nat_targets: Callable[[], int] = lambda: 0) -> None:
-        from .queue import PROC_QUEUES, _saved_with_counters
+        from .kstats import DEFAULT_PROC_PATH
+        from .overload import saved_with_counters
 
         self.pool = pool
         self.nat_targets = nat_targets  # the main process's NatServer (0: the policy does no NAT)
         self.ranges = list(ranges)  # (first queue, last queue, hook, handler, fail-open)
-        self.proc_path = proc_path or PROC_QUEUES
-        self.saved = saved or _saved_with_counters
+        self.proc_path = proc_path or DEFAULT_PROC_PATH
+        self.saved = saved or saved_with_counters
         self._high: dict[tuple[int, int], int] = {}
         self.carry = CounterCarry()  # counters stay monotonic when a worker is restarted
 
     def _bypass_inputs(self) -> tuple[dict[tuple[int, int], int], dict[int, Any]]:
-        from .metrics import parse_queue_stats
+        from .kstats import read_queue_stats
 
         if not any(r[4] for r in self.ranges):
             return {}, {}
         rules = balance_rule_packets(self.saved())
-        try:
-            with open(self.proc_path, encoding="ascii", errors="replace") as f:
-                stats = {st.queue_number: st for st in parse_queue_stats(f.read())}
-        except OSError:
-            stats = {}
-        return rules, stats
+        return rules, read_queue_stats(self.proc_path)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
         from prometheus_client.parser import text_string_to_metric_families
 
-        from .queue import bypassed
+        from .overload import bypassed
 
         rules, stats = self._bypass_inputs()  # before the workers' counters (see above)
         fams: dict[str, tuple[str, str]] = {}
@@ -375,7 +371,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
     from prometheus_client.process_collector import ProcessCollector
 
     from .backends import get_backend, other_backends_with_ours
-    from .metrics import _is_loopback, parse_listen_addr
+    from .exporter import is_loopback, parse_listen_addr
     from .nat import backend_installer
     from .owner import Ownership
 
@@ -431,7 +427,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         where = "off"
         if metrics_addr != "off":  # started after the fork: no worker inherits its threads
             host, port = parse_listen_addr(metrics_addr)
-            if not allow_public and not _is_loopback(host):
+            if not allow_public and not is_loopback(host):
                 raise WorkersError(f"refusing to serve metrics on non-loopback address {metrics_addr!r} "
                                    "(--public-metrics allows it)")
             registry = CollectorRegistry()

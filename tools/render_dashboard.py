@@ -81,9 +81,9 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def promql(expr: str) -> str:
-    from nfhooks.metrics import _substitute  # the same substitution the kernel test uses
+    from tests.dashboard import substitute  # the same substitution the kernel test uses
 
-    return _substitute(expr).replace("[1m]", f"[{RATE_WINDOW}]")
+    return substitute(expr).replace("[1m]", f"[{RATE_WINDOW}]")
 
 
 def legend(fmt: str, labels: dict[str, str]) -> str:

@@ -39,7 +39,9 @@ from typing import Any
 import pytest
 
 from nfhooks.lab import LabCommandError
-from nfhooks.metrics import DEFAULT_METRICS_ADDR, dashboard_queries
+from nfhooks.metrics import DEFAULT_METRICS_ADDR
+
+from tests.dashboard import dashboard_queries
 
 from .conftest import ROOT, TEST_POLICIES, metric
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from nfhooks.metrics import DEFAULT_METRICS_ADDR, Metrics, dashboard_queries
+from nfhooks.metrics import DEFAULT_METRICS_ADDR, Metrics
+
+from tests.dashboard import dashboard_queries
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -41,7 +43,7 @@ def _exported_series(tmp_path: Path) -> set[str]:
     m.set_policy("p", "1", [(4, "INPUT", "h")])
     m.bind_verdict("INPUT", "filter", "h", "accept")
     # the queue set's own collector (queue.py): a fail-open queue 4 fed by one rule
-    from nfhooks.queue import BoundQueue, OverloadCollector, _Budgeted
+    from nfhooks.queue import BoundQueue, OverloadCollector, _Budgeted  # noqa: PLC2701
 
     bound = {4: BoundQueue(4, "INPUT", "h", True, False, 4096, 1 << 20, _Budgeted(None))}  # type: ignore[arg-type]
     reg.register(OverloadCollector(bound, str(proc), saved=lambda: [
