@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .backends.tools import SAVE_TOOLS
+
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = ROOT / "policies" / "soak.py"
 
@@ -34,7 +36,10 @@ def waiting(lab: Any) -> int:
 
 
 def chains(lab: Any) -> list[str]:
-    out = lab.exec("router", "iptables-legacy-save").stdout + lab.exec("router", "ip6tables-legacy-save").stdout
+    from .backends import resolve
+
+    tools = SAVE_TOOLS[resolve()[0]]  # the engine's: $NFHOOKS_BACKEND, else auto
+    out = lab.exec("router", tools[4]).stdout + lab.exec("router", tools[6]).stdout
     return sorted(line.split()[0] for line in out.splitlines() if line.startswith(":NFH-"))
 
 
@@ -144,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--reload-every", type=float, default=60.0)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "soak.md")
+    ap.add_argument("--backend", choices=("auto", "legacy", "nft"), default=None,
+                    help="where the engine's rules go (default: $NFHOOKS_BACKEND, else auto)")
     a = ap.parse_args(argv)
+    from .backends.choice import choose
+
+    choose(a.backend)  # exported: the engine the soak starts uses it
     return run(a.minutes, a.reload_every, a.out)
 
 

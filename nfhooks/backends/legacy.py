@@ -29,6 +29,7 @@ from ..errors import KernelError
 from ..hooks import TABLE_HOOKS, TABLE_ORDER, TRAVERSAL
 from ..rules import CHAIN_PREFIX, COMMENT, FAMILIES, Rule, RuleSet
 from .base import Backend, check_queue_support
+from .tools import SAVE_TOOLS
 
 __all__ = ["LegacyBackend", "xtables_lock", "PROTO_NUMBERS"]
 
@@ -232,7 +233,7 @@ class LegacyBackend(Backend):
         return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
     def save_command(self, family: int) -> list[str]:
-        return ["ip6tables-legacy-save" if family == 6 else "iptables-legacy-save"]
+        return [SAVE_TOOLS["legacy"][family]]
 
     def chain_exists(self, family: int, table: str, chain: str) -> bool:
         with xtables_lock():

@@ -28,6 +28,7 @@ from ..errors import KernelError
 from ..hooks import TABLE_ORDER, TRAVERSAL
 from ..rules import CHAIN_PREFIX, COMMENT, RuleSet
 from .base import Backend, check_queue_support
+from .tools import SAVE_TOOLS
 
 __all__ = ["NftBackend", "install_lines", "removal_lines"]
 
@@ -194,7 +195,7 @@ class NftBackend(Backend):
                               check=True).stdout
 
     def save_command(self, family: int) -> list[str]:
-        return ["ip6tables-nft-save" if family == 6 else "iptables-nft-save"]
+        return [SAVE_TOOLS["nft"][family]]
 
     def chain_exists(self, family: int, table: str, chain: str) -> bool:
         return (table, chain) in existing_chains(self.saved_text(family))

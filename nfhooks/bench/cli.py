@@ -65,7 +65,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--docs", type=Path, metavar="MD",
                     help="also put the markdown tables into MD between the bench markers "
                          "(e.g. docs/performance.md)")
+    ap.add_argument("--backend", choices=("auto", "legacy", "nft"), default=None,
+                    help="where the engines' rules go (default: $NFHOOKS_BACKEND, else auto)")
     args = ap.parse_args(argv)
+    from ..backends.choice import choose
+
+    backend, why = choose(args.backend)  # exported: the engines the bench starts use it
+    print(f"nfhooks bench: backend {backend.name} ({why})", file=sys.stderr)
 
     if os.geteuid() != 0:
         print("nfhooks bench: needs root (network namespaces, iptables, NFQUEUE)", file=sys.stderr)

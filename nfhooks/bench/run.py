@@ -33,12 +33,14 @@ from .cases import (
     NOT_AVAILABLE,
     PORT,
     UDP_LEN,
+    backend_args,
 )
 from .parse import IperfResult, breakdown, bucket_quantile, cpu_ticks, histogram_buckets, parse_iperf
 from .parse import queue_handled, summarize_collapsed, vm_hwm_kib
 from .report import describe_row, fmt
 from .results import Row, latency_stats
 from .scripts import CONSUMER_SCRIPT, ECHO_SCRIPT, PING_SCRIPT
+from ..backends.tools import IPTABLES, SAVE_TOOLS
 
 __all__ = ["Bench", "find_pyspy", "stop_process"]
 
@@ -146,9 +148,11 @@ class Bench:
 
     def offloaded(self) -> int:
         """Packets nfhooks' offload rules accepted so far in the router (all rules, IPv4)."""
-        text = self.lab.exec("router", "iptables-legacy-save", "-c", check=False).stdout
-        return sum(int(line[1:line.index(":")]) for line in text.splitlines()
-                   if line.startswith("[") and '"nfhooks offload ' in line)
+        from ..backends import resolve
+        from ..saved import counted_rules
+
+        text = self.lab.exec("router", SAVE_TOOLS[resolve()[0]][4], "-c", check=False).stdout
+        return sum(r.packets for r in counted_rules(text) if '"nfhooks offload ' in r.text)
 
     def measure(self, case: str, proto: str, port: int, pid: int | None,
                 queues: Iterable[int] | None, pids: Sequence[int] = ()) -> Row:
@@ -194,9 +198,11 @@ class Bench:
     # -- consumers ---------------------------------------------------------------------
 
     def rule(self, op: str, proto: str, port: int, queue: int) -> None:
-        # iptables-legacy, the backend python-iptables (and so nfhooks) writes to; run with
+        # the iptables of the backend nfhooks writes to ($NFHOOKS_BACKEND, else auto); run with
         # `ip netns exec` inside the router namespace, never in the machine's own.
-        self.lab.exec("router", "iptables-legacy", "-w", op, "INPUT", "-p", proto, "--dport", port,
+        from ..backends import resolve
+
+        self.lab.exec("router", IPTABLES[resolve()[0]][4], "-w", op, "INPUT", "-p", proto, "--dport", port,
                       "-j", "NFQUEUE", "--queue-num", queue)
 
     @contextlib.contextmanager
@@ -235,8 +241,8 @@ class Bench:
     def start_engine(self, *extra: str) -> Any:
         return self.lab.start_engine(str(self.policy), "--set", f"port={PORT}",
                                      "--set", f"fields_port={FIELDS_PORT}",
-                                     "--set", f"echo_port={ECHO_PORT}", *extra, node="router",
-                                     ready_timeout=30)
+                                     "--set", f"echo_port={ECHO_PORT}", *backend_args("nfhooks"), *extra,
+                                     node="router", ready_timeout=30)
 
     def engine_rows(self, protos: Sequence[str], fields: bool,
                     latency: dict[str, Any] | None = None, rate: float = LATENCY_RATE) -> list[Row]:
@@ -265,7 +271,8 @@ class Bench:
     def policy_rows(self, case: str, policy: Path, port: int, protos: Sequence[str]) -> list[Row]:
         """Rows of one more engine running ``policy`` (``--set port=<port>``)."""
         try:
-            engine = self.lab.start_engine(str(policy), "--set", f"port={port}", node="router", ready_timeout=30)
+            engine = self.lab.start_engine(str(policy), "--set", f"port={port}", *backend_args(case),
+                                           node="router", ready_timeout=30)
         except Exception as e:  # noqa: BLE001
             self.log(f"  {case}: engine did not start: {e}")
             return [Row(case, p, error=f"engine did not start: {e}") for p in protos]
@@ -388,6 +395,7 @@ class Bench:
             if scapy:
                 rows.append(self._guard("scapy", proto, lambda: self.script_consumer("scapy", proto)))
         rows += self.engine_rows(protos, fields, latency=latency, rate=rate)
+        rows += self.policy_rows("nfhooks nft", self.policy, PORT, protos)  # same policy, other backend
         if more:
             rows += self.policy_rows("nfhooks 20 handlers", BENCH20_POLICY, PORT, protos)
             rows += self.policy_rows("nfhooks flow offload", FLOW_POLICY, FLOW_PORT, protos)

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .config import SCRAPE_INTERVAL
 from .topology import Lab
+from ..backends.tools import SAVE_TOOLS
 
 __all__ = ["EMPTY", "KERNEL_DEFAULT", "Key", "Scraper", "Snapshot", "default_rule_counts", "default_verdicts",
            "kernel_counters", "kernel_drops"]
@@ -98,7 +99,7 @@ def kernel_counters(lab: Lab, node: str = "router") -> dict[str, int]:
     return counters
 
 
-_DEFAULT_RULE_RE = re.compile(r'^\[(\d+):\d+\] -A NFH-(\w+) .*--comment "nfhooks default"')
+_DEFAULT_RULE_RE = re.compile(r'^-A NFH-(\w+) .*--comment "nfhooks default"')
 
 
 #: The handler label for a hook default carried out by the kernel rule (never queued).
@@ -108,13 +109,17 @@ KERNEL_DEFAULT = "(default rule)"
 def default_rule_counts(lab: Lab, node: str = "router") -> dict[str, int]:
     """Packets per hook that no handler queued and the hook's default rule decided, in the
     kernel: the engine never sees those, so its metrics cannot count them."""
+    from ..backends import resolve
+    from ..saved import counted_rules
+
+    tools = SAVE_TOOLS[resolve()[0]]  # the lab's engines' ($NFHOOKS_BACKEND: `nfhooks lab --backend`)
     counts: dict[str, int] = {}
-    for tool in ("iptables-legacy-save", "ip6tables-legacy-save"):
-        out = lab.exec(node, tool, "-c", check=False, timeout=5).stdout
-        for line in out.splitlines():
-            m = _DEFAULT_RULE_RE.match(line)
+    for fam in (4, 6):
+        out = lab.exec(node, tools[fam], "-c", check=False, timeout=5).stdout
+        for rule in counted_rules(out, fam):
+            m = _DEFAULT_RULE_RE.match(rule.text)
             if m:
-                counts[m.group(2)] = counts.get(m.group(2), 0) + int(m.group(1))
+                counts[m.group(1)] = counts.get(m.group(1), 0) + rule.packets
     return counts
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .topology import Lab, _pick_ranges
+from ..backends.tools import SAVE_TOOLS
 
 ROOT = Path(__file__).resolve().parents[2]
 UPLINKS_POLICY = ROOT / "policies" / "uplinks.py"
@@ -111,7 +112,10 @@ def snapshot(lab: Lab, node: str = "router", devs: tuple[str, ...] = ()) -> dict
             "qdiscs": ["tc", "qdisc", "show"]}
     out = {k: lab.exec(node, *argv).stdout for k, argv in cmds.items()}
     out["qdiscs"] = re.sub(r" direct_packets_stat \d+", "", out["qdiscs"])  # a counter, not configuration
-    save = lab.exec(node, "iptables-legacy-save").stdout + lab.exec(node, "ip6tables-legacy-save").stdout
+    from ..backends import resolve
+
+    tools = SAVE_TOOLS[resolve()[0]]  # the lab's engines' ($NFHOOKS_BACKEND: `nfhooks lab --backend`)
+    save = lab.exec(node, tools[4]).stdout + lab.exec(node, tools[6]).stdout
     out["nfhooks iptables"] = "\n".join(line for line in save.splitlines() if "NFH-" in line or "nfhooks" in line)
     return out
 
