@@ -11,6 +11,9 @@ bare            a minimal NetfilterQueue script: ``lambda p: p.accept()``, bound
                 length nfhooks uses, and ``-A INPUT -p udp|tcp --dport P -j NFQUEUE``
 scapy           the common approach: the same script, ``IP(p.get_payload())`` then accept
 nfhooks         ``nfhooks run policies/bench.py``: a handler that accepts unread
+nfhooks legacy  the same engine, policy and port with ``--backend legacy`` / ``--backend nft``
+nfhooks nft     (every other row uses the bench's ``--backend``): what each rule backend costs,
+                as a ratio of one run
 nfhooks fields  the same engine, the handler reads pkt.src / pkt.dport / pkt.proto first
 nfhooks 20      ``nfhooks run policies/bench20.py``: a realistic 20-handler INPUT policy; for the
 handlers        flood 19 kernel matches do not fire, one does (its handler accepts)

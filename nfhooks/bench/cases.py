@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import MappingProxyType
 
-__all__ = ["BARE_QUEUE", "BENCH20_POLICY", "CASES", "CLK_TCK", "CPORT_BASE", "DEFAULT_POLICY", "ECHO_PORT",
-           "FIELDS_PORT", "FLOW_POLICY", "FLOW_PORT", "LATENCY_RATE", "NFHOOKS_CASES", "NOT_AVAILABLE",
-           "PORT", "ROOT", "UDP_LEN"]
+__all__ = ["BACKEND_CASES", "BARE_QUEUE", "BENCH20_POLICY", "CASES", "CLK_TCK", "CPORT_BASE",
+           "DEFAULT_POLICY", "ECHO_PORT", "FIELDS_PORT", "FLOW_POLICY", "FLOW_PORT", "LATENCY_RATE",
+           "NFHOOKS_CASES", "NOT_AVAILABLE", "PORT", "ROOT", "UDP_LEN", "backend_args"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = ROOT / "policies" / "bench.py"
@@ -25,9 +26,20 @@ BARE_QUEUE = 100  # queue of the bare/scapy scripts (nfhooks uses 0..3)
 CPORT_BASE = 41000  # fixed client ports: one 5-tuple per flood
 UDP_LEN = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks fields", "nfhooks 20 handlers",
-         "nfhooks flow offload", "nfhooks 2 workers")
+CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks legacy", "nfhooks nft", "nfhooks fields",
+         "nfhooks 20 handlers", "nfhooks flow offload", "nfhooks 2 workers")
 #: Cases compared with kernel and bare in the ratios, the markdown table and the chart.
 NFHOOKS_CASES = CASES[3:]
 LATENCY_RATE = 10_000.0
+#: One row per rule backend, each pinned with --backend: the "nfhooks" row's policy and port,
+#: so what each backend costs is a ratio measured in one run ("udp_pps nfhooks nft/nfhooks
+#: legacy"). Every other nfhooks row, and the bare/scapy queue rule, use the bench's backend
+#: (--backend, else $NFHOOKS_BACKEND, else auto).
+BACKEND_CASES = MappingProxyType({"nfhooks legacy": "legacy", "nfhooks nft": "nft"})
 NOT_AVAILABLE = "not available"
+
+
+def backend_args(case: str) -> list[str]:
+    """``--backend NAME`` for a backend row's engine; nothing for the others (the bench's backend,
+    exported in NFHOOKS_BACKEND, applies)."""
+    return ["--backend", BACKEND_CASES[case]] if case in BACKEND_CASES else []

@@ -62,6 +62,10 @@ class Row:
         return r
 
 
+#: nft over legacy: what the nf_tables path costs relative to legacy xtables, same policy.
+BACKEND_PAIR = ("nfhooks nft", "nfhooks legacy")
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -75,7 +79,7 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
     by = {(r.case, r.proto): r for r in rows if r.error is None}
     out: dict[str, float | None] = {}
     pairs = (("nfhooks", "bare"), ("nfhooks", "kernel"), ("bare", "kernel"), ("scapy", "bare"),
-             ("nfhooks fields", "nfhooks"), ("nfhooks", "scapy"),
+             ("nfhooks fields", "nfhooks"), ("nfhooks", "scapy"), BACKEND_PAIR,
              *((c, b) for c in NFHOOKS_CASES[1:] for b in ("kernel", "bare")))
     for proto, metric in (("udp", "pps"), ("tcp", "gbps")):
         for a, b in pairs:
@@ -85,6 +89,7 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
             out[f"{proto}_{metric} {a}/{b}"] = ratio(getattr(ra, metric), getattr(rb, metric))
     for proto in ("udp", "tcp"):
         for a, b in (("nfhooks", "bare"), ("scapy", "bare"), ("nfhooks fields", "nfhooks"),
+                     BACKEND_PAIR,
                      *((c, "bare") for c in NFHOOKS_CASES[1:])):
             ra, rb = by.get((a, proto)), by.get((b, proto))
             if ra is None or rb is None:

@@ -20,6 +20,7 @@ from typing import Any
 from ..lab.topology import pick_ranges
 from ..metrics import parse_queue_stats
 from .cases import (
+    BACKEND_CASES,
     BARE_QUEUE,
     BENCH20_POLICY,
     CASES,
@@ -395,7 +396,8 @@ class Bench:
             if scapy:
                 rows.append(self._guard("scapy", proto, lambda: self.script_consumer("scapy", proto)))
         rows += self.engine_rows(protos, fields, latency=latency, rate=rate)
-        rows += self.policy_rows("nfhooks nft", self.policy, PORT, protos)  # same policy, other backend
+        for case in BACKEND_CASES:  # the same policy and port under each backend
+            rows += self.policy_rows(case, self.policy, PORT, protos)
         if more:
             rows += self.policy_rows("nfhooks 20 handlers", BENCH20_POLICY, PORT, protos)
             rows += self.policy_rows("nfhooks flow offload", FLOW_POLICY, FLOW_PORT, protos)
