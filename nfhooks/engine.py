@@ -128,14 +128,8 @@ class Engine:
     def _warm_up(self, policy: Policy) -> None:
         """Import scapy now if a handler's source uses it, not inside the first packet's handler
         call: the import takes a noticeable fraction of a second, past --handler-budget."""
-        import inspect
-
         for h in policy.handlers:
-            try:
-                src = inspect.getsource(h.func)
-            except (OSError, TypeError):
-                continue
-            if "scapy" in src:
+            if "scapy" in h.source.text:  # parsed once at declaration (introspect.py)
                 import scapy.layers.inet  # noqa: F401, PLC0415
                 import scapy.layers.inet6  # noqa: F401, PLC0415
                 return

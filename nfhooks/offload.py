@@ -58,105 +58,28 @@ shows the same counters per rule.
 
 from __future__ import annotations
 
-import ast
-import inspect
 import os
 import random
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from .features.offload_decl import (  # noqa: F401 -- re-exported: nfhooks.offload keeps its names
+    PER_PACKET_FIELDS, REFUSED_KINDS, FlowError, check_flow, per_packet_reads,
+)
 from .hooks import HOOKS
 from .marks import ACTION_FLOWSAVE, MarkLayout, bits_for
+from .rulebuild import COMMENT, MatchSpec, Rule, chain_name, comment, mark, match_specs, proto_name, xmark
 
 if TYPE_CHECKING:
-    from .match import Match
     from .policy import Handler, Policy
-    from .rules import Rule, RuleSet
+    from .rulebuild import RuleSet
 
 FLOW_GEN_BITS = 3
 FLOW_GENERATIONS = (1 << FLOW_GEN_BITS) - 1  # 1..7; 0 = never decided
 GEN_FIELD = "flowgen"
 DIRECTIONS = (("ORIGINAL", "orig"), ("REPLY", "reply"))
-
-#: Packet-view attributes that differ from packet to packet of one connection: a flow handler
-#: that reads them would decide the whole connection from its first packet's value.
-PER_PACKET_FIELDS = frozenset({
-    "payload", "scapy", "tcp_flags", "flags", "ttl", "length", "mark", "truncated", "fragment",
-    "icmp_type", "icmp_code",
-})
-#: Verdicts whose effect must be applied to every packet (or that the kernel already applies
-#: once per connection): refused with flow=True.
-REFUSED_KINDS = {
-    "mark": "a packet mark is set on each packet by its verdict; packets that skip Python would "
-            "carry none",
-    "connmark": "connmark() writes user bits of the connmark per decision; combine it with a "
-                "non-flow handler (or match -m connmark in your own rules)",
-    "mangle": "a rewrite must be applied to every packet; packets that skip Python would pass "
-              "unchanged",
-    "dnat": "NAT is already decided once per connection (the kernel's nat table sees only the "
-            "first packet); flow=True adds nothing",
-    "snat": "NAT is already decided once per connection; flow=True adds nothing",
-    "masquerade": "NAT is already decided once per connection; flow=True adds nothing",
-    "redirect": "NAT is already decided once per connection; flow=True adds nothing",
-}
-
-
-class FlowError(ValueError):
-    """flow=True combined with something that cannot work; ``line`` points at the cause."""
-
-    def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.line = line
-
-
-# --------------------------------------------------------------------------- load time
-
-
-def check_flow(func: Any, hook: str, table: str, match: "Match", kinds: dict[str, int]) -> None:
-    """Refuse a flow handler that cannot be offloaded (FlowError, with the line to blame)."""
-    if table == "raw":
-        raise FlowError("flow=True cannot work in the raw table: conntrack has not seen the packet "
-                        "yet, so there is no connection to remember the verdict on; use mangle or filter")
-    if match.ctstate is not None:
-        raise FlowError("flow=True with a ctstate match: conntrack state changes from packet to "
-                        "packet (NEW, then ESTABLISHED), but a flow handler is asked once per "
-                        "connection. Drop the ctstate match or flow=True")
-    if match.mark is not None:
-        raise FlowError("flow=True with a mark match: the packet mark is per packet, but a flow "
-                        "handler is asked once per connection. Drop the mark match or flow=True")
-    for kind, kline in sorted(kinds.items(), key=lambda kv: kv[1]):
-        if kind in REFUSED_KINDS:
-            raise FlowError(f"returns {kind} with flow=True: {REFUSED_KINDS[kind]}", kline)
-    read = per_packet_reads(func)
-    if read:
-        attr, line = read[0]
-        raise FlowError(f"reads pkt.{attr} with flow=True: that differs from packet to packet, and a "
-                        "flow handler decides the whole connection from its first packet (use only "
-                        "src, dst, sport, dport, proto, version, iif, oif); drop flow=True to see "
-                        "every packet", line)
-
-
-def per_packet_reads(func: Any) -> list[tuple[str, int]]:
-    """(attribute, file line) of each per-packet field the handler reads from its argument."""
-    try:
-        lines, start = inspect.getsourcelines(func)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except (OSError, TypeError, SyntaxError):
-        return []
-    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
-    if fn is None or not fn.args.args:
-        return []
-    arg = fn.args.args[0].arg
-    found = []
-    for node in ast.walk(fn):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                and node.value.id == arg and node.attr in PER_PACKET_FIELDS):
-            found.append((node.attr, start + node.lineno - 1))
-    return sorted(found, key=lambda x: x[1])
-
 
 def flow_handlers(handlers: Iterable["Handler"]) -> list["Handler"]:
     return [h for h in handlers if getattr(h, "flow", False)]
@@ -204,22 +127,19 @@ def all_flow_mask(layout: MarkLayout) -> int:
 
 
 def save_chain(hook: str, generation: int) -> str:
-    from .rules import chain_name
     return chain_name(f"FLOW-{hook}", generation)
 
 
-def save_jump(chain: str, hook: str, layout: MarkLayout, generation: int) -> "Rule":
+def save_jump(chain: str, hook: str, layout: MarkLayout, generation: int) -> Rule:
     """Top of NFH-<HOOK>: a packet a flow handler accepted goes to NFH-FLOW-<HOOK>."""
-    from .rules import COMMENT, Rule, _comment, _mark
     act = layout["action"]
     return Rule(chain, save_chain(hook, generation), goto=True, matches=(
-        _mark(act.encode(ACTION_FLOWSAVE), act.mask), _comment(f"{COMMENT} flowsave")))
+        mark(act.encode(ACTION_FLOWSAVE), act.mask), comment(f"{COMMENT} flowsave")))
 
 
 def offload_rules(chain: str, h: "Handler", family: int, layout: MarkLayout, guard: int,
-                  ordinal: int, flow_generation: int) -> list["Rule"]:
+                  ordinal: int, flow_generation: int) -> list[Rule]:
     """Before the flow handler's queue rule: its kernel match + the connmark says 'decided'."""
-    from .rules import COMMENT, MatchSpec, Rule, _comment, _mark, _match_specs, proto_name
     g = layout[GEN_FIELD]
     m = h.match
     out = []
@@ -228,33 +148,32 @@ def offload_rules(chain: str, h: "Handler", family: int, layout: MarkLayout, gua
         value, mask = g.encode(flow_generation) | f.encode(ordinal), g.mask | f.mask
         out.append(Rule(
             chain, "ACCEPT", src=m.src, dst=m.dst, iif=m.iif, oif=m.oif, proto=proto_name(m.proto, family),
-            matches=(*_match_specs(m, family, layout), MatchSpec("conntrack", (("ctdir", ctdir, False),)),
-                     MatchSpec("connmark", (("mark", f"{value:#x}/{mask:#x}", False),)), _mark(0, guard),
-                     _comment(f"{COMMENT} offload {h.name}"))))
+            matches=(*match_specs(m, family), MatchSpec("conntrack", (("ctdir", ctdir, False),)),
+                     MatchSpec("connmark", (("mark", f"{value:#x}/{mask:#x}", False),)), mark(0, guard),
+                     comment(f"{COMMENT} offload {h.name}"))))
     return out
 
 
 def save_rules(hook: str, handlers: list["Handler"], layout: MarkLayout, positions: dict[str, int],
-               ords: dict[str, int], generation: int, flow_generation: int) -> list["Rule"]:
+               ords: dict[str, int], generation: int, flow_generation: int) -> list[Rule]:
     """NFH-FLOW-<HOOK> in one (family, table): write the decision into the connmark, accept."""
-    from .rules import COMMENT, MatchSpec, Rule, _comment, _mark, _xmark
     chain = save_chain(hook, generation)
     g, act, res = layout[GEN_FIELD], layout["action"], layout["resume"]
     mine = g.encode(flow_generation)
-    out = [Rule(chain, "CONNMARK", _xmark(mine, all_flow_mask(layout)), matches=(
+    out = [Rule(chain, "CONNMARK", xmark(mine, all_flow_mask(layout)), matches=(
         MatchSpec("connmark", (("mark", f"{mine:#x}/{g.mask:#x}", True),)),
-        _comment(f"{COMMENT} flow generation")))]
+        comment(f"{COMMENT} flow generation")))]
     for h in handlers:
         for ctdir, d in DIRECTIONS:
             f = layout[field_name(hook, d)]
             # only where the field is still empty: this rule's counter counts connections, once
-            out.append(Rule(chain, "CONNMARK", _xmark(f.encode(ords[h.name]), f.mask), matches=(
-                _mark(res.encode(positions[h.name]), res.mask),
+            out.append(Rule(chain, "CONNMARK", xmark(f.encode(ords[h.name]), f.mask), matches=(
+                mark(res.encode(positions[h.name]), res.mask),
                 MatchSpec("conntrack", (("ctdir", ctdir, False),)),
                 MatchSpec("connmark", (("mark", f"0x0/{f.mask:#x}", False),)),
-                _comment(f"{COMMENT} flowsave {h.name}"))))
-    out.append(Rule(chain, "MARK", _xmark(0, act.mask | res.mask), matches=(_comment(COMMENT),)))
-    out.append(Rule(chain, "ACCEPT", matches=(_comment(COMMENT),)))
+                comment(f"{COMMENT} flowsave {h.name}"))))
+    out.append(Rule(chain, "MARK", xmark(0, act.mask | res.mask), matches=(comment(COMMENT),)))
+    out.append(Rule(chain, "ACCEPT", matches=(comment(COMMENT),)))
     return out
 
 

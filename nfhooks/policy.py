@@ -24,26 +24,22 @@ import inspect
 import socket
 import ipaddress
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
+from .errors import PolicyError
 from .hooks import HOOKS, PlacementError, check_table, check_verdict, default_table, normalize_hook
+from .features.routing_decl import RoutingSettings, RoutingTable, declare_settings, declare_table
+from .features.offload_decl import FlowError, check_flow
+from .features.shaping_decl import Shaping, declare_shaping
+from .introspect import Source
+from .introspect import parse as parse_source
 from .match import Match, MatchError
 from .verdict import FACTORIES, Reject, Verdict, parse_default
 
 T = TypeVar("T")
 HandlerFunc = Callable[[Any], "Verdict | None"]
-
-
-class PolicyError(Exception):
-    """A policy that cannot be loaded; ``str()`` is the one paragraph a user reads."""
-
-    def __init__(self, message: str, file: str | None = None, line: int | None = None) -> None:
-        self.file, self.line, self.message = file, line, message
-        where = f"{file}:{line}: " if file and line else (f"{file}: " if file else "")
-        super().__init__(where + message)
 
 
 def _parse_bool(text: str) -> bool:
@@ -111,6 +107,11 @@ class Handler:
     index: int = 0  # position in the policy, which is also its queue offset
     match_args: dict[str, Any] = field(default_factory=dict)  # as declared, options unresolved
     flow: bool = False  # decided once per connection, later packets offloaded (offload.py)
+    source: Source = field(default_factory=Source, repr=False, compare=False)  # parsed once (introspect.py)
+
+    def __post_init__(self) -> None:
+        if not self.source.name and self.func is not None:  # built without the decorator (tests)
+            self.source = parse_source(self.func)
 
     @property
     def where(self) -> str:
@@ -139,9 +140,10 @@ class Policy:
         self.options: dict[str, Option[Any]] = {}
         self.defaults: dict[str, Verdict] = {}
         self.self_mark = 0  # set by the engine from the mark layout (see socket())
-        self.routing_tables: dict[str, Any] = {}  # name -> routing.RoutingTable (routing_table())
-        self.routing_settings: Any = _routing_defaults()  # routing.RoutingSettings (routing())
-        self.shaping_decls: dict[str, Any] = {}  # interface -> shaping.Shaping (shaping())
+        # feature declarations (checked data, features/*_decl.py): what the features compile
+        self.routing_tables: dict[str, RoutingTable] = {}  # name -> table (routing_table())
+        self.routing_settings: RoutingSettings = RoutingSettings()  # (routing())
+        self.shaping_decls: dict[str, Shaping] = {}  # interface (or option name) -> tree (shaping())
         for hook, v in (defaults or {}).items():
             try:
                 h = normalize_hook(hook)
@@ -178,28 +180,24 @@ class Policy:
         ``snat`` pair the uplink with source NAT (a re-routed local packet keeps the source
         address of its first route). Installed at start, removed on exit.
         """
-        from .routing import declare_table
-
         file, line = _caller()
-        return declare_table(self, name, routes, table_id=table_id, masquerade=masquerade, snat=snat,
+        return declare_table(self.routing_tables, name, routes, table_id=table_id, masquerade=masquerade, snat=snat,
                              file=file, line=line)
 
     def routing(self, *, priority: int = 10000, main_first: bool = True, src_valid_mark: bool | None = None,
                 rp_filter: "int | str | None" = None, dynamic_routes: int = 3) -> Any:
         """Where nfhooks' ip rules go and the sysctls it may set in its namespace (routing.py)."""
-        from .routing import declare_settings
-
         file, line = _caller()
-        return declare_settings(self, priority=priority, main_first=main_first, src_valid_mark=src_valid_mark,
-                                rp_filter=rp_filter, dynamic_routes=dynamic_routes, file=file, line=line)
+        self.routing_settings = declare_settings(priority=priority, main_first=main_first,
+                                                 src_valid_mark=src_valid_mark, rp_filter=rp_filter,
+                                                 dynamic_routes=dynamic_routes, file=file, line=line)
+        return self.routing_settings
 
     def shaping(self, dev: str, classes: dict[str, dict[str, Any]], *, default: str | None = None,
                 rate: Any = None) -> Any:
         """Declare shaping classes on ``dev`` that ``shape(name)`` puts a connection in (shaping.py)."""
-        from .shaping import declare_shaping
-
         file, line = _caller()
-        return declare_shaping(self, dev, classes, default=default, rate=rate, file=file, line=line)
+        return declare_shaping(self.shaping_decls, dev, classes, default=default, rate=rate, file=file, line=line)
 
     def handler(self, hook: str, *, table: str | None = None, name: str | None = None, flow: bool = False,
                 **match: Any) -> Callable[[HandlerFunc], HandlerFunc]:
@@ -214,7 +212,8 @@ class Policy:
             line = func.__code__.co_firstlineno
             try:
                 h = normalize_hook(hook)
-                kinds = verdict_calls(func)
+                src = parse_source(func)
+                kinds = verdict_calls(src)
                 # NAT and header rewrites must be decided before the nat table / in mangle
                 needs_mangle = {"dnat", "snat", "masquerade", "redirect", "mangle", "route", "shape"} & set(kinds)
                 t = table or ("mangle" if needs_mangle else default_table(h))
@@ -236,9 +235,8 @@ class Policy:
                     except PlacementError as e:
                         raise PolicyError(f"handler {func.__name__!r} returns {kind}: {e}", file, kline) from None
                 if flow:
-                    from .offload import FlowError, check_flow
                     try:
-                        check_flow(func, h, t, m, kinds)
+                        check_flow(src, h, t, m, kinds)
                     except FlowError as e:
                         raise PolicyError(f"handler {func.__name__!r} {e}", file, e.line or line) from None
             except (PlacementError, MatchError, TypeError) as e:
@@ -247,7 +245,7 @@ class Policy:
             if any(x.name == hname for x in self.handlers):
                 raise PolicyError(f"two handlers are named {hname!r}; give one name=...", file, line)
             self.handlers.append(Handler(hname, h, t, m, func, file, line, kinds, len(self.handlers), match,
-                                         flow=bool(flow)))
+                                         flow=bool(flow), source=src))
             return func
 
         return decorate
@@ -327,34 +325,22 @@ class Policy:
         return [h for h in HOOKS if any(x.hook == h for x in self.handlers) or h in self.defaults]
 
 
-def _routing_defaults() -> Any:
-    from .routing import RoutingSettings
-
-    return RoutingSettings()
-
-
-def verdict_calls(func: Callable[..., Any]) -> dict[str, int]:
+def verdict_calls(func: "Callable[..., Any] | Source") -> dict[str, int]:
     """The verdict factories a handler's source calls, with their file line numbers.
 
     A best effort that catches the common mistake (reject() at PREROUTING) at load time;
-    a verdict the scan cannot see is still checked when the handler returns it.
+    a verdict the scan cannot see is still checked when the handler returns it. ``func``:
+    the handler, or its introspect.Source (parsed once at declaration).
     """
-    try:
-        lines, start = inspect.getsourcelines(func)
-    except (OSError, TypeError):
-        return {}
-    try:
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except SyntaxError:
-        return {}
+    src = func if isinstance(func, Source) else parse_source(func)
     found: dict[str, int] = {}
-    for node in ast.walk(tree):
+    for node in src.walk():
         if (isinstance(node, ast.Return) and isinstance(node.value, ast.Constant)
                 and node.value.value is not None):
             v = node.value.value
             hint = f"{v}()" if isinstance(v, str) and v in FACTORIES else "a verdict such as accept() or drop(), or None"
-            raise PolicyError(f"handler {func.__name__!r} returns the constant {v!r}, which is not a verdict; "
-                              f"return {hint}", inspect.getsourcefile(func), start + node.lineno - 1)
+            raise PolicyError(f"handler {src.name!r} returns the constant {v!r}, which is not a verdict; "
+                              f"return {hint}", src.file, src.line(node))
         if isinstance(node, ast.Call):
             f = node.func
             name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
@@ -362,7 +348,7 @@ def verdict_calls(func: Callable[..., Any]) -> dict[str, int]:
                 kind = FACTORIES[name]
                 if kind == "mark" and any(k.arg == "connmark" for k in node.keywords):
                     kind = "connmark"
-                found.setdefault(kind, start + node.lineno - 1)
+                found.setdefault(kind, src.line(node))
     return found
 
 

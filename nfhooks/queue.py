@@ -55,12 +55,10 @@ from __future__ import annotations
 
 import ast
 import errno
-import inspect
 import logging
 import os
 import select
 import socket
-import textwrap
 import time
 import warnings
 from collections.abc import Callable
@@ -68,6 +66,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import KernelError
+from .introspect import Source
+from .introspect import parse as parse_source
 from .kstats import DEFAULT_PROC_PATH, read_queue_stats
 from .overload import OverloadCollector, bypassed, rule_packets, saved_with_counters  # noqa: F401 -- re-exported
 
@@ -124,12 +124,12 @@ def gso_safe(handler: Any) -> tuple[bool, str]:
     kinds = getattr(handler, "verdict_kinds", {}) or {}
     if "mangle" in kinds:
         return False, "it can rewrite packets"
-    func = getattr(handler, "func", None)
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))  # type: ignore[arg-type]
-    except (OSError, TypeError, SyntaxError):
+    src = getattr(handler, "source", None)
+    if not isinstance(src, Source) or not src.readable:
+        src = parse_source(getattr(handler, "func", None))
+    if not src.readable:
         return False, "its source cannot be read"
-    for node in ast.walk(tree):
+    for node in src.walk():
         if isinstance(node, ast.Attribute) and node.attr in _PAYLOAD_ATTRS:
             return False, f"it reads pkt.{node.attr}"
     return True, "headers only"

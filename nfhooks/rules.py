@@ -29,186 +29,24 @@ belongs to one (family, hook, target), so no other nat rule can match them again
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterable
-
 from .hooks import HOOKS, TABLE_ORDER, decision_table
 from .marks import (
     ACTION_CONNSAVE, ACTION_REJECT, ACTION_REJECT_ADMIN, ACTION_REJECT_HOST,
     DEFAULT_MARK_MASK, DEFAULT_NAT_TARGETS, GENERATIONS, MarkLayout, bits_for, core_layout,
 )
-from .match import Addr, Iface, Match, Ports
 from .policy import Handler, Policy, PolicyError
+from .rulebuild import (  # the builders and RuleSet live there; their names stay importable from here
+    CHAIN_PREFIX, COMMENT, FAMILIES, MatchSpec, Opt, Rule, RuleSet, chain_name, comment, generation_rules, mark,
+    match_specs, proto_name, reject_with, save_string, xmark,
+)
 from .verdict import NAT_KINDS, Drop, Nat, Reject, Verdict
 
-COMMENT = "nfhooks"
-CHAIN_PREFIX = "NFH-"
 CONNSAVE_CHAIN = "NFH-CONNSAVE"
-FAMILIES = (4, 6)
 MAX_QUEUE = 65535
 
-Opt = tuple[str, str, bool]  # option, value ("" for a flag), negated
-
-
-@dataclass(frozen=True)
-class MatchSpec:
-    module: str
-    opts: tuple[Opt, ...]
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One iptables rule, in the shape both python-iptables and iptables-save use."""
-
-    chain: str
-    target: str
-    target_opts: tuple[tuple[str, str], ...] = ()
-    src: Addr | None = None
-    dst: Addr | None = None
-    iif: Iface | None = None
-    oif: Iface | None = None
-    proto: str | None = None
-    matches: tuple[MatchSpec, ...] = ()
-    goto: bool = False
-
-    def render(self) -> str:
-        out = [f"-A {self.chain}"]
-        for flag, a in (("-s", self.src), ("-d", self.dst)):
-            if a is not None:
-                out.append(f"{'! ' if a.negate else ''}{flag} {a.text()}")
-        for flag, i in (("-i", self.iif), ("-o", self.oif)):
-            if i is not None:
-                out.append(f"{'! ' if i.negate else ''}{flag} {i.name}")
-        if self.proto:
-            out.append(f"-p {self.proto}")
-        for m in self.matches:
-            out.append(f"-m {m.module}")
-            for opt, value, neg in m.opts:
-                val = save_string(value) if m.module == "comment" else value
-                out.append(f"{'! ' if neg else ''}--{opt}{' ' + val if val else ''}")
-        out.append(f"{'-g' if self.goto else '-j'} {self.target}")
-        for opt, value in self.target_opts:
-            out.append(f"--{opt}{' ' + value if value else ''}")
-        return " ".join(out)
-
-    @property
-    def comment(self) -> str | None:
-        for m in self.matches:
-            if m.module == "comment":
-                return m.opts[0][1]
-        return None
-
-
-def save_string(value: str) -> str:
-    """Quote like iptables' xtables_save_string(), so rendered text equals iptables-save."""
-    plain = set("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-    if value and all(c in plain for c in value):
-        return value
-    return '"' + "".join("\\" + c if c in "\"\\'" else c for c in value) + '"'
-
-
-def _comment(text: str) -> MatchSpec:
-    return MatchSpec("comment", (("comment", text, False),))
-
-
-def _mark(value: int, mask: int, negate: bool = False) -> MatchSpec:
-    text = f"{value:#x}" if mask == 0xFFFFFFFF else f"{value:#x}/{mask:#x}"
-    return MatchSpec("mark", (("mark", text, negate),))
-
-
-def _xmark(value: int, mask: int) -> tuple[tuple[str, str], ...]:
-    return (("set-xmark", f"{value:#x}/{mask:#x}"),)
-
-
-def chain_name(hook: str, generation: int = 1) -> str:
-    """``NFH-<HOOK>`` for generation 1, ``NFH-<HOOK>-2`` for generation 2 (hot reload)."""
-    return CHAIN_PREFIX + hook + ("" if generation == 1 else f"-{generation}")
-
-
-def generation_rules(chain: str, layout: MarkLayout, generation: int) -> list[Rule]:
-    """The first two rules of every chain: stamp an unstamped packet with this generation,
-    then return anything stamped by the other one.
-
-    During a hot reload both generations' chains are installed, the new one jumped to first;
-    a packet is stamped by the first nfhooks chain it meets and ignored by every chain of the
-    other generation at this and every later hook, so no packet is decided by both policies,
-    and one the old generation already holds (queued, or repeated from its queue) finishes
-    there. ``retire_rules`` then stops the old chains from stamping anything new.
-    """
-    g = layout["gen"]
-    mine = g.encode(generation)
-    return [Rule(chain, "MARK", _xmark(mine, g.mask), matches=(_mark(0, g.mask), _comment(f"{COMMENT} gen"))),
-            Rule(chain, "RETURN", matches=(_mark(mine, g.mask, negate=True), _comment(f"{COMMENT} gen")))]
-
-
-@dataclass
-class RuleSet:
-    """Everything nfhooks will install for one policy, per (family, table)."""
-
-    layout: MarkLayout
-    rules: dict[tuple[int, str], list[Rule]] = field(default_factory=dict)
-    chains: dict[tuple[int, str], list[str]] = field(default_factory=dict)
-    jumps: dict[tuple[int, str], list[Rule]] = field(default_factory=dict)
-    queues: dict[int, Handler] = field(default_factory=dict)
-    fail_open: dict[str, bool] = field(default_factory=dict)
-    defaults: dict[str, Verdict] = field(default_factory=dict)
-    positions: dict[str, int] = field(default_factory=dict)  # handler name -> resume index
-    nat_targets: int = 0  # bound on distinct NAT targets (0: the policy does no NAT)
-    generation: int = 1  # 1 or 2: chain names and the gen stamp (rules.generation_rules)
-    flow_generation: int = 0  # connmark generation of flow offload (offload.py); 0: no flow handlers
-    routeshape: Any = None  # routing.RouteShape when the policy routes or shapes (routing.compile_rules)
-
-    def chain(self, hook: str) -> str:
-        return chain_name(hook, self.generation)
-
-    def tables(self) -> list[tuple[int, str]]:
-        return [(f, t) for f in FAMILIES for t in TABLE_ORDER if (f, t) in self.chains]
-
-    def render(self, families: Iterable[int] = FAMILIES) -> str:
-        """iptables-save text of our chains and jumps, per family (``# ipv4`` / ``# ipv6``)."""
-        lines: list[str] = []
-        for fam in families:
-            lines.append(f"# ip{'6' if fam == 6 else ''}tables")
-            for f, t in self.tables():
-                if f != fam:
-                    continue
-                lines.append(f"*{t}")
-                lines.extend(f":{c} - [0:0]" for c in self.chains[(f, t)])
-                lines.extend(r.render() for r in self.jumps[(f, t)])
-                for chain in self.chains[(f, t)]:  # iptables-save order: user chains sorted
-                    lines.extend(r.render() for r in self.rules[(f, t)] if r.chain == chain)
-                lines.append("COMMIT")
-        return "\n".join(lines) + "\n"
-
-
-def proto_name(proto: str | None, family: int) -> str | None:
-    if proto == "icmpv6" and family == 6:
-        return "ipv6-icmp"
-    return proto
-
-
-def _match_specs(m: Match, family: int, layout: MarkLayout, new_only: bool = False) -> list[MatchSpec]:
-    specs: list[MatchSpec] = []
-    simple: list[Opt] = []
-    multi: list[MatchSpec] = []
-    for name, ports in (("sport", m.sport), ("dport", m.dport)):
-        if ports is None:
-            continue
-        if ports.simple:
-            simple.append((name, ports.text(), ports.negate))
-        else:
-            multi.append(MatchSpec("multiport", ((name + "s", ports.text(), ports.negate),)))
-    if simple:
-        specs.append(MatchSpec(m.proto or "tcp", tuple(simple)))
-    specs.extend(multi)
-    if m.ctstate is not None:
-        specs.append(MatchSpec("conntrack", (("ctstate", ",".join(m.ctstate), False),)))
-    elif new_only:
-        specs.append(MatchSpec("conntrack", (("ctstate", "NEW", False),)))
-    if m.mark is not None:
-        v, mask, neg = m.mark
-        specs.append(_mark(v, mask, neg))
-    return specs
+__all__ = ["CHAIN_PREFIX", "COMMENT", "CONNSAVE_CHAIN", "FAMILIES", "MAX_QUEUE", "MatchSpec", "Opt", "Rule", "RuleSet",
+           "chain_name", "comment", "compile_policy", "does_nat", "generation_rules", "mark", "match_specs",
+           "nat_rule", "proto_name", "reject_action", "reject_with", "save_string", "xmark"]
 
 
 def _check_user_mark(h: Handler, layout: MarkLayout) -> None:
@@ -221,15 +59,13 @@ def _check_user_mark(h: Handler, layout: MarkLayout) -> None:
 
 def _reject_rules(chain: str, family: int, layout: MarkLayout) -> list[Rule]:
     act = layout["action"]
-    icmp = "icmp6" if family == 6 else "icmp"
-    unreach = {ACTION_REJECT: f"{icmp}-port-unreachable",
-               ACTION_REJECT_ADMIN: f"{icmp}-adm-prohibited" if family == 6 else "icmp-admin-prohibited",
-               ACTION_REJECT_HOST: f"{icmp}-addr-unreachable" if family == 6 else "icmp-host-unreachable"}
+    unreach = {ACTION_REJECT: "port-unreachable", ACTION_REJECT_ADMIN: "admin-prohibited",
+               ACTION_REJECT_HOST: "host-unreachable"}
     out = [Rule(chain, "REJECT", (("reject-with", "tcp-reset"),), proto="tcp",
-                matches=(_mark(act.encode(ACTION_REJECT), act.mask), _comment(f"{COMMENT} reject")))]
-    for code, with_ in unreach.items():
-        out.append(Rule(chain, "REJECT", (("reject-with", with_),),
-                        matches=(_mark(act.encode(code), act.mask), _comment(f"{COMMENT} reject"))))
+                matches=(mark(act.encode(ACTION_REJECT), act.mask), comment(f"{COMMENT} reject")))]
+    for code, kind in unreach.items():
+        out.append(Rule(chain, "REJECT", (("reject-with", reject_with(kind, family)),),
+                        matches=(mark(act.encode(code), act.mask), comment(f"{COMMENT} reject"))))
     return out
 
 
@@ -243,17 +79,14 @@ def reject_action(v: Reject, is_tcp: bool) -> int:
 
 
 def _default_rules(chain: str, family: int, verdict: Verdict) -> list[Rule]:
-    c = (_comment(f"{COMMENT} default"),)
+    c = (comment(f"{COMMENT} default"),)
     if isinstance(verdict, Drop):
         return [Rule(chain, "DROP", matches=c)]
     if isinstance(verdict, Reject):
-        icmp = "icmp6" if family == 6 else "icmp"
-        with_ = {"admin-prohibited": "icmp6-adm-prohibited" if family == 6 else "icmp-admin-prohibited",
-                 "host-unreachable": f"{icmp}-addr-unreachable" if family == 6 else "icmp-host-unreachable"}
-        if verdict.with_ in with_:
-            return [Rule(chain, "REJECT", (("reject-with", with_[verdict.with_]),), matches=c)]
+        if verdict.with_ in ("admin-prohibited", "host-unreachable"):
+            return [Rule(chain, "REJECT", (("reject-with", reject_with(verdict.with_, family)),), matches=c)]
         return [Rule(chain, "REJECT", (("reject-with", "tcp-reset"),), proto="tcp", matches=c),
-                Rule(chain, "REJECT", (("reject-with", f"{icmp}-port-unreachable"),), matches=c)]
+                Rule(chain, "REJECT", (("reject-with", reject_with("port-unreachable", family)),), matches=c)]
     return []
 
 
@@ -272,7 +105,7 @@ def nat_rule(hook: str, index: int, verdict: Nat, layout: MarkLayout, proto: str
     f = layout["nat"]
     return Rule(chain_name(hook, generation), verdict.target, verdict.target_opts(),
                 proto=proto if verdict.ports else None,
-                matches=(_mark(f.encode(index), f.mask), _comment(f"{COMMENT} nat {index}")))
+                matches=(mark(f.encode(index), f.mask), comment(f"{COMMENT} nat {index}")))
 
 
 def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = None,
@@ -338,7 +171,7 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                     rules += _reject_rules(chain, fam, layout)
                 if table in ("filter", "mangle") and handlers:
                     rules.append(Rule(chain, connsave, goto=True, matches=(
-                        _mark(act.encode(ACTION_CONNSAVE), act.mask), _comment(f"{COMMENT} connmark"))))
+                        mark(act.encode(ACTION_CONNSAVE), act.mask), comment(f"{COMMENT} connmark"))))
                 if offload.flow_handlers(handlers):
                     rules.append(offload.save_jump(chain, hook, layout, generation))
                 for pos, h in enumerate(per_chain.get((table, hook), []), 1):
@@ -355,12 +188,12 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                     rules.append(Rule(
                         chain, "NFQUEUE", topts, src=m.src, dst=m.dst, iif=m.iif, oif=m.oif,
                         proto=proto_name(m.proto, fam),
-                        matches=(*_match_specs(m, fam, layout, does_nat(h) or routing.per_connection(h)), _mark(0, guard),
-                                 _comment(f"{COMMENT} {h.name}")),
+                        matches=(*match_specs(m, fam, does_nat(h) or routing.per_connection(h)), mark(0, guard),
+                                 comment(f"{COMMENT} {h.name}")),
                     ))
                     res = layout["resume"]
-                    rules.append(Rule(chain, "MARK", _xmark(0, res.mask), matches=(
-                        _mark(res.encode(pos), res.mask), _comment(f"{COMMENT} resume"))))
+                    rules.append(Rule(chain, "MARK", xmark(0, res.mask), matches=(
+                        mark(res.encode(pos), res.mask), comment(f"{COMMENT} resume"))))
                 if table == dtable:
                     rules += _default_rules(chain, fam, default)
                 if table == "nat" and any(fam in h.match.families() for h in nat_handlers if h.hook == hook):
@@ -370,7 +203,7 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                 key = (fam, table)
                 rs.rules.setdefault(key, []).extend(generation_rules(chain, layout, generation) + rules)
                 rs.chains.setdefault(key, []).append(chain)
-                rs.jumps.setdefault(key, []).append(Rule(hook, chain, matches=(_comment(COMMENT),)))
+                rs.jumps.setdefault(key, []).append(Rule(hook, chain, matches=(comment(COMMENT),)))
     for key, rules in rs.rules.items():
         if any(r.target == connsave for r in rules):
             rs.chains[key].append(connsave)
@@ -378,9 +211,9 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
             rules.extend([
                 Rule(connsave, "CONNMARK",
                      (("save-mark", ""), ("nfmask", f"{user:#x}"), ("ctmask", f"{user:#x}")),
-                     matches=(_comment(COMMENT),)),
-                Rule(connsave, "MARK", _xmark(0, act.mask), matches=(_comment(COMMENT),)),
-                Rule(connsave, "ACCEPT", matches=(_comment(COMMENT),)),
+                     matches=(comment(COMMENT),)),
+                Rule(connsave, "MARK", xmark(0, act.mask), matches=(comment(COMMENT),)),
+                Rule(connsave, "ACCEPT", matches=(comment(COMMENT),)),
             ])
     if flow_fields:
         offload.add_to_ruleset(rs, policy, flow_generation)
