@@ -31,6 +31,7 @@ git -C "$SRC" rev-parse --verify -q HEAD >/dev/null || { echo "fresh-check: $SRC
 mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 mirror=${mirror:-http://deb.debian.org/debian}
 ROOT=$(mktemp -d /var/tmp/nfhooks-fresh.XXXXXX)
+chmod 755 "$ROOT"   # a root directory, not a private temp dir: apt's _apt user must traverse it
 mkdir -p "$CACHE"
 
 # Mount points under $ROOT, deepest first (from mountinfo: also the netns files ip made inside).
