@@ -45,6 +45,8 @@ __all__ = ["CounterCarry", "Pool", "RestartPolicy", "Supervisor", "worker_main",
            "FIRST_DELAY", "MAX_DELAY", "STABLE_AFTER"]
 
 log = logging.getLogger("nfhooks.workers")
+#: seconds a stopping worker may spend answering what its queues still hold (Engine.DRAIN_TIMEOUT)
+DRAIN_TIMEOUT = 4.0
 READY_TIMEOUT = 20.0
 SCRAPE_TIMEOUT = 3.0
 FIRST_DELAY = 1.0  # the wait before restarting a worker that died again soon after its restart
@@ -121,6 +123,13 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
         watchdog.start()
     try:
         qs.run()
+        # asked to stop (or the main process is gone): close the queues to new packets and
+        # answer what they hold while the main process keeps every rule (Engine.drain)
+        qs.close_intake()
+        left = qs.drain(DRAIN_TIMEOUT, qs.waiting)
+        if left:
+            log.warning("worker %d: %d queued packet(s) not answered within %.0f s are dropped",
+                        index, left, DRAIN_TIMEOUT)
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -239,7 +248,7 @@ class Pool:
     def dead(self) -> list[int]:
         return [i for i, p in enumerate(self.procs) if not p.is_alive()]
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = DRAIN_TIMEOUT + 4.0) -> None:
         for conn, lock in zip(self.conns, self.locks):
             with lock:
                 try:

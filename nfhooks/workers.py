@@ -372,6 +372,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
 
     from .backends import get_backend, other_backends_with_ours
     from .exporter import is_loopback, parse_listen_addr
+    from .integrity import RuleWatch
     from .nat import backend_installer
     from .owner import Ownership
 
@@ -409,6 +410,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             pass
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    serving = stopped = False
     try:
         for b in [backend, *other_backends_with_ours(backend)]:
             if b.has_ours():
@@ -452,18 +454,33 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         from multiprocessing.connection import wait
 
         pool.extra_fds = [wake_r, wake_w] + ([server.socket.fileno()] if server is not None else [])
+        watch = RuleWatch(lambda: brs, lambda lost: _restore(backend, brs, nat), backend.saved_text,
+                          registry if metrics_addr != "off" else CollectorRegistry(), lambda: wake_w)
+        serving = True
         while not stop.is_set():  # a dead worker is restarted (supervise.py); the rules stay
-            wait([wake_r, *supervisor.waitables()], timeout=supervisor.timeout())
+            t = supervisor.timeout()
+            wait([wake_r, *supervisor.waitables()], timeout=watch.interval if t is None else min(t, watch.interval))
             if not stop.is_set():
                 supervisor.tick()
+                if watch.due():
+                    watch.check()  # rules removed under us (flush --force): put them back
+        stopped = True
         return 0
     finally:
+        if pool is not None:
+            pool.stop()  # each worker closes its queues to new packets and answers what they hold
+            pool = None
         if nat is not None:
             nat.close()  # no nat rule added while or after the rules are removed
         try:
-            removed = backend.remove()
-            if removed:
-                log.info("removed: %s", "; ".join(removed))
+            if serving and not stopped:  # ended by an error: leave the rules as a kill -9 would
+                log.error("the --workers main process stopped on an error; leaving its rules in place as a "
+                          "kill -9 would (fail-closed hooks drop, fail-open ones pass) until `nfhooks run` "
+                          "starts again or `nfhooks flush` removes them")
+            else:
+                removed = backend.remove()
+                if removed:
+                    log.info("removed: %s", "; ".join(removed))
         finally:
             if pool is not None:
                 pool.stop()
@@ -475,3 +492,11 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             os.close(wake_r)
             os.close(wake_w)
             owner.release()
+
+
+def _restore(backend: Any, brs: Any, nat: "NatServer | None") -> None:
+    """The rules were removed under the --workers main process: install them again (integrity.py)."""
+    backend.remove()
+    backend.install(brs)
+    if nat is not None:
+        nat.nat.reinstall()
