@@ -67,9 +67,9 @@ class NatTargets:
         return len(self.index)
 
     def _install(self, family: int, table: str, hook: str, rule: Rule) -> None:
-        from .install import append_rule  # python-iptables needs root; keep nat.py importable
+        from .backends import get_backend  # $NFHOOKS_BACKEND's; the engine injects its own backend's
 
-        append_rule(family, table, hook, rule, prelude=generation_rules(rule.chain, self.layout, self.generation))
+        backend_installer(get_backend(), self.layout, self.generation)(family, table, hook, rule)
 
     def key(self, pkt: Packet, v: Nat) -> Key:
         if v.family is not None and v.family != pkt.version:
