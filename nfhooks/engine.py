@@ -155,7 +155,8 @@ class Engine:
             self._bind(self.ruleset, [])
             self.queues.export(self.metrics.registry).saved = self.backend.counter_texts
             self._publish()
-            routing.start(self.ruleset)  # ip rules, routes, qdiscs exist before any rule marks a packet
+            # ip rules, routes, qdiscs exist before any rule marks a packet; uplink NAT through our backend
+            routing.start(self.ruleset, restore=self.backend.restore)
             self.backend.install(self.ruleset)
             self.installed = True
             self._watch_rules()
@@ -205,7 +206,7 @@ class Engine:
         try:
             self._use(policy, rs)
             self._bind(rs, bound)
-            routing.reload(old_rs, rs)  # hands the running ip rules/qdiscs over, or refuses
+            routing.reload(old_rs, rs, restore=self.backend.restore)  # hands the running ip rules/qdiscs over, or refuses
             self.backend.install(rs)
         except Exception as e:  # noqa: BLE001 -- kernel refusal: undo the new half, keep the old
             try:

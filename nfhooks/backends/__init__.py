@@ -21,7 +21,7 @@ from .legacy import LegacyBackend
 from .nft import NftBackend
 
 __all__ = ["Backend", "BACKENDS", "CHOICES", "ENV", "Probes", "detect", "get_backend", "resolve",
-           "other_backends_with_ours", "LegacyBackend", "NftBackend"]
+           "other_backends_with_ours", "rule_tables", "LegacyBackend", "NftBackend"]
 
 ENV = "NFHOOKS_BACKEND"
 BACKENDS: dict[str, type[Backend]] = {"legacy": LegacyBackend, "nft": NftBackend}

@@ -30,7 +30,7 @@ from ..rules import CHAIN_PREFIX, COMMENT, RuleSet
 from .base import Backend, check_queue_support
 from .tools import SAVE_TOOLS
 
-__all__ = ["NftBackend", "install_lines", "removal_lines"]
+__all__ = ["NftBackend", "install_lines", "removal_lines", "existing_chains"]
 
 _TARGET = re.compile(r" (?:-j|-g) (\S+)")
 
