@@ -19,18 +19,41 @@ engine's ``remove_all()`` (every ``NFH-*`` chain, the nat ones included).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .marks import MarkLayout
 from .packet import Packet
-from .rules import Rule, generation_rules, nat_rule
-from .verdict import Nat
+from .rulebuild import COMMENT, Rule, chain_name, comment, generation_rules, mark
+from .verdict import NAT_KINDS, Nat
+
+if TYPE_CHECKING:
+    from .policy import Handler
+
+__all__ = ["PORT_PROTOS", "NatError", "NatTargets", "backend_installer", "does_nat", "nat_rule"]
 
 #: Protocols whose ports a NAT target may name (what iptables' DNAT/SNAT accept with ports).
 PORT_PROTOS = {6: "tcp", 17: "udp", 132: "sctp", 33: "dccp"}
 
 Installer = Callable[[int, str, str, Rule], None]  # (family, table, hook, rule)
 Key = tuple[int, str, Nat, str | None]  # (family, hook, verdict, proto when it has ports)
+
+
+def does_nat(h: "Handler") -> bool:
+    """The handler's source calls a NAT verdict factory (policy.verdict_calls found it)."""
+    return not NAT_KINDS.isdisjoint(h.verdict_kinds)
+
+
+def nat_rule(hook: str, index: int, verdict: Nat, layout: MarkLayout, proto: str | None = None,
+             generation: int = 1) -> Rule:
+    """The rule in the nat table's ``NFH-<hook>`` that applies target ``index``.
+
+    ``proto`` (tcp/udp/sctp/dccp) is needed when the target names ports: iptables refuses a
+    port mapping on a rule that does not say which transport header holds the port.
+    """
+    f = layout["nat"]
+    return Rule(chain_name(hook, generation), verdict.target, verdict.target_opts(),
+                proto=proto if verdict.ports else None,
+                matches=(mark(f.encode(index), f.mask), comment(f"{COMMENT} nat {index}")))
 
 
 def backend_installer(backend: Any, layout: MarkLayout, generation: int) -> Installer:
@@ -58,7 +81,7 @@ class NatTargets:
         self.layout = layout
         self.limit = min(limit, (1 << self.field.width) - 1)
         self.generation = generation
-        self.installer = installer or self._install
+        self.installer = installer or self._no_installer
         self.on_change = on_change
         self.index: dict[Key, int] = {}
         self.failed: dict[Key, str] = {}  # a target the kernel refused is not retried per packet

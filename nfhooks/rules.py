@@ -29,6 +29,10 @@ belongs to one (family, hook, target), so no other nat rule can match them again
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from .features.base import ChainContext, CompileContext, Feature
+from .features.registry import FEATURES
 from .hooks import HOOKS, TABLE_ORDER, decision_table
 from .marks import (
     ACTION_CONNSAVE, ACTION_REJECT, ACTION_REJECT_ADMIN, ACTION_REJECT_HOST,
@@ -39,7 +43,8 @@ from .rulebuild import (  # the builders and RuleSet live there; their names sta
     CHAIN_PREFIX, COMMENT, FAMILIES, MatchSpec, Opt, Rule, RuleSet, chain_name, comment, generation_rules, mark,
     match_specs, proto_name, reject_with, save_string, xmark,
 )
-from .verdict import NAT_KINDS, Drop, Nat, Reject, Verdict
+from .nat import does_nat, nat_rule  # noqa: F401 -- re-exported: rules.nat_rule / does_nat as before
+from .verdict import Drop, Reject, Verdict
 
 CONNSAVE_CHAIN = "NFH-CONNSAVE"
 MAX_QUEUE = 65535
@@ -90,62 +95,38 @@ def _default_rules(chain: str, family: int, verdict: Verdict) -> list[Rule]:
     return []
 
 
-def does_nat(h: Handler) -> bool:
-    """The handler's source calls a NAT verdict factory (policy.verdict_calls found it)."""
-    return not NAT_KINDS.isdisjoint(h.verdict_kinds)
-
-
-def nat_rule(hook: str, index: int, verdict: Nat, layout: MarkLayout, proto: str | None = None,
-             generation: int = 1) -> Rule:
-    """The rule in the nat table's ``NFH-<hook>`` that applies target ``index``.
-
-    ``proto`` (tcp/udp/sctp/dccp) is needed when the target names ports: iptables refuses a
-    port mapping on a rule that does not say which transport header holds the port.
-    """
-    f = layout["nat"]
-    return Rule(chain_name(hook, generation), verdict.target, verdict.target_opts(),
-                proto=proto if verdict.ports else None,
-                matches=(mark(f.encode(index), f.mask), comment(f"{COMMENT} nat {index}")))
-
-
 def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = None,
                    mark_mask: int = DEFAULT_MARK_MASK, nat_targets: int = DEFAULT_NAT_TARGETS,
-                   generation: int = 1, flow_generation: int = 1) -> RuleSet:
+                   generation: int = 1, flow_generation: int = 1,
+                   features: Sequence[Feature] = FEATURES) -> RuleSet:
     """Build the RuleSet. ``fail``: 'open', 'closed' or None (per hook: open iff default accept).
 
     ``nat_targets`` bounds the distinct NAT targets (it sizes the ``nat`` mark field, which
     exists only when some handler calls a NAT verdict). ``generation`` (1 or 2) names the
     chains and stamps packets, so a hot reload can install the next set beside this one.
+    ``features`` (features/registry.py) add their mark fields and rules, in that order.
     """
     if generation not in GENERATIONS:
         raise ValueError(f"generation must be one of {GENERATIONS}, not {generation}")
+    ctx = CompileContext(policy, nat_targets, generation, flow_generation)
     per_chain: dict[tuple[str, str], list[Handler]] = {}
     for h in policy.handlers:
         per_chain.setdefault((h.table, h.hook), []).append(h)
     longest = max((len(v) for v in per_chain.values()), default=1)
-    nat_handlers = [h for h in policy.handlers if does_nat(h)]
-    if nat_handlers and not 0 < nat_targets < 1 << 16:
-        raise PolicyError(f"--nat-targets {nat_targets}: give 1..65535 distinct NAT targets", policy.file)
-    extra = [("nat", bits_for(nat_targets))] if nat_handlers else []
-    from . import offload  # flow offload: fields only when the policy has flow handlers
-    flow_fields = offload.layout_fields(policy)
-    extra += flow_fields
-    from . import routing  # route / class fields: only when the policy routes or shapes
-    extra += routing.mark_fields(policy)
-    if flow_fields and not 0 < flow_generation <= offload.FLOW_GENERATIONS:
-        raise ValueError(f"flow_generation must be 1..{offload.FLOW_GENERATIONS}, not {flow_generation}")
-    flow_ords = offload.ordinals(policy)
+    extra: list[tuple[str, int]] = []
+    for f in features:
+        f.check(ctx)
+        extra += f.mark_fields(ctx)
     try:
         layout = core_layout(longest, mark_mask, extra)
     except ValueError as e:
-        hint = f" (the nat field holds --nat-targets {nat_targets}; a smaller bound takes fewer bits)" \
-            if nat_handlers else ""
-        raise PolicyError(str(e) + hint, policy.file) from None
+        raise PolicyError(str(e) + "".join(f.layout_hint(ctx) for f in features), policy.file) from None
     if queue_base < 0 or queue_base + len(policy.handlers) - 1 > MAX_QUEUE:
         raise PolicyError(f"queues {queue_base}..{queue_base + len(policy.handlers) - 1} do not fit 0..{MAX_QUEUE}",
                           policy.file)
-    rs = RuleSet(layout, nat_targets=nat_targets if nat_handlers else 0, generation=generation,
-                 flow_generation=flow_generation if flow_fields else 0)
+    rs = RuleSet(layout, generation=generation)
+    for f in features:
+        f.configure(rs, ctx)
     connsave = chain_name("CONNSAVE", generation)
     for h in policy.handlers:
         _check_user_mark(h, layout)
@@ -160,20 +141,21 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
         tables = {t for (t, hk) in per_chain if hk == hook}
         if tables or hook in policy.defaults:
             tables.add(dtable)
-        if any(h.hook == hook for h in nat_handlers):
-            tables.add("nat")
+        for f in features:
+            tables |= f.hook_tables(ctx, hook)
         for fam in FAMILIES:
             for table in (t for t in TABLE_ORDER if t in tables):
                 chain = chain_name(hook, generation)
                 handlers = [h for h in per_chain.get((table, hook), []) if fam in h.match.families()]
+                cc = ChainContext(chain, hook, table, fam, handlers, layout, guard)
                 rules: list[Rule] = []
                 if table == "filter":
                     rules += _reject_rules(chain, fam, layout)
                 if table in ("filter", "mangle") and handlers:
                     rules.append(Rule(chain, connsave, goto=True, matches=(
                         mark(act.encode(ACTION_CONNSAVE), act.mask), comment(f"{COMMENT} connmark"))))
-                if offload.flow_handlers(handlers):
-                    rules.append(offload.save_jump(chain, hook, layout, generation))
+                for f in features:
+                    rules += f.chain_head(ctx, cc)
                 for pos, h in enumerate(per_chain.get((table, hook), []), 1):
                     rs.positions[h.name] = pos
                     if fam not in h.match.families():
@@ -183,22 +165,20 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                     topts: tuple[tuple[str, str], ...] = (("queue-num", str(q)),)
                     if rs.fail_open[hook]:
                         topts += (("queue-bypass", ""),)
-                    if h.name in flow_ords:
-                        rules += offload.offload_rules(chain, h, fam, layout, guard, flow_ords[h.name], flow_generation)
+                    for f in features:
+                        rules += f.before_queue(ctx, cc, h)
+                    new_only = any(f.new_only(h) for f in features)
                     rules.append(Rule(
                         chain, "NFQUEUE", topts, src=m.src, dst=m.dst, iif=m.iif, oif=m.oif,
                         proto=proto_name(m.proto, fam),
-                        matches=(*match_specs(m, fam, does_nat(h) or routing.per_connection(h)), mark(0, guard),
-                                 comment(f"{COMMENT} {h.name}")),
+                        matches=(*match_specs(m, fam, new_only), mark(0, guard), comment(f"{COMMENT} {h.name}")),
                     ))
                     res = layout["resume"]
                     rules.append(Rule(chain, "MARK", xmark(0, res.mask), matches=(
                         mark(res.encode(pos), res.mask), comment(f"{COMMENT} resume"))))
                 if table == dtable:
                     rules += _default_rules(chain, fam, default)
-                if table == "nat" and any(fam in h.match.families() for h in nat_handlers if h.hook == hook):
-                    pass  # the engine appends NAT targets as they appear (an empty chain now)
-                elif not rules:
+                if not rules and not any(f.keeps_empty_chain(ctx, fam, table, hook) for f in features):
                     continue
                 key = (fam, table)
                 rs.rules.setdefault(key, []).extend(generation_rules(chain, layout, generation) + rules)
@@ -215,9 +195,8 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                 Rule(connsave, "MARK", xmark(0, act.mask), matches=(comment(COMMENT),)),
                 Rule(connsave, "ACCEPT", matches=(comment(COMMENT),)),
             ])
-    if flow_fields:
-        offload.add_to_ruleset(rs, policy, flow_generation)
-    routing.compile_rules(rs, policy)  # connmark restore/save, CLASSIFY, uplink NAT (routing.py)
+    for f in features:
+        f.add_rules(ctx, rs)
     for key in rs.chains:
         rs.chains[key].sort()
     return rs

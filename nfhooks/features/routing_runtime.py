@@ -29,6 +29,8 @@ __all__ = ["RouteShape", "remove_owned", "start", "signature", "reload", "instal
 
 log = logging.getLogger("nfhooks.routing")
 
+Restore = Callable[[int, list[str], str], None]  # Backend.restore(family, lines, what)
+
 @dataclass
 class RouteShape:
     """The engine's routing and shaping: encodes verdicts into mark bits (per packet), and
@@ -277,16 +279,17 @@ def remove_owned() -> list[str]:
     return removed
 
 
-def start(ruleset: "RuleSet") -> None:
+def start(ruleset: "RuleSet", restore: Restore | None = None) -> None:
     """Engine.start: set up routing/shaping when the policy has any (a no-op otherwise).
 
     Runs before the iptables rules are installed, so the ip rules, routes and qdiscs exist
-    before any packet can carry a route or class mark.
+    before any packet can carry a route or class mark. ``restore``: the engine's backend's
+    (see install_nat).
     """
     rs = getattr(ruleset, "routeshape", None)
     if rs is not None:
         rs.setup()
-        install_nat(ruleset)
+        install_nat(ruleset, restore)
 
 
 def signature(rs: "RouteShape | None") -> Any:
@@ -298,7 +301,7 @@ def signature(rs: "RouteShape | None") -> Any:
     return tables, shaping, fields, rs.slots, vars(rs.settings), rs.classes
 
 
-def reload(old: "RuleSet", new: "RuleSet") -> None:
+def reload(old: "RuleSet", new: "RuleSet", restore: Restore | None = None) -> None:
     """Hot reload, before ``install(new)``: the new generation takes over the running routing
     and shaping when the policy changed neither (tables, routes, classes, settings, mark
     fields); otherwise RouteShapeError, and the reload should fail with the old policy kept
@@ -310,20 +313,16 @@ def reload(old: "RuleSet", new: "RuleSet") -> None:
     if o is None or n is None:
         return
     n.dynamic, n.failed, n.saved_sysctls, n.shapers, n.started = o.dynamic, o.failed, o.saved_sysctls, o.shapers, o.started
-    install_nat(new)
+    install_nat(new, restore)
 
 
-def install_nat(ruleset: "RuleSet", restore: Callable[..., None] | None = None) -> None:
+def install_nat(ruleset: "RuleSet", restore: Restore | None) -> None:
     """The uplink NAT chain, through the backend's ``restore`` (``ip(6)tables-*-restore
     --noflush``, one commit per family), taken out of what the backend's install does: the
     legacy backend's python-iptables cannot create MASQUERADE/SNAT for both families in one
     process (see backends/legacy.py). The chain is ``NFH-*`` and the jump tagged ``nfhooks``,
-    so the backend's remove() removes them as usual. ``restore`` None: the backend
-    $NFHOOKS_BACKEND names (else auto; `nfhooks run` exports its choice there)."""
-    if restore is None:
-        from ..backends import get_backend  # noqa: PLC0415 -- TODO(issue 14): the engine passes its backend
-        restore = get_backend().restore
-
+    so the backend's remove() removes them as usual. ``restore``: the engine's backend's
+    (``Backend.restore``); a feature never picks a backend itself."""
     for fam in (4, 6):
         key = (fam, "nat")
         chains = [c for c in ruleset.chains.get(key, []) if c.startswith("NFH-" + ROUTE_NAT_CHAIN)]
@@ -336,6 +335,8 @@ def install_nat(ruleset: "RuleSet", restore: Callable[..., None] | None = None) 
         ruleset.chains[key] = [c for c in ruleset.chains[key] if c not in chains]
         if not ruleset.chains[key]:
             del ruleset.chains[key], ruleset.rules[key], ruleset.jumps[key]
+        if restore is None:
+            raise RouteShapeError("the uplink NAT rules need the engine's rule backend (restore=...)")
         restore(fam, ["*nat", *(f":{c} - [0:0]" for c in chains), *(r.render() for r in rules),
                       *("-I" + j.render()[2:] for j in reversed(jumps)), "COMMIT"], "the uplink NAT rules")
 

@@ -1,0 +1,51 @@
+"""Flow offload as a feature: the ``flowgen``/``flow:*`` connmark fields, the flowsave jump at
+the top of a chain, the offload rules before a flow handler's queue rule, the NFH-FLOW-<HOOK>
+chains, and the engine's FlowOffload and its metrics (the design is in nfhooks/offload.py)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..offload import (
+    FLOW_GENERATIONS, FlowOffload, OffloadCollector, add_to_ruleset, flow_handlers, layout_fields, offload_rules,
+    ordinals, save_jump,
+)
+from .base import ChainContext, CompileContext, EngineEnv, Feature
+
+__all__ = ["OffloadFeature"]
+
+
+class OffloadFeature(Feature):
+    name = "offload"
+
+    def mark_fields(self, ctx: CompileContext) -> list[tuple[str, int]]:
+        fields = layout_fields(ctx.policy)
+        if fields and not 0 < ctx.flow_generation <= FLOW_GENERATIONS:
+            raise ValueError(f"flow_generation must be 1..{FLOW_GENERATIONS}, not {ctx.flow_generation}")
+        return fields
+
+    def configure(self, rs: Any, ctx: CompileContext) -> None:
+        rs.flow_generation = ctx.flow_generation if self.used(ctx) else 0
+
+    def chain_head(self, ctx: CompileContext, chain: ChainContext) -> list[Any]:
+        if not flow_handlers(chain.handlers):
+            return []
+        return [save_jump(chain.chain, chain.hook, chain.layout, ctx.generation)]
+
+    def before_queue(self, ctx: CompileContext, chain: ChainContext, handler: Any) -> list[Any]:
+        if not getattr(handler, "flow", False):
+            return []
+        return offload_rules(chain.chain, handler, chain.family, chain.layout, chain.guard,
+                             ordinals(ctx.policy)[handler.name], ctx.flow_generation)
+
+    def add_rules(self, ctx: CompileContext, rs: Any) -> None:
+        if rs.flow_generation:
+            add_to_ruleset(rs, ctx.policy, ctx.flow_generation)
+
+    def runtime(self, env: EngineEnv) -> FlowOffload | None:
+        if not env.ruleset.flow_generation:
+            return None
+        return FlowOffload(env.ruleset, env.policy, saved=env.backend.counter_texts)
+
+    def collector(self, current: Callable[[], Any]) -> OffloadCollector:
+        return OffloadCollector(current)
