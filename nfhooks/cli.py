@@ -252,7 +252,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
         if tap is not None:
             tap.close()  # flushes the buffered packets
         metrics.close()
-        say("nfhooks: stopped, rules removed")
+        say("nfhooks: stopped on an error, rules left in place (see above)" if engine.left_installed
+            else "nfhooks: stopped, rules removed")
 
 
 @app.command()
@@ -299,6 +300,9 @@ def flush(force: bool = typer.Option(False, "--force", help="flush even while a 
         _fail(str(e))
         return
     out.print("\n".join(removed) if removed else "nothing to remove: no nfhooks rules here")
+    if owner and removed:
+        say(f"nfhooks: the live engine (pid {owner[0]}) will notice and re-install its rules within "
+            f"seconds: stop it (kill -TERM {owner[0]}) to remove them for good")
 
 
 @app.command()

@@ -21,11 +21,11 @@ from .dispatch import (NONE_LABEL, REWRITE_LABELS, VERDICT_LABELS, Dispatcher, R
 from .hooks import TABLE_HOOKS
 from .marks import DEFAULT_NAT_TARGETS
 from .metrics import Metrics
-from .nat import NatTargets
+from .features.base import EngineEnv
+from .features.registry import FEATURES
 from .policy import Policy
 from .rules import RuleSet, compile_policy
 from .watchdog import DEFAULT_BUDGET, DEFAULT_TIMEOUT, Watchdog
-from . import routing
 
 __all__ = ["Engine", "Dispatcher", "RateLimitedLog", "trimmed_traceback", "hooks_summary", "NONE_LABEL",
            "VERDICT_LABELS", "REWRITE_LABELS"]
@@ -81,6 +81,7 @@ class Engine:
         self._reload_wanted = False
         self.flow_generation = flow_generation  # None: offload.next_flow_generation() per compile
         self.offload: Any = None
+        self.collectors: dict[str, Any] = {}  # feature name -> its registered metrics collector
         if handler_budget < 0:
             raise ValueError(f"--handler-budget {handler_budget}: give 0 (off) or a positive number of seconds")
         self.handler_budget = handler_budget
@@ -99,16 +100,15 @@ class Engine:
         """Make (policy, ruleset) the current generation's: its dispatcher and NAT targets."""
         self.policy, self.ruleset = policy, ruleset
         policy.self_mark = ruleset.layout["self"].mask
-        from .nat import backend_installer
-        self.nat = (NatTargets(ruleset.layout, ruleset.nat_targets, on_change=self.metrics.set_nat_targets,
-                               generation=ruleset.generation,
-                               installer=backend_installer(self.backend, ruleset.layout, ruleset.generation))
-                    if "nat" in ruleset.layout else None)
-        from .offload import FlowOffload, OffloadCollector
-        self.offload = FlowOffload(ruleset, policy, saved=self.backend.counter_texts) if ruleset.flow_generation else None
-        if self.offload is not None and not getattr(self, "_offload_metrics", None):
-            self._offload_metrics = OffloadCollector(lambda: self.dispatcher.offload)  # restored on a failed reload
-            self.metrics.registry.register(self._offload_metrics)
+        self.env = EngineEnv(policy, ruleset, self.backend, self.metrics)
+        self.runtimes = {f.name: f.runtime(self.env) for f in FEATURES}  # each feature's state (features/)
+        self.nat, self.offload = self.runtimes.get("nat"), self.runtimes.get("offload")
+        for f in FEATURES:  # a feature's collector, once, over its current runtime (restored on a failed reload)
+            if self.runtimes[f.name] is not None and f.name not in self.collectors:
+                c = f.collector(lambda name=f.name: self.runtimes.get(name))
+                if c is not None:
+                    self.metrics.registry.register(c)
+                    self.collectors[f.name] = c
         self._warm_up(policy)
         self.dispatcher = Dispatcher(policy, ruleset, self.metrics, nat=self.nat, tap=self.pcap,
                                      offload=self.offload, budget=self.handler_budget,
@@ -155,8 +155,8 @@ class Engine:
             self._bind(self.ruleset, [])
             self.queues.export(self.metrics.registry).saved = self.backend.counter_texts
             self._publish()
-            # ip rules, routes, qdiscs exist before any rule marks a packet; uplink NAT through our backend
-            routing.start(self.ruleset, restore=self.backend.restore)
+            for f in FEATURES:  # ip rules, routes, qdiscs exist before any rule marks a packet
+                f.start(self.env)
             self.backend.install(self.ruleset)
             self.installed = True
             self._watch_rules()
@@ -192,6 +192,7 @@ class Engine:
         if self.retiring:
             self._retire(force=True)
         old_rs, old_policy, old_nat, old_disp = self.ruleset, self.policy, self.nat, self.dispatcher
+        old_env, old_runtimes, old_offload = self.env, self.runtimes, self.offload
         try:
             if self.loader is None:
                 raise PolicyError("this engine was started without a policy file to reload")
@@ -206,7 +207,8 @@ class Engine:
         try:
             self._use(policy, rs)
             self._bind(rs, bound)
-            routing.reload(old_rs, rs, restore=self.backend.restore)  # hands the running ip rules/qdiscs over, or refuses
+            for f in FEATURES:  # e.g. routing hands the running ip rules/qdiscs over, or refuses
+                f.reload(old_env, self.env)
             self.backend.install(rs)
         except Exception as e:  # noqa: BLE001 -- kernel refusal: undo the new half, keep the old
             try:
@@ -215,6 +217,7 @@ class Engine:
                 for num in bound:
                     self.queues.unbind(num)
                 self.policy, self.ruleset, self.nat, self.dispatcher = old_policy, old_rs, old_nat, old_disp
+                self.env, self.runtimes, self.offload = old_env, old_runtimes, old_offload
             return self._reload_done(False, f"reload failed installing generation {rs.generation}, policy "
                                             f"{old_policy.name} keeps running: {e}")
         try:
@@ -281,10 +284,10 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------
 
     def _on_wake(self) -> None:
-        if self._failpoint == "loop":  # NFHOOKS_FAILPOINT=loop: an internal error ends serve()
-            raise RuntimeError("failpoint 'loop' (NFHOOKS_FAILPOINT): a simulated internal error")
         if self._reload_wanted:
             self._reload_wanted = False
+            if self._failpoint == "sighup":  # NFHOOKS_FAILPOINT=sighup: an internal error ends serve()
+                raise RuntimeError("failpoint 'sighup' (NFHOOKS_FAILPOINT): a simulated internal error")
             self.reload()
         if self.retiring:
             self._retire()
@@ -396,7 +399,8 @@ class Engine:
                 self.retiring = []
         finally:
             if not self.left_installed:  # after the rules that mark packets
-                routing.stop(self.ruleset, owned=self.owner is not None)
+                for f in reversed(FEATURES):  # never raises: the teardown goes on
+                    f.stop(self.env, owned=self.owner is not None)
             if self.queues is not None:
                 self.queues.close()
                 self.queues = None
