@@ -81,7 +81,7 @@ class NatTargets:
         self.layout = layout
         self.limit = min(limit, (1 << self.field.width) - 1)
         self.generation = generation
-        self.installer = installer or self._no_installer
+        self.installer = installer or self._install
         self.on_change = on_change
         self.index: dict[Key, int] = {}
         self.failed: dict[Key, str] = {}  # a target the kernel refused is not retried per packet
