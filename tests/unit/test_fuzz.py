@@ -12,15 +12,11 @@ import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
-from nfhooks import Policy, accept, clamp_mss, drop, mark, payload, reject, set_dscp, set_tos, set_ttl
-from nfhooks.engine import Dispatcher
+from nfhooks import accept, clamp_mss, drop, mark, payload, reject, set_dscp, set_tos, set_ttl
 from nfhooks.fake import FakeQueuedPacket, fake_bytes
 from nfhooks.mangle import MangleError, TruncatedPacket, rewrite
-from nfhooks.metrics import Metrics
 from nfhooks.packet import Malformed, parse
-from nfhooks.rules import compile_policy
 
 EXAMPLES = int(os.environ.get("NFHOOKS_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,
@@ -67,24 +63,18 @@ VERDICTS = st.one_of(st.sampled_from([accept(), drop(), reject(), None, "junk", 
                      st.integers(0, 0xFFFFFFFF).map(lambda v: mark(v)), MANGLES)
 
 
-def _dispatch(raw: bytes, verdict, table: str) -> FakeQueuedPacket:  # type: ignore[no-untyped-def]
-    p = Policy(defaults={"FORWARD": "drop"})
-
-    @p.forward(table=table)
+def _dispatch(dispatch, raw: bytes, verdict, table: str) -> FakeQueuedPacket:  # type: ignore[no-untyped-def]
     def h(pkt):  # noqa: ANN001, ANN202
         pkt.src, pkt.dst, pkt.proto, pkt.payload  # read what a handler reads
         return verdict
 
-    d = Dispatcher(p, compile_policy(p), Metrics(CollectorRegistry()), budget=0.0)
-    q = FakeQueuedPacket(raw)
-    d.callback(p.handlers[0])(q)
-    return q
+    return dispatch(defaults={"FORWARD": "drop"}).add("FORWARD", h, table=table).use(budget=0.0).send(raw)
 
 
 @FUZZ
 @given(packets(), VERDICTS, st.sampled_from(["filter", "mangle"]))
-def test_whatever_comes_in_and_whatever_the_handler_returns_one_verdict(raw, verdict, table):
-    q = _dispatch(raw, verdict, table)
+def test_whatever_comes_in_and_whatever_the_handler_returns_one_verdict(dispatch, raw, verdict, table):
+    q = _dispatch(dispatch, raw, verdict, table)
     final = [c for c in q.calls if c in ("accept", "drop", "repeat")]
     assert len(final) == 1, q.calls
 

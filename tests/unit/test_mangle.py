@@ -5,16 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from nfhooks import Policy, PolicyError, accept, clamp_mss, payload, set_dscp, set_tos, set_ttl
-from nfhooks.engine import Dispatcher
 from nfhooks.mangle import MangleError, TruncatedPacket, checksum, rewrite
-from nfhooks.metrics import Metrics
 from nfhooks.policy import load_policy
-from nfhooks.rules import compile_policy
 from nfhooks.verdict import Mangle
-from nfhooks.fake import FakeQueuedPacket as NfPacket
 
 scapy = pytest.importorskip("scapy")
 from scapy.layers.inet import ICMP, IP, TCP, UDP  # noqa: E402
@@ -147,40 +142,31 @@ def test_mangle_needs_the_mangle_table_and_the_example_loads():
     assert {h.table for h in pol.handlers} == {"mangle"}
 
 
-def dispatcher(func, hook="FORWARD"):
-    p = Policy(defaults={hook: "drop"})
-    p.handler(hook, table="mangle", proto="udp")(func)
-    reg = CollectorRegistry()
-    return Dispatcher(p, compile_policy(p), Metrics(reg)).callback(p.handlers[0]), reg
+def dispatcher(dispatch, func, hook="FORWARD"):
+    return dispatch(defaults={hook: "drop"}).add(hook, func, table="mangle", proto="udp")
 
 
-def test_dispatcher_rewrites_then_accepts():
-    cb, reg = dispatcher(lambda pkt: set_ttl(9))
-    pk = NfPacket(bytes(PACKETS["udp4"]))
-    cb(pk)
+def test_dispatcher_rewrites_then_accepts(dispatch):
+    d = dispatcher(dispatch, lambda pkt: set_ttl(9))
+    pk = d.send(bytes(PACKETS["udp4"]))
     assert pk.calls == ["set_payload", "accept"] and IP(pk.new_payload).ttl == 9
-    assert reg.get_sample_value("nfhooks_handler_packets_total",
-                                {"hook": "FORWARD", "handler": "<lambda>", "verdict": "mangle"}) == 1
+    assert d.sample("nfhooks_handler_packets_total",
+                    {"hook": "FORWARD", "handler": "<lambda>", "verdict": "mangle"}) == 1
 
 
-def test_dispatcher_accepts_a_truncated_copy_unchanged_and_counts_it(caplog):
-    cb, reg = dispatcher(lambda pkt: set_ttl(9))
-    pk = NfPacket(bytes(IP(**V4) / UDP() / (b"x" * 1000))[:256])
-    cb(pk)
+def test_dispatcher_accepts_a_truncated_copy_unchanged_and_counts_it(dispatch, caplog):
+    d = dispatcher(dispatch, lambda pkt: set_ttl(9))
+    pk = d.send(bytes(IP(**V4) / UDP() / (b"x" * 1000))[:256])
     assert pk.calls == ["accept"] and pk.new_payload is None
-    assert reg.get_sample_value("nfhooks_truncated_packets_total", {"hook": "FORWARD"}) == 1
+    assert d.sample("nfhooks_truncated_packets_total", {"hook": "FORWARD"}) == 1
     assert "cannot be rewritten" in caplog.text and "<lambda>" in caplog.text
 
 
-def test_dispatcher_refused_rewrite_is_a_handler_error():
+def test_dispatcher_refused_rewrite_is_a_handler_error(dispatch):
     def grow(pkt):
         return payload(b"longer than before", allow_resize=False) if pkt.proto == 6 else accept()
 
-    p = Policy(defaults={"FORWARD": "drop"})
-    p.forward(table="mangle", proto="tcp")(grow)
-    reg = CollectorRegistry()
-    cb = Dispatcher(p, compile_policy(p), Metrics(reg)).callback(p.handlers[0])
-    pk = NfPacket(bytes(PACKETS["tcp4-data"]))
-    cb(pk)
+    d = dispatch(defaults={"FORWARD": "drop"}).add("FORWARD", grow, table="mangle", proto="tcp")
+    pk = d.send(bytes(PACKETS["tcp4-data"]))
     assert pk.calls == ["drop"]  # the FORWARD default
-    assert reg.get_sample_value("nfhooks_handler_errors_total", {"hook": "FORWARD", "handler": "grow"}) == 1
+    assert d.sample("nfhooks_handler_errors_total", {"hook": "FORWARD", "handler": "grow"}) == 1

@@ -15,9 +15,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.utils import PcapNgReader, rdpcap
 
 from nfhooks import Policy, accept, drop, set_ttl
-from nfhooks.engine import Dispatcher
 from nfhooks.fake import FakeQueuedPacket, fake_bytes
-from nfhooks.metrics import Metrics
 from nfhooks.pcap import (
     LINKTYPE_RAW,
     PcapWriter,
@@ -27,7 +25,6 @@ from nfhooks.pcap import (
     read_packets,
     rotated_names,
 )
-from nfhooks.rules import compile_policy
 
 V4 = bytes(IP(src="10.1.0.2", dst="10.2.0.3", ttl=61) / TCP(sport=40000, dport=23, flags="S"))
 V6 = bytes(IPv6(src="fd00::2", dst="fd00::3") / UDP(sport=5000, dport=53) / b"abc")  # 51: padded
@@ -203,17 +200,16 @@ class LeavingPacket(FakeQueuedPacket):
         return self.new_payload if self.new_payload is not None else self.payload
 
 
-def tapped(policy: Policy, path, handler_index=0):
+def tapped(dispatch, policy: Policy, path, handler_index=0):
     w = writer(path)
-    d = Dispatcher(policy, compile_policy(policy), Metrics(CollectorRegistry()), tap=w)
-    return d.callback(policy.handlers[handler_index]), w
+    return dispatch(policy).use(tap=w).callback(handler_index), w
 
 
 def comments(path) -> list[dict[str, str]]:
     return [parse_comment(c) for _, _, c in read_packets(path)]
 
 
-def test_tap_records_the_applied_verdicts(tmp_path):
+def test_tap_records_the_applied_verdicts(dispatch, tmp_path):
     p = Policy(defaults={"INPUT": "drop"})
 
     @p.input(proto="tcp", dport=23)
@@ -230,14 +226,10 @@ def test_tap_records_the_applied_verdicts(tmp_path):
 
     path = tmp_path / "cap.pcapng"
     w = writer(path)
-    reg = CollectorRegistry()
-    d = Dispatcher(p, compile_policy(p), Metrics(reg), tap=w)
-    cbs = [d.callback(h) for h in p.handlers]
+    d = dispatch(p).use(tap=w)
     raws = [fake_bytes(proto="tcp", dport=port) for port in (23, 22, 80)]
-    pkts = [FakeQueuedPacket(r) for r in raws]
-    for cb, pk in zip(cbs, pkts):
-        cb(pk)
-    cbs[0](FakeQueuedPacket(b"\x45\x00"))  # malformed: the INPUT default, recorded as such
+    pkts = [d.send(r, handler=i) for i, r in enumerate(raws)]
+    d.send(b"\x45\x00", handler=0)  # malformed: the INPUT default, recorded as such
     w.close()
     assert [pk.calls for pk in pkts] == [["drop"], ["drop"], ["repeat"]]  # verdicts unchanged
     got = comments(path)
@@ -249,20 +241,20 @@ def test_tap_records_the_applied_verdicts(tmp_path):
     ]
     assert [pkt for _, pkt, _ in read_packets(path)][:3] == raws
     # the metrics still count as before (the tap wraps the counters, it does not replace them)
-    assert reg.get_sample_value("nfhooks_handler_packets_total",
-                                {"hook": "INPUT", "handler": "block_telnet", "verdict": "drop"}) == 1
-    assert reg.get_sample_value("nfhooks_handler_packets_total",
-                                {"hook": "INPUT", "handler": "(default)", "verdict": "drop"}) == 2
+    assert d.sample("nfhooks_handler_packets_total",
+                    {"hook": "INPUT", "handler": "block_telnet", "verdict": "drop"}) == 1
+    assert d.sample("nfhooks_handler_packets_total",
+                    {"hook": "INPUT", "handler": "(default)", "verdict": "drop"}) == 2
 
 
-def test_tap_records_a_mangled_packet_as_it_left(tmp_path):
+def test_tap_records_a_mangled_packet_as_it_left(dispatch, tmp_path):
     p = Policy()
 
     @p.handler("FORWARD", table="mangle", proto="udp")
     def low_ttl(pkt):
         return set_ttl(9)
 
-    cb, w = tapped(p, tmp_path / "cap.pcapng")
+    cb, w = tapped(dispatch, p, tmp_path / "cap.pcapng")
     raw = bytes(IP(src="10.1.0.2", dst="10.2.0.3", ttl=64) / UDP(dport=53) / b"q")
     pk = LeavingPacket(raw)
     cb(pk)
@@ -272,15 +264,14 @@ def test_tap_records_a_mangled_packet_as_it_left(tmp_path):
     assert data == pk.new_payload != raw and IP(data).ttl == 9
 
 
-def test_without_tap_the_callback_and_counters_are_the_plain_ones():
+def test_without_tap_the_callback_and_counters_are_the_plain_ones(dispatch):
     p = Policy()
 
     @p.input(proto="tcp")
     def ok(pkt):
         return accept()
 
-    d = Dispatcher(p, compile_policy(p), Metrics(CollectorRegistry()))
-    cb = d.callback(p.handlers[0])
+    cb = dispatch(p).callback(0)
     assert cb.__name__ == "on_packet"  # not the recording wrapper
     counters = [c.cell_contents for c in cb.__closure__ if isinstance(c.cell_contents, dict)
                 and "accept" in c.cell_contents]
