@@ -6,17 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from nfhooks import Policy, PolicyError, accept, dnat, masquerade, redirect, snat
-from nfhooks.engine import Dispatcher
 from nfhooks.fake import fake_bytes, fake_packet
 from nfhooks.marks import MarkLayout, core_layout
-from nfhooks.metrics import Metrics
 from nfhooks.nat import NatError, NatTargets
 from nfhooks.policy import load_policy
 from nfhooks.rules import compile_policy, nat_rule
-from nfhooks.fake import FakeQueuedPacket as NfPacket
 
 ROOT = Path(__file__).parents[2]
 
@@ -231,36 +227,28 @@ def test_wrong_family_portless_protocol_and_a_refused_rule():
 
 # -- the dispatcher --------------------------------------------------------------------------
 
-def test_dispatcher_sets_the_nat_field_masked_and_accepts():
-    p = nat_policy()
-    rs = compile_policy(p, nat_targets=2)
+def test_dispatcher_sets_the_nat_field_masked_and_accepts(dispatch):
+    d = dispatch(nat_policy(), nat_targets=2)
+    rs = d.ruleset
     rec = Recorder()
-    reg = CollectorRegistry()
-    metrics = Metrics(reg)
-    nat = NatTargets(rs.layout, rs.nat_targets, rec, metrics.set_nat_targets)
-    cb = Dispatcher(p, rs, metrics, nat=nat).callback(p.handlers[0])
-    pk = NfPacket(fake_bytes(dport=80), mark=0x1234 | rs.layout["nat"].mask)
-    cb(pk)
+    d.use(nat=NatTargets(rs.layout, rs.nat_targets, rec, d.metrics.set_nat_targets))
+    pk = d.send(fake_bytes(dport=80), mark=0x1234 | rs.layout["nat"].mask)
     assert pk.calls == ["accept"]
     assert pk.set_marks == [0x1234 | rs.layout["nat"].encode(1)]  # user bits kept, old nat bits replaced
-    assert reg.get_sample_value("nfhooks_handler_packets_total",
-                                {"hook": "PREROUTING", "handler": "fwd", "verdict": "dnat"}) == 1
-    assert reg.get_sample_value("nfhooks_nat_targets") == 1
+    assert d.sample("nfhooks_handler_packets_total",
+                    {"hook": "PREROUTING", "handler": "fwd", "verdict": "dnat"}) == 1
+    assert d.sample("nfhooks_nat_targets") == 1
 
 
-def test_dispatcher_turns_a_nat_error_into_the_hook_default():
+def test_dispatcher_turns_a_nat_error_into_the_hook_default(dispatch):
     p = Policy(defaults={"PREROUTING": "drop"})
 
     @p.prerouting(proto="tcp")
     def every_port(pkt):
         return dnat("10.0.0.1", pkt.dport)
 
-    rs = compile_policy(p, nat_targets=1)
-    reg = CollectorRegistry()
-    nat = NatTargets(rs.layout, rs.nat_targets, Recorder())
-    cb = Dispatcher(p, rs, Metrics(reg), nat=nat).callback(p.handlers[0])
-    first, second = NfPacket(fake_bytes(dport=80)), NfPacket(fake_bytes(dport=81))
-    cb(first)
-    cb(second)
+    d = dispatch(p, nat_targets=1)
+    d.use(nat=NatTargets(d.ruleset.layout, d.ruleset.nat_targets, Recorder()))
+    first, second = d.send(fake_bytes(dport=80)), d.send(fake_bytes(dport=81))
     assert first.calls == ["accept"] and second.calls == ["drop"]
-    assert reg.get_sample_value("nfhooks_handler_errors_total", {"hook": "PREROUTING", "handler": "every_port"}) == 1
+    assert d.sample("nfhooks_handler_errors_total", {"hook": "PREROUTING", "handler": "every_port"}) == 1

@@ -9,8 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nfhooks import Policy, PolicyError, accept, drop, mark, set_ttl
-from nfhooks.engine import Dispatcher
-from nfhooks.fake import FakeQueuedPacket, fake_bytes
+from nfhooks.fake import fake_bytes
 from nfhooks.marks import ACTION_FLOWSAVE, DEFAULT_MARK_MASK
 from nfhooks.metrics import Metrics
 from nfhooks.offload import (
@@ -200,15 +199,12 @@ def test_next_flow_generation_cycles_and_never_repeats_the_last(tmp_path):
     assert 1 <= next_flow_generation(str(tmp_path)) <= FLOW_GENERATIONS
 
 
-def _dispatch(policy, gen=3):
-    rs = compile_policy(policy, flow_generation=gen)
-    reg = CollectorRegistry()
-    off = FlowOffload(rs, policy)
-    d = Dispatcher(policy, rs, Metrics(reg), offload=off)
-    return {h.name: d.callback(h) for h in policy.handlers}, rs, reg
+def _dispatch(dispatch, policy, gen=3):
+    d = dispatch(policy, flow_generation=gen)
+    return d.use(offload=FlowOffload(d.ruleset, policy))
 
 
-def test_flow_accept_saves_via_repeat_other_verdicts_as_usual():
+def test_flow_accept_saves_via_repeat_other_verdicts_as_usual(dispatch):
     p = Policy("t")
 
     @p.input(proto="tcp", dport=80, flow=True)
@@ -219,23 +215,20 @@ def test_flow_accept_saves_via_repeat_other_verdicts_as_usual():
     def ssh(pkt):
         return accept()
 
-    cbs, rs, reg = _dispatch(p)
+    d = _dispatch(dispatch, p)
+    rs = d.ruleset
     act, res = rs.layout["action"], rs.layout["resume"]
-    pk = FakeQueuedPacket(fake_bytes(proto="tcp", sport=80, dport=80), mark=0x1234)
-    cbs["web"](pk)
+    pk = d.send(fake_bytes(proto="tcp", sport=80, dport=80), handler="web", mark=0x1234)
     assert pk.calls == ["repeat"]
     assert act.decode(pk.set_marks[0]) == ACTION_FLOWSAVE and res.decode(pk.set_marks[0]) == rs.positions["web"]
     assert pk.set_marks[0] & 0xFFFF == 0x1234
-    assert reg.get_sample_value("nfhooks_handler_packets_total",
-                                {"hook": "INPUT", "handler": "web", "verdict": "accept"}) == 1
-    dropped = FakeQueuedPacket(fake_bytes(proto="tcp", sport=81, dport=80))
-    cbs["web"](dropped)
+    assert d.sample("nfhooks_handler_packets_total",
+                    {"hook": "INPUT", "handler": "web", "verdict": "accept"}) == 1
+    dropped = d.send(fake_bytes(proto="tcp", sport=81, dport=80), handler="web")
     assert dropped.calls == ["drop"]  # a drop is applied per packet, never remembered
-    fell = FakeQueuedPacket(fake_bytes(proto="tcp", sport=99, dport=80))
-    cbs["web"](fell)
+    fell = d.send(fake_bytes(proto="tcp", sport=99, dport=80), handler="web")
     assert fell.calls == ["repeat"] and act.decode(fell.set_marks[0]) == 0  # plain resume
-    other = FakeQueuedPacket(fake_bytes(proto="tcp", dport=22))
-    cbs["ssh"](other)
+    other = d.send(fake_bytes(proto="tcp", dport=22), handler="ssh")
     assert other.calls == ["accept"]  # a non-flow handler's accept is just an accept
 
 

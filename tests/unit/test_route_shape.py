@@ -6,13 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from nfhooks import Policy, PolicyError, accept, load_policy, route, shape
-from nfhooks.engine import Dispatcher
-from nfhooks.fake import FakeQueuedPacket, fake_bytes
 from nfhooks.hooks import PlacementError, check_verdict
-from nfhooks.metrics import Metrics
 from nfhooks.routing import RouteShapeError, parse_route
 from nfhooks.rules import compile_policy
 from nfhooks.shaping import parse_rate, tree_commands
@@ -215,13 +211,7 @@ def test_policies_without_routing_get_no_fields_or_chains():
 
 # -- verdicts on fake packets -------------------------------------------------------------
 
-def _dispatch(policy, handler_index=0):
-    rs = compile_policy(policy)
-    d = Dispatcher(policy, rs, Metrics(CollectorRegistry()))
-    return d.callback(policy.handlers[handler_index]), rs
-
-
-def test_route_and_shape_set_their_masked_fields_and_accept():
+def test_route_and_shape_set_their_masked_fields_and_accept(dispatch):
     p = Policy()
     p.routing_table("a", routes=["default dev up1"])
     p.routing_table("b", routes=["default dev up2"])
@@ -235,19 +225,17 @@ def test_route_and_shape_set_their_masked_fields_and_accept():
     def cls(pkt):
         return shape("fast")
 
-    cb, rs = _dispatch(p)
-    pk = FakeQueuedPacket(fake_bytes(proto="tcp", dport=80), mark=0x1234)
-    cb(pk)
+    d = dispatch(p)
+    rs = d.ruleset
+    pk = d.send(proto="tcp", dport=80, mark=0x1234)
     assert pk.calls == ["accept"]
     assert rs.layout["route"].decode(pk.set_marks[0]) == 2 and pk.set_marks[0] & 0xFFFF == 0x1234
-    cb2, rs = _dispatch(p, 1)
-    pk = FakeQueuedPacket(fake_bytes(proto="tcp", dport=80), mark=rs.layout["route"].encode(1))
-    cb2(pk)
+    pk = d.send(proto="tcp", dport=80, mark=rs.layout["route"].encode(1), handler=1)
     assert pk.calls == ["accept"]
     assert rs.layout["class"].decode(pk.set_marks[0]) == 2 and rs.layout["route"].decode(pk.set_marks[0]) == 1
 
 
-def test_unknown_table_at_runtime_gives_the_default():
+def test_unknown_table_at_runtime_gives_the_default(dispatch):
     p = Policy()
     p.routing_table("a", routes=["default dev up1"])
     name = "zz"
@@ -256,9 +244,9 @@ def test_unknown_table_at_runtime_gives_the_default():
     def steer(pkt):
         return route(name)  # not a literal: the compile-time check cannot see it
 
-    cb, rs = _dispatch(p)
-    pk = FakeQueuedPacket(fake_bytes(proto="tcp", dport=80))
-    cb(pk)
+    d = dispatch(p)
+    rs = d.ruleset
+    pk = d.send(proto="tcp", dport=80)
     assert pk.calls == ["accept"] and not any(rs.layout["route"].decode(m) for m in pk.set_marks)
     with pytest.raises(RouteShapeError, match="no routing table 'zz'"):
         rs.routeshape.bits(None, route("zz"))
