@@ -88,20 +88,16 @@ def check(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     for line in hooks_summary(rs):
         say(f"#   {line}")
     say("# mark layout: " + "; ".join(rs.layout.describe()))
-    if getattr(rs, "routeshape", None) is not None:
+    from .features.registry import FEATURES
+
+    for feature in sorted(FEATURES, key=lambda f: f.check_order):  # what each sets up besides the rules
         try:
-            lines = rs.routeshape.describe()
+            lines = feature.check_lines(pol, rs)
         except PolicyError as e:
             _fail(str(e))
             return
-        if lines:
-            say("# routing and shaping (installed by `run` besides these rules, removed on exit):")
-            for line in lines:
-                say(f"#   {line}")
-    if rs.flow_generation:
-        flows = ", ".join(h.name for h in pol.handlers if h.flow)
-        say(f"# flow offload: {flows}; the connmark generation shown is {rs.flow_generation}, `run` picks "
-            "a new one at every start and reload (flow fields live in the connmark only)")
+        for line in lines:
+            say(line)
     sys.stdout.write(choose(backend, _fail)[0].save_header() + rs.render())
 
 

@@ -231,7 +231,8 @@ class FlowOffload:
     ``save(handler)`` gives (bits to set, mask to clear) for the dispatcher: the mark a flow
     handler's accept carries back into the table. Both metrics come from kernel rule counters
     at scrape time (the backend's ``iptables-save -c`` in the engine's namespace, cached for a
-    second; ``saved`` returns both families' text, default: the $NFHOOKS_BACKEND backend's): flows from the ``flowsave`` rules, which fire once per connection and direction
+    second; ``saved`` returns both families' text: the engine passes its backend's ``counter_texts``;
+    None, as in a worker, which exports no offload metrics: no counters): flows from the ``flowsave`` rules, which fire once per connection and direction
     (only while the connmark field is empty: packets of a connection already queued when its
     first verdict came back are accepted and saved again, but not counted twice), packets
     from the ``offload`` rules (a GSO/GRO aggregate counts once there, as in ``nfhooks rules``).
@@ -261,11 +262,7 @@ class FlowOffload:
                 return cached
             out: dict[str, dict[tuple[str, str], int]] = {
                 kind: {(h.hook, h.name): 0 for h in self.handlers.values()} for kind in ("offload", "flowsave")}
-            saved = self.saved
-            if saved is None:
-                from .backends import get_backend
-                saved = get_backend().counter_texts
-            for text in saved():
+            for text in (self.saved() if self.saved is not None else ()):
                 add_counters(out, text, self.handlers)
             self._cache = (time.monotonic(), out)
             return out
@@ -274,7 +271,7 @@ class FlowOffload:
 def add_counters(out: dict[str, dict[tuple[str, str], int]], saved: str, handlers: dict[str, "Handler"]) -> None:
     """Add the packet counters of ``nfhooks offload|flowsave <handler>`` rules in
     ``iptables-save -c`` text to ``out[kind][(hook, handler)]``."""
-    from .saved import counted_rules
+    from .saved import counted_rules  # TODO(issue 14): top level once saved.py imports rulebuild, not rules
 
     for rule in counted_rules(saved):
         for kind in out:

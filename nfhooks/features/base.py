@@ -13,7 +13,8 @@ which is also the order of their mark fields -- tests/unit/test_feature_golden.p
   even empty (the nat chain the engine fills as targets appear);
 * ``chain_head``, ``new_only``, ``before_queue``: rules at the top of an ``NFH-<HOOK>`` chain,
   ``--ctstate NEW`` on a handler's queue rule, rules right before it;
-* ``add_rules``: the feature's own chains, after every ``NFH-<HOOK>`` chain exists.
+* ``add_rules``: the feature's own chains, after every ``NFH-<HOOK>`` chain exists;
+* ``check_lines``: what ``nfhooks check`` says about the feature besides the rules.
 
 Engine side (the engine owns the state a feature returns; a feature never imports a rule
 backend: kernel rule work goes through the backend in :class:`EngineEnv`):
@@ -76,6 +77,9 @@ class Feature:
     """A feature: override the hooks it needs (see the module docstring)."""
 
     name = "feature"
+    #: Where ``nfhooks check`` prints this feature's lines (lowest first): that output is pinned
+    #: byte for byte and predates the registry's order.
+    check_order = 0
 
     # -- compile (pure) ---------------------------------------------------------------------
     def used(self, ctx: CompileContext) -> bool:
@@ -110,6 +114,10 @@ class Feature:
 
     def add_rules(self, ctx: CompileContext, rs: "RuleSet") -> None:
         return None
+
+    def check_lines(self, policy: "Policy", rs: "RuleSet") -> list[str]:
+        """The comment lines ``nfhooks check`` prints about this feature (before the rules)."""
+        return []
 
     # -- engine -----------------------------------------------------------------------------
     def runtime(self, env: EngineEnv) -> Any:

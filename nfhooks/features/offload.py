@@ -17,6 +17,7 @@ __all__ = ["OffloadFeature"]
 
 class OffloadFeature(Feature):
     name = "offload"
+    check_order = 2  # after routing and shaping
 
     def mark_fields(self, ctx: CompileContext) -> list[tuple[str, int]]:
         fields = layout_fields(ctx.policy)
@@ -41,6 +42,13 @@ class OffloadFeature(Feature):
     def add_rules(self, ctx: CompileContext, rs: Any) -> None:
         if rs.flow_generation:
             add_to_ruleset(rs, ctx.policy, ctx.flow_generation)
+
+    def check_lines(self, policy: Any, rs: Any) -> list[str]:
+        if not rs.flow_generation:
+            return []
+        flows = ", ".join(h.name for h in policy.handlers if h.flow)
+        return [f"# flow offload: {flows}; the connmark generation shown is {rs.flow_generation}, `run` picks "
+                "a new one at every start and reload (flow fields live in the connmark only)"]
 
     def runtime(self, env: EngineEnv) -> FlowOffload | None:
         if not env.ruleset.flow_generation:

@@ -15,6 +15,7 @@ __all__ = ["RouteShapeFeature"]
 
 class RouteShapeFeature(Feature):
     name = "routeshape"
+    check_order = 1
 
     def mark_fields(self, ctx: CompileContext) -> list[tuple[str, int]]:
         return mark_fields(ctx.policy)
@@ -24,6 +25,15 @@ class RouteShapeFeature(Feature):
 
     def add_rules(self, ctx: CompileContext, rs: Any) -> None:
         compile_rules(rs, ctx.policy)  # connmark restore/save, CLASSIFY, uplink NAT
+
+    def check_lines(self, policy: Any, rs: Any) -> list[str]:
+        if rs.routeshape is None:
+            return []
+        lines = rs.routeshape.describe()  # the equivalent ip/tc commands
+        if not lines:
+            return []
+        return ["# routing and shaping (installed by `run` besides these rules, removed on exit):",
+                *(f"#   {line}" for line in lines)]
 
     def runtime(self, env: EngineEnv) -> Any:
         return env.ruleset.routeshape
