@@ -309,17 +309,35 @@ def test_lab_down_only_touches_its_own_prefix(tmp_path):
 @needs_netns
 @pytest.mark.timeout(120)
 def test_pcap_is_passed_to_the_engine(tmp_path):
-    helps = nfhooks("run", "--help", env=_env(tmp_path), timeout=30).stdout
-    if "--pcap" not in helps:
-        pytest.skip("`nfhooks run` has no --pcap yet: the lab passes it through once it does")
-    pcap = tmp_path / "lab.pcap"
+    """`nfhooks lab --pcap FILE`: the engine runs with --pcap, and FILE holds the scenario's
+    packets -- the client's connection to the server, both families, at every hook it crossed,
+    each with the handler and verdict that decided it."""
+    from nfhooks.packet import parse
+    from nfhooks.pcap import read_packets
+
+    pcap = tmp_path / "lab.pcapng"
     r = nfhooks("lab", "--json", "--scenario", "forwarded", "--duration", "0", "--pcap", str(pcap),
                 env=_env(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(r.stdout)
     argv = data["engine"]["argv"]
-    assert argv[argv.index("--pcap") + 1] == str(pcap)
-    assert pcap.exists() and pcap.stat().st_size > 24  # more than a pcap file header
+    assert argv[argv.index("--pcap") + 1] == str(pcap.resolve())
+    nodes = data["topology"]["nodes"]
+    (scenario,) = data["scenarios"]
+    records = list(read_packets(pcap))
+    assert records, "the capture holds no packet"
+    for fam in (4, 6):
+        client, server = nodes["client"][f"ipv{fam}"][0], nodes["server"][f"ipv{fam}"][0]
+        client, server = (a.split("/")[0] for a in (client, server))
+        hooks_seen = set()
+        for _, raw, comment in records:
+            pkt = parse(raw)
+            if (str(pkt.src), str(pkt.dst), pkt.proto, pkt.dport) != (client, server, 6, 8080):
+                continue
+            fields = dict(kv.split("=", 1) for kv in comment.split())
+            assert fields["verdict"] != "drop", comment  # the scenario's connection works
+            hooks_seen.add(fields["hook"])
+        assert hooks_seen == set(scenario["hooks_expected"]), (fam, hooks_seen)
 
 
 @needs_netns
