@@ -79,7 +79,9 @@ class Engine:
         self.last_reload = "never reloaded"
         self.retiring: list[tuple[RuleSet, float, float]] = []  # (ruleset, since, empty since)
         self._reload_wanted = False
-        self.flow_generation = flow_generation  # None: offload.next_flow_generation() per compile
+        #: compile arguments given rather than chosen per compile (features advance them); without
+        #: flow_generation, offload.next_flow_generation() picks one per compile
+        self.pinned: dict[str, Any] = {} if flow_generation is None else {"flow_generation": flow_generation}
         self.offload: Any = None
         self.collectors: dict[str, Any] = {}  # feature name -> its registered metrics collector
         if handler_budget < 0:
@@ -115,15 +117,13 @@ class Engine:
                                      watchdog=self.watchdog)
 
     def _flow_args(self, policy: Policy) -> dict[str, int]:
-        """A new flow generation for every compile (start, reload) of a policy with flow handlers:
-        connections decided before are asked again (offload.py)."""
-        from .offload import FLOW_GENERATIONS, flow_handlers, next_flow_generation
-        if not flow_handlers(policy.handlers):
-            return {}
-        if self.flow_generation is not None:  # given (tests): the next one on each reload
-            gen, self.flow_generation = self.flow_generation, self.flow_generation % FLOW_GENERATIONS + 1
-            return {"flow_generation": gen}
-        return {"flow_generation": next_flow_generation()}
+        """The features' compile arguments for every compile (start, reload): e.g. a new flow
+        generation for a policy with flow handlers, so connections decided before are asked
+        again (offload.py). ``self.pinned`` holds the values given to the engine (tests)."""
+        args: dict[str, int] = {}
+        for f in FEATURES:
+            args.update(f.compile_args(policy, self.pinned))
+        return args
 
     def _warm_up(self, policy: Policy) -> None:
         """Import scapy now if a handler's source uses it, not inside the first packet's handler

@@ -19,6 +19,7 @@ which is also the order of their mark fields -- tests/unit/test_feature_golden.p
 Engine side (the engine owns the state a feature returns; a feature never imports a rule
 backend: kernel rule work goes through the backend in :class:`EngineEnv`):
 
+* ``compile_args``: arguments of each compile the engine makes (a new flow generation);
 * ``runtime``: the per-generation state (NAT targets, flow offload...), None if unused;
 * ``collector``: a Prometheus collector over the current runtime, registered once;
 * ``start`` / ``reload`` / ``stop``: what the feature sets up besides the rules (before
@@ -114,6 +115,12 @@ class Feature:
 
     def add_rules(self, ctx: CompileContext, rs: "RuleSet") -> None:
         return None
+
+    def compile_args(self, policy: "Policy", pinned: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of compile_policy the engine passes for each compile (start and
+        reload). ``pinned``: values the engine was given instead (tests); the feature may
+        advance them for the next compile."""
+        return {}
 
     def check_lines(self, policy: "Policy", rs: "RuleSet") -> list[str]:
         """The comment lines ``nfhooks check`` prints about this feature (before the rules)."""

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ..offload import (
     FLOW_GENERATIONS, FlowOffload, OffloadCollector, add_to_ruleset, flow_handlers, layout_fields, offload_rules,
-    ordinals, save_jump,
+    next_flow_generation, ordinals, save_jump,
 )
 from .base import ChainContext, CompileContext, EngineEnv, Feature
 
@@ -42,6 +42,16 @@ class OffloadFeature(Feature):
     def add_rules(self, ctx: CompileContext, rs: Any) -> None:
         if rs.flow_generation:
             add_to_ruleset(rs, ctx.policy, ctx.flow_generation)
+
+    def compile_args(self, policy: Any, pinned: dict[str, Any]) -> dict[str, Any]:
+        """A new flow generation for every compile of a policy with flow handlers."""
+        if not flow_handlers(policy.handlers):
+            return {}
+        gen = pinned.get("flow_generation")
+        if gen is not None:  # given (tests): the next one on each reload
+            pinned["flow_generation"] = gen % FLOW_GENERATIONS + 1
+            return {"flow_generation": gen}
+        return {"flow_generation": next_flow_generation()}
 
     def check_lines(self, policy: Any, rs: Any) -> list[str]:
         if not rs.flow_generation:
