@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .hooks import TABLE_ORDER
+from .hooks import HOOKS, TABLE_ORDER
 from .marks import MarkLayout
 from .match import Addr, Iface, Match
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .verdict import Verdict
 
 __all__ = ["COMMENT", "CHAIN_PREFIX", "FAMILIES", "Opt", "MatchSpec", "Rule", "save_string", "comment", "mark",
-           "xmark", "chain_name", "proto_name", "match_specs", "reject_with", "generation_rules", "RuleSet"]
+           "xmark", "chain_name", "proto_name", "match_specs", "reject_with", "generation_rules", "SideSet", "RuleSet"]
 
 COMMENT = "nfhooks"
 CHAIN_PREFIX = "NFH-"
@@ -169,6 +169,26 @@ def generation_rules(chain: str, layout: MarkLayout, generation: int) -> list[Ru
             Rule(chain, "RETURN", matches=(mark(mine, g.mask, negate=True), comment(f"{COMMENT} gen")))]
 
 
+@dataclass(frozen=True)
+class SideSet:
+    """Chains of one (family, table) a feature installs itself at start, through the engine
+    backend's ``restore`` rather than ``Backend.install`` (the uplink NAT: python-iptables
+    cannot create MASQUERADE/SNAT for both families in one process). Part of what ``check``
+    prints; the names are ``NFH-*`` and the jumps tagged ``nfhooks``, so removal is as usual."""
+
+    family: int
+    table: str
+    chains: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    jumps: tuple[Rule, ...]  # inserted at the top of their built-in chains
+    what: str  # for an error message: "the uplink NAT rules"
+
+    def restore_lines(self) -> list[str]:
+        """``ip(6)tables-restore --noflush`` input: the chains, their rules, the jumps inserted."""
+        return [f"*{self.table}", *(f":{c} - [0:0]" for c in self.chains), *(r.render() for r in self.rules),
+                *("-I" + j.render()[2:] for j in reversed(self.jumps)), "COMMIT"]
+
+
 @dataclass
 class RuleSet:
     """Everything nfhooks will install for one policy, per (family, table)."""
@@ -185,6 +205,7 @@ class RuleSet:
     generation: int = 1  # 1 or 2: chain names and the gen stamp (rules.generation_rules)
     flow_generation: int = 0  # connmark generation of flow offload (offload.py); 0: no flow handlers
     routeshape: Any = None  # routing.RouteShape when the policy routes or shapes (routing.compile_rules)
+    side: list[SideSet] = field(default_factory=list)  # installed by their feature at start (SideSet)
 
     def chain(self, hook: str) -> str:
         return chain_name(hook, self.generation)
@@ -194,16 +215,22 @@ class RuleSet:
 
     def render(self, families: Iterable[int] = FAMILIES) -> str:
         """iptables-save text of our chains and jumps, per family (``# ipv4`` / ``# ipv6``)."""
+        chains = {k: list(v) for k, v in self.chains.items()}
+        rules = {k: list(v) for k, v in self.rules.items()}
+        jumps = {k: list(v) for k, v in self.jumps.items()}
+        for s in self.side:  # shown where they run: their jumps first at their hook
+            key = (s.family, s.table)
+            chains[key] = sorted([*chains.get(key, []), *s.chains])
+            rules[key] = [*rules.get(key, []), *s.rules]
+            jumps[key] = sorted([*s.jumps, *jumps.get(key, [])], key=lambda r: HOOKS.index(r.chain))
         lines: list[str] = []
         for fam in families:
             lines.append(f"# ip{'6' if fam == 6 else ''}tables")
-            for f, t in self.tables():
-                if f != fam:
-                    continue
+            for t in (t for t in TABLE_ORDER if (fam, t) in chains):
                 lines.append(f"*{t}")
-                lines.extend(f":{c} - [0:0]" for c in self.chains[(f, t)])
-                lines.extend(r.render() for r in self.jumps[(f, t)])
-                for chain in self.chains[(f, t)]:  # iptables-save order: user chains sorted
-                    lines.extend(r.render() for r in self.rules[(f, t)] if r.chain == chain)
+                lines.extend(f":{c} - [0:0]" for c in chains[(fam, t)])
+                lines.extend(r.render() for r in jumps[(fam, t)])
+                for chain in chains[(fam, t)]:  # iptables-save order: user chains sorted
+                    lines.extend(r.render() for r in rules[(fam, t)] if r.chain == chain)
                 lines.append("COMMIT")
         return "\n".join(lines) + "\n"

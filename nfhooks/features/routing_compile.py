@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..hooks import HOOKS
 from ..marks import MarkLayout, bits_for
 from ..match import Iface
-from ..rulebuild import COMMENT, FAMILIES, Rule, chain_name, comment, mark
+from ..rulebuild import COMMENT, FAMILIES, Rule, SideSet, chain_name, comment, mark
 from ..shaping import classify_rules
 from .routing_decl import RESTORE_CHAIN, ROUTE_NAT_CHAIN, SAVE_CHAIN, check_references, class_names, route_slots
 from .routing_runtime import RouteShape
@@ -69,9 +69,10 @@ def compile_rules(rs: "RuleSet", policy: "Policy") -> None:
         add_chains(rs, key, [restore_chain, save_chain], rules, jumps)
         if "route" in layout:
             nat = nat_rules(policy, layout, fam, nat_chain)
-            if nat:
-                add_chains(rs, (fam, "nat"), [nat_chain], nat,
-                     [Rule("POSTROUTING", nat_chain, matches=(comment(COMMENT),))])
+            if nat:  # installed by routing_runtime.install_nat at start, not by Backend.install
+                rs.side.append(SideSet(fam, "nat", (nat_chain,), tuple(nat),
+                                       (Rule("POSTROUTING", nat_chain, matches=(comment(COMMENT),)),),
+                                       "the uplink NAT rules"))
 
 
 def nat_rules(policy: "Policy", layout: MarkLayout, family: int, chain: str = "NFH-" + ROUTE_NAT_CHAIN) -> list[Rule]:

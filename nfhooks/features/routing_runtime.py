@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..marks import MarkLayout
 from ..shaping import Shaper, probe_kernel, tree_commands
 from .routing_decl import (
-    DEFAULT_TABLE_BASE, RTPROT_NFHOOKS, ROUTE_NAT_CHAIN, RouteShapeError, RouteSpec, RoutingSettings, class_names,
+    DEFAULT_TABLE_BASE, RTPROT_NFHOOKS, RouteShapeError, RouteSpec, RoutingSettings, class_names,
     route_slots,
 )
 
@@ -317,28 +317,17 @@ def reload(old: "RuleSet", new: "RuleSet", restore: Restore | None = None) -> No
 
 
 def install_nat(ruleset: "RuleSet", restore: Restore | None) -> None:
-    """The uplink NAT chain, through the backend's ``restore`` (``ip(6)tables-*-restore
-    --noflush``, one commit per family), taken out of what the backend's install does: the
+    """The uplink NAT chains (``ruleset.side``, compiled by routing_compile), through the
+    backend's ``restore`` (``ip(6)tables-*-restore --noflush``, one commit per family): the
     legacy backend's python-iptables cannot create MASQUERADE/SNAT for both families in one
-    process (see backends/legacy.py). The chain is ``NFH-*`` and the jump tagged ``nfhooks``,
-    so the backend's remove() removes them as usual. ``restore``: the engine's backend's
-    (``Backend.restore``); a feature never picks a backend itself."""
-    for fam in (4, 6):
-        key = (fam, "nat")
-        chains = [c for c in ruleset.chains.get(key, []) if c.startswith("NFH-" + ROUTE_NAT_CHAIN)]
-        if not chains:
-            continue
-        rules = [r for r in ruleset.rules[key] if r.chain in chains]
-        jumps = [j for j in ruleset.jumps[key] if j.target in chains]
-        ruleset.rules[key] = [r for r in ruleset.rules[key] if r.chain not in chains]
-        ruleset.jumps[key] = [j for j in ruleset.jumps[key] if j.target not in chains]
-        ruleset.chains[key] = [c for c in ruleset.chains[key] if c not in chains]
-        if not ruleset.chains[key]:
-            del ruleset.chains[key], ruleset.rules[key], ruleset.jumps[key]
+    process (see backends/legacy.py), so Backend.install never sees them. The chain is
+    ``NFH-*`` and the jump tagged ``nfhooks``, so the backend's remove() removes them as usual.
+    ``restore``: the engine's backend's (``Backend.restore``); a feature never picks a backend.
+    The RuleSet is not changed."""
+    for side in ruleset.side:
         if restore is None:
-            raise RouteShapeError("the uplink NAT rules need the engine's rule backend (restore=...)")
-        restore(fam, ["*nat", *(f":{c} - [0:0]" for c in chains), *(r.render() for r in rules),
-                      *("-I" + j.render()[2:] for j in reversed(jumps)), "COMMIT"], "the uplink NAT rules")
+            raise RouteShapeError(f"{side.what} need the engine's rule backend (restore=...)")
+        restore(side.family, side.restore_lines(), side.what)
 
 
 def stop(ruleset: "RuleSet", owned: bool = True) -> None:
