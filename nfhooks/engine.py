@@ -307,12 +307,11 @@ class Engine:
                                         lambda: self.queues.wakeup_fd if self.queues is not None else None)
 
     def _restore_rules(self, lost: list[str]) -> None:
+        from .integrity import reinstall
+
         if self.retiring:
             self._retire(force=True)
-        self.backend.remove_generation(self.ruleset.generation)
-        self.backend.install(self.ruleset)
-        if self.nat is not None:
-            self.nat.reinstall()
+        reinstall(self.backend, self.ruleset, self.nat)
 
     def serve(self) -> None:
         """Run until SIGINT/SIGTERM; SIGHUP reloads. Signals only wake the loop (see queue.py).

@@ -28,7 +28,7 @@ from typing import Any
 
 from .rules import CHAIN_PREFIX, FAMILIES, RuleSet
 
-__all__ = ["RuleWatch", "missing_rules", "ours_in_save"]
+__all__ = ["RuleWatch", "missing_rules", "ours_in_save", "reinstall"]
 
 log = logging.getLogger("nfhooks.integrity")
 DEFAULT_INTERVAL = 5.0  # seconds between the loop's own checks
@@ -167,3 +167,14 @@ class _ScrapeNudge:
                     except OSError:
                         pass
         return iter(())
+
+
+def reinstall(backend: Any, rs: RuleSet, nat: Any = None) -> None:
+    """Put ``rs`` back after its rules were removed under the engine: what is left of its
+    generation goes, the whole generation is installed again, then every NAT target already
+    chosen (``nat``: a nat.NatTargets, or None). The engine and the --workers main process
+    pass this as RuleWatch's ``restore``."""
+    backend.remove_generation(rs.generation)
+    backend.install(rs)
+    if nat is not None:
+        nat.reinstall()

@@ -372,7 +372,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
 
     from .backends import get_backend, other_backends_with_ours
     from .exporter import is_loopback, parse_listen_addr
-    from .integrity import RuleWatch
+    from .integrity import RuleWatch, reinstall
     from .nat import backend_installer
     from .owner import Ownership
 
@@ -454,7 +454,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         from multiprocessing.connection import wait
 
         pool.extra_fds = [wake_r, wake_w] + ([server.socket.fileno()] if server is not None else [])
-        watch = RuleWatch(lambda: brs, lambda lost: _restore(backend, brs, nat), backend.saved_text,
+        watch = RuleWatch(lambda: brs, lambda lost: reinstall(backend, brs, nat.nat if nat else None), backend.saved_text,
                           registry if metrics_addr != "off" else CollectorRegistry(), lambda: wake_w)
         serving = True
         while not stop.is_set():  # a dead worker is restarted (supervise.py); the rules stay
@@ -492,11 +492,3 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             os.close(wake_r)
             os.close(wake_w)
             owner.release()
-
-
-def _restore(backend: Any, brs: Any, nat: "NatServer | None") -> None:
-    """The rules were removed under the --workers main process: install them again (integrity.py)."""
-    backend.remove()
-    backend.install(brs)
-    if nat is not None:
-        nat.nat.reinstall()
