@@ -58,6 +58,7 @@ shows the same counters per rule.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import threading
@@ -70,6 +71,7 @@ from .features.offload_decl import (  # noqa: F401 -- re-exported: nfhooks.offlo
 )
 from .hooks import HOOKS
 from .marks import ACTION_FLOWSAVE, MarkLayout, bits_for
+from .owner import LOCK_DIR, netns_id
 from .rulebuild import COMMENT, MatchSpec, Rule, chain_name, comment, mark, match_specs, proto_name, xmark
 
 if TYPE_CHECKING:
@@ -202,9 +204,6 @@ def next_flow_generation(run_dir: str | None = None) -> int:
     not writable) a random generation: /run is a tmpfs, so after a reboot there is no
     conntrack entry left from before anyway.
     """
-    from .owner import LOCK_DIR, netns_id
-    import fcntl
-
     d = run_dir or LOCK_DIR
     try:
         os.makedirs(d, exist_ok=True)

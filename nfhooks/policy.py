@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from .errors import PolicyError
-from .hooks import HOOKS, PlacementError, check_table, check_verdict, default_table, normalize_hook
+from .hooks import HOOKS, TABLE_ORDER, PlacementError, check_table, check_verdict, default_table, normalize_hook
 from .features.routing_decl import RoutingSettings, RoutingTable, declare_settings, declare_table
 from .features.offload_decl import FlowError, check_flow
 from .features.shaping_decl import Shaping, declare_shaping
 from .introspect import Source
 from .introspect import parse as parse_source
 from .match import Match, MatchError
-from .verdict import FACTORIES, Reject, Verdict, parse_default
+from .verdict import ACCEPT, FACTORIES, Reject, Verdict, parse_default
 
 T = TypeVar("T")
 HandlerFunc = Callable[[Any], "Verdict | None"]
@@ -154,7 +154,6 @@ class Policy:
             self.defaults[h] = verdict
 
     def default(self, hook: str) -> Verdict:
-        from .verdict import ACCEPT
         return self.defaults.get(hook, ACCEPT)
 
     def option(self, name: str, default: Any, type: str | Callable[[str], Any] = "str",
@@ -311,8 +310,6 @@ class Policy:
         otherwise the hook default. This is the kernel's semantics for a policy whose
         handlers live in one table -- the common case -- without root or a kernel.
         """
-        from .hooks import TABLE_ORDER
-
         for table in TABLE_ORDER:
             for h in self.handlers:
                 if h.hook == pkt.hook and h.table == table and h.match.matches(pkt, ctstate):

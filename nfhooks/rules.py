@@ -20,8 +20,12 @@ itself: the kernel's nat table looks only at a connection's first packet, so lat
 would ask Python for nothing. The verdict writes a target index into the ``nat`` mark field
 and accepts; the nat table, later at the same hook, runs ``NFH-<HOOK>`` there, whose rules
 ``-m mark --mark <index>/<nat mask> -j DNAT ...`` are added by the engine as targets appear
-(nat.py; ``nat_rule`` below builds them). The nat bits are left on the packet: each index
+(nat.py, whose ``nat_rule`` builds them). The nat bits are left on the packet: each index
 belongs to one (family, hook, target), so no other nat rule can match them again.
+
+The features (NAT, flow offload, routing and shaping: nfhooks/features/) add their mark
+fields and rules through the Feature interface, in the fixed order of features/registry.py;
+this module names none of them.
 
 ``render()`` prints the rule set in the exact format of ``iptables-legacy-save``, so
 ``nfhooks check`` shows precisely what ``nfhooks run`` installs (a kernel test compares them).
@@ -36,14 +40,14 @@ from .features.registry import FEATURES
 from .hooks import HOOKS, TABLE_ORDER, decision_table
 from .marks import (
     ACTION_CONNSAVE, ACTION_REJECT, ACTION_REJECT_ADMIN, ACTION_REJECT_HOST,
-    DEFAULT_MARK_MASK, DEFAULT_NAT_TARGETS, GENERATIONS, MarkLayout, bits_for, core_layout,
+    DEFAULT_MARK_MASK, DEFAULT_NAT_TARGETS, GENERATIONS, MarkLayout, core_layout,
 )
+from .nat import does_nat, nat_rule  # noqa: F401 -- re-exported: rules.nat_rule / does_nat as before
 from .policy import Handler, Policy, PolicyError
-from .rulebuild import (  # the builders and RuleSet live there; their names stay importable from here
+from .rulebuild import (  # noqa: F401 -- the builders and RuleSet live there; re-exported under their old names
     CHAIN_PREFIX, COMMENT, FAMILIES, MatchSpec, Opt, Rule, RuleSet, chain_name, comment, generation_rules, mark,
     match_specs, proto_name, reject_with, save_string, xmark,
 )
-from .nat import does_nat, nat_rule  # noqa: F401 -- re-exported: rules.nat_rule / does_nat as before
 from .verdict import Drop, Reject, Verdict
 
 CONNSAVE_CHAIN = "NFH-CONNSAVE"
