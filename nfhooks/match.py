@@ -100,13 +100,14 @@ class Match:
             )
         fam = _family(family)
         s, d = _addr(src, "src"), _addr(dst, "dst")
+        if s is not None and d is not None and s.family != d.family:
+            raise MatchError(f"src {s.text()} is IPv{s.family} and dst {d.text()} is IPv{d.family}: src and dst "
+                             "are of different address families; a packet has one (write two handlers)")
         for a in (s, d):
             if a is not None:
                 if fam is not None and a.family != fam:
                     raise MatchError(f"address {a.text()} is IPv{a.family} but the handler asks for family=ipv{fam}")
                 fam = a.family
-        if s is not None and d is not None and s.family != d.family:
-            raise MatchError("src and dst are of different address families")
         if p == "icmp":
             if fam == 6:
                 raise MatchError("proto='icmp' is IPv4's ICMP; for IPv6 use proto='icmpv6'")

@@ -105,9 +105,6 @@ def test_an_address_of_the_other_family_than_asked_is_refused():
         M(dst="10.0.0.0/8", family="ipv6")
 
 
-@pytest.mark.xfail(strict=True, reason="match.py bug: src IPv4 + dst IPv6 is refused as if the handler had "
-                                       "asked for family=ipv4; its own 'different address families' message "
-                                       "is unreachable (the src's family is taken as the asked one)")
 def test_src_and_dst_of_different_families_say_so():
     with pytest.raises(MatchError, match="src and dst are of different address families"):
         M(src="10.0.0.1", dst="fd00::1")
