@@ -82,4 +82,4 @@ def is_option(value: Any) -> bool:
 
 def option_value(value: Any) -> Any:
     """``value``, or an Option's current value (after ``--set``)."""
-    return value.value if is_option(value) else value
+    return getattr(value, "value", value) if is_option(value) else value

@@ -135,3 +135,28 @@ def test_a_new_feature_plugs_in_without_touching_the_compiler() -> None:
     assert "NFQUEUE" in rules[tag + 1]
     assert "NFH-TAG" in rs.chains[(6, "filter")]
     assert rs.render().count(":NFH-TAG - [0:0]") == 2  # IPv4 and IPv6
+
+
+def test_handler_source_is_parsed_once_and_shared() -> None:
+    """introspect.Source: the verdict scan, flow checks, gso_safe and the route/shape scans
+    all read the tree parsed when the handler was declared."""
+    from nfhooks.introspect import option_value, parse
+    from nfhooks.policy import verdict_calls
+    from nfhooks.queue import gso_safe
+
+    p = Policy("s")
+    opt = p.option("port", default=80, type="port")
+
+    @p.prerouting(proto="tcp")
+    def pick(pkt):
+        if pkt.payload:
+            return route(via="10.0.0.1", dev="up9")
+        return None
+
+    h = p.handlers[0]
+    assert h.source.readable and h.source.name == "pick"
+    assert verdict_calls(h.source) == verdict_calls(pick) == {"route": h.line + 3}  # h.line: the decorator
+    assert [line for _, _, line in h.source.calls({"route"})] == [h.line + 3]
+    assert gso_safe(h) == (False, "it reads pkt.payload")
+    assert not parse(len).readable  # a builtin has no source: checks then see nothing
+    assert option_value(opt) == 80 and option_value("x") == "x"
