@@ -78,6 +78,11 @@ if TYPE_CHECKING:
     from .policy import Handler, Policy
     from .rulebuild import RuleSet
 
+__all__ = ["FLOW_GEN_BITS", "FLOW_GENERATIONS", "GEN_FIELD", "DIRECTIONS", "PER_PACKET_FIELDS", "REFUSED_KINDS",
+           "FlowError", "check_flow", "per_packet_reads", "flow_handlers", "field_name", "layout_fields", "ordinals",
+           "all_flow_mask", "save_chain", "save_jump", "offload_rules", "save_rules", "add_to_ruleset",
+           "next_flow_generation", "FlowOffload", "add_counters", "OffloadCollector"]
+
 FLOW_GEN_BITS = 3
 FLOW_GENERATIONS = (1 << FLOW_GEN_BITS) - 1  # 1..7; 0 = never decided
 GEN_FIELD = "flowgen"

@@ -56,6 +56,10 @@ if TYPE_CHECKING:
     from .marks import Field
     from .policy import Policy
 
+__all__ = ["MAJOR", "ROOT_MINOR", "CLASS_MINOR_BASE", "LEAF_MAJOR_BASE", "LEAVES", "ShapeClass", "Shaping",
+           "ShapingError", "declare_shaping", "parse_rate", "rate_text", "classid", "class_minor", "tree_commands",
+           "classify_rules", "probe_kernel", "root_qdisc", "Shaper"]
+
 log = logging.getLogger("nfhooks.shaping")
 
 MAJOR = 0x4E46
