@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 DASHBOARD = ROOT / "deploy" / "grafana" / "nfhooks-dashboard.json"
 POLICY = ROOT / "tests" / "kernel" / "policies" / "observed.py"
 RATE_WINDOW = "15s"
-UNITS = {"Throughput by hook": "bit/s", "Decision latency p50 / p99": "s"}  # the panels' units
+#: Grafana unit ids of the panels (one per kind: packets/s, bytes/s, seconds, counts) as axis units
+UNITS = {"pps": "p/s", "Bps": "B/s", "s": "s", "short": ""}
 
 # The client's traffic, paced by the clock (seconds since start): what the panels show.
 TRAFFIC = r"""
@@ -118,7 +119,8 @@ def collect(duration: float, top: bool = True) -> dict[str, Any]:
         results: dict[str, Any] = {"start": start, "end": end, "panels": [], "top": top_ansi}
         for p in panels(dashboard):
             entry = {"title": p.get("title", "").replace("$hook", "All hooks"), "type": p["type"],
-                     "gridPos": p["gridPos"], "series": []}
+                     "gridPos": p["gridPos"], "series": [],
+                     "unit": p.get("fieldConfig", {}).get("defaults", {}).get("unit", "")}
             for t in p.get("targets") or []:
                 if t.get("hide") or not t.get("expr"):
                     continue
@@ -249,12 +251,12 @@ def render(results: dict[str, Any], out: Path) -> None:
             for i, s in enumerate(moving[:8]):
                 xs, ys = zip(*s["points"])
                 ax.plot(xs, ys, color=colors[i % len(colors)], lw=1.6, label=s["name"][:40])
-            if still:  # Grafana draws them as flat lines at 0; here one line says so
+            if still:  # the dashboard's legends hide series that stayed at 0; one line says so
                 ax.plot([0, results["end"] - results["start"]], [0, 0], color="#6e7079", lw=1,
-                        label=f"{still} more series at 0")
+                        label=f"{still} series at 0 (hidden in the legend)")
             ax.grid(color=grid, lw=0.6)
-            unit = UNITS.get(p["title"])
-            if unit:
+            unit = UNITS.get(p.get("unit", ""))
+            if unit is not None:
                 ax.yaxis.set_major_formatter(EngFormatter(unit=unit, sep=" "))
             if p["series"]:
                 ax.legend(fontsize=7, facecolor=panel_bg, edgecolor=grid, labelcolor=fg, loc="upper left",

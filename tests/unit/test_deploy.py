@@ -48,6 +48,14 @@ def _exported_series(tmp_path: Path) -> set[str]:
     bound = {4: BoundQueue(4, "INPUT", "h", True, False, 4096, 1 << 20, _Budgeted(None))}  # type: ignore[arg-type]
     reg.register(OverloadCollector(bound, str(proc), saved=lambda: [
         '[7:420] -A NFH-INPUT -m comment --comment "nfhooks h" -j NFQUEUE --queue-num 4 --queue-bypass']))
+    # flow offload's collector (offload.py), for a policy with a flow=True handler
+    from nfhooks.offload import OffloadCollector
+
+    class _Offload:
+        def counters(self) -> dict:
+            return {"flowsave": {("INPUT", "h"): 1}, "offload": {("INPUT", "h"): 5}}
+
+    reg.register(OffloadCollector(lambda: _Offload()))
     return {s.name for fam in reg.collect() for s in fam.samples}
 
 
@@ -186,9 +194,60 @@ def test_dashboard_has_the_operator_panels(dashboard: dict) -> None:
         "histogram_quantile(0.5", "histogram_quantile(0.99", "nfhooks_queue_waiting_packets",
         "nfhooks_queue_kernel_dropped_packets_total", "nfhooks_queue_user_dropped_packets_total",
         "nfhooks_handler_errors_total", "topk(", "nfhooks_handler_packets_total",
-        "nfhooks_malformed_packets_total",
+        "nfhooks_malformed_packets_total", "nfhooks_queue_bypassed_packets_total",
+        "nfhooks_handler_overruns_total", "nfhooks_queue_enobufs_total",
+        "nfhooks_offloaded_flows_total", "nfhooks_offloaded_packets_total",
     ):
         assert needed in exprs, needed
+
+
+#: Grafana unit per kind of panel: every panel of one kind says it the same way
+_UNITS = {"packets/s": "pps", "bytes/s": "Bps", "seconds": "s", "count": "short"}
+
+
+def _kind(p: dict) -> str:
+    exprs = " ".join(t["expr"] for t in p["targets"])
+    if "histogram_quantile" in exprs:
+        return "seconds"
+    if "nfhooks_bytes_total" in exprs:
+        return "bytes/s"
+    if re.search(r"rate\((nfhooks_(packets|handler_packets|handler_errors|handler_overruns|malformed_packets"
+                 r"|truncated_packets|offloaded_packets|queue_\w+_packets)_total)", exprs):
+        return "packets/s"
+    return "count"
+
+
+def test_one_unit_per_kind_of_panel(dashboard: dict) -> None:
+    for p in _data_panels(dashboard):
+        if p["title"] in ("Engine up", "Policy loaded"):
+            continue  # a state and a name, not a number
+        unit = p["fieldConfig"]["defaults"].get("unit")
+        assert unit == _UNITS[_kind(p)], (p["title"], unit, _kind(p))
+
+
+def test_legends_hide_series_that_stay_at_zero(dashboard: dict) -> None:
+    """Grafana's own form of the old graph panel's hideZero/hideEmpty (its migration writes
+    these overrides): a series that is all 0 (or all null) is kept off the legend."""
+    series = [p for p in _data_panels(dashboard) if p["type"] == "timeseries"]
+    assert len(series) >= 13
+    for p in series:
+        hidden = {o["matcher"]["options"]["reducer"] for o in p["fieldConfig"]["overrides"]
+                  if o["matcher"]["id"] == "byValue"
+                  and {"id": "custom.hideFrom", "value": {"tooltip": True, "viz": False, "legend": True}}
+                  in o["properties"]}
+        assert hidden == {"allIsZero", "allIsNull"}, p["title"]
+
+
+def test_panels_do_not_overlap(dashboard: dict) -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for p in _panels(dashboard["panels"]):
+        if p.get("repeat"):
+            continue  # its copies fill the row: checked as the whole row below
+        g = p["gridPos"]
+        for y in range(g["y"], g["y"] + g["h"]):
+            for x in range(g["x"], g["x"] + g["w"]):
+                assert (x, y) not in cells, (p["title"], cells[(x, y)])
+                cells[(x, y)] = p["title"]
 
 
 def test_rates_use_rate_interval_and_hook_filter(dashboard: dict) -> None:

@@ -11,7 +11,8 @@ alerts are about, for real:
     tcp 7009  broken    raises   NfhooksHandlerErrors (the INPUT default, drop, applies)
     tcp 7010  slow      accept after 20 ms: NfhooksSlowDecisions (p99 > 10 ms)
     icmp      ping      accept
-    FORWARD tcp 8080    accept   healthy forwarded traffic (client -> server)
+    FORWARD tcp 8080    accept   healthy forwarded traffic (client -> server), flow=True: a
+                                 connection's later packets are offloaded (the offload panels)
 """
 
 import time
@@ -63,6 +64,6 @@ def ping(pkt):
     return accept()
 
 
-@policy.forward(proto="tcp", dport=8080)
+@policy.forward(proto="tcp", dport=8080, flow=True)
 def web(pkt):
     return accept()
