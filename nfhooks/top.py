@@ -2,7 +2,8 @@
 
 It reads the same numbers Prometheus scrapes (so it works against any running engine, in any
 namespace you can reach) and shows, per hook and table, packets by verdict and their rate since
-the previous refresh -- like `iptables -L -v`, but live.
+the previous refresh -- like `iptables -L -v`, but live. One row per verdict that happened, so
+it fits an 80-column terminal whatever the policy returns.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
+from rich import box
 from rich.table import Table
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["check_args", "scrape", "render", "run"]
+__all__ = ["check_args", "parse", "rate_text", "render", "run", "scrape"]
 
 Key = tuple[str, str, str]  # hook, table, verdict
 
@@ -43,38 +45,66 @@ def scrape(url: str, timeout: float = 2.0) -> dict[Key, float]:
     """Packet counters by (hook, table, verdict) from one scrape."""
     with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 -- the user's own endpoint
         text = r.read().decode()
-    out: dict[Key, float] = defaultdict(float)
     try:
-        families = list(text_string_to_metric_families(text))
+        return parse(text)
     except ValueError as e:  # not Prometheus text: some other server answers there
         raise ValueError(f"{url} does not serve Prometheus metrics ({e})") from None
-    for fam in families:
+
+
+def parse(text: str) -> dict[Key, float]:
+    """``nfhooks_packets_total`` of Prometheus text, summed over handlers, by (hook, table,
+    verdict). A ``via`` label other than "handler" (how a verdict came about: the hook's
+    default rule, an error) is kept apart, as "verdict (via)": those are the decisions an
+    operator most needs to tell from the handlers' own."""
+    out: dict[Key, float] = defaultdict(float)
+    for fam in text_string_to_metric_families(text):
         if fam.name != "nfhooks_packets":
             continue
         for s in fam.samples:
             if s.name == "nfhooks_packets_total":
-                out[(s.labels["hook"], s.labels["table"], s.labels["verdict"])] += s.value
+                verdict, via = s.labels["verdict"], s.labels.get("via", "")
+                if via and via != "handler":
+                    verdict = f"{verdict} ({via})"
+                out[(s.labels["hook"], s.labels["table"], verdict)] += s.value
     return dict(out)
 
 
+def rate_text(rate: float) -> str:
+    """A rate a person reads at a glance, fractions kept: 0.5/s is not 0/s."""
+    if rate <= 0:
+        return "0/s"
+    if rate < 0.1:
+        return f"{rate:.2f}/s"
+    if rate < 10:
+        return f"{rate:.1f}/s"
+    return f"{rate:,.0f}/s"
+
+
 def render(now: dict[Key, float], before: dict[Key, float] | None, seconds: float) -> Table:
-    # only verdicts that happened: a policy's metrics carry every verdict it may return, at 0,
-    # and fifteen mostly-empty columns do not fit a terminal
-    verdicts = sorted({k[2] for k, n in now.items() if n}) or sorted({k[2] for k in now})
-    title = ("nfhooks: packets by hook and verdict (rate/s since the last refresh)" if before is not None
-             else "nfhooks: packets by hook and verdict (totals; live view: without --once)")
-    t = Table(title=title)
-    t.add_column("hook")
-    t.add_column("table")
-    for v in verdicts:
-        t.add_column(v, justify="right")
-    for hook, table in sorted({(k[0], k[1]) for k in now}, key=_hook_order):
-        cells = []
-        for v in verdicts:
-            n = now.get((hook, table, v), 0.0)
-            rate = (n - before.get((hook, table, v), 0.0)) / seconds if before and seconds > 0 else None
-            cells.append(f"{n:.0f}" + (f" ({rate:.0f}/s)" if rate is not None else ""))
-        t.add_row(hook, table, *cells)
+    """One row per (hook, table, verdict) that happened: a fixed five columns fit 80 columns
+    whatever verdicts a policy gives (a column per verdict did not: headers were cut)."""
+    live = before is not None and seconds > 0
+    prev = before or {}
+    title = ("nfhooks: packets by hook and verdict, rate/s since the last refresh" if live
+             else "nfhooks: packets by hook and verdict (totals; live: without --once)")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, min_width=len(title))  # a title on one line
+    t.add_column("hook", no_wrap=True)
+    t.add_column("table", no_wrap=True)
+    t.add_column("verdict", no_wrap=True)
+    t.add_column("packets", justify="right", no_wrap=True)
+    if live:
+        t.add_column("rate", justify="right", no_wrap=True)
+    # only verdicts that happened: a policy's metrics carry every verdict it may return, at 0
+    shown = {k: n for k, n in now.items() if n} or now
+    groups = sorted({(k[0], k[1]) for k in shown}, key=_hook_order)
+    for gi, (hook, table) in enumerate(groups):
+        keys = sorted(k for k in shown if (k[0], k[1]) == (hook, table))
+        for i, key in enumerate(keys):
+            n = now.get(key, 0.0)
+            cells = [hook if i == 0 else "", table if i == 0 else "", key[2], f"{n:,.0f}"]
+            if live:
+                cells.append(rate_text(max(0.0, n - prev.get(key, 0.0)) / seconds))
+            t.add_row(*cells, end_section=i == len(keys) - 1 and gi < len(groups) - 1)
     return t
 
 
