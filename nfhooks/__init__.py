@@ -5,7 +5,8 @@ at the netfilter hooks it names, into NFQUEUE; the engine gives each one exactly
 """
 
 from .hooks import HOOKS, PlacementError
-from .policy import Option, Policy, PolicyError, load_policy
+from .loader import load_policy
+from .policy import Option, Policy, PolicyError
 from .verdict import (
     Accept, Dnat, Drop, Mangle, Mark, Masquerade, Nat, Redirect, Reject, Snat, Verdict, accept,
     clamp_mss, connmark, dnat, drop, mangle, mark, masquerade, payload, redirect, reject,

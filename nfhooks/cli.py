@@ -17,7 +17,8 @@ from rich.table import Table
 
 from .backends.choice import choose, remove_everywhere
 from .hooks import explain
-from .policy import PolicyError, load_policy, parse_sets
+from .loader import load_policy
+from .policy import PolicyError, parse_sets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Write Linux packet policy in Python: NFQUEUE at all five netfilter hooks.")

@@ -12,7 +12,7 @@ from typing import Sequence
 from .backends import get_backend
 from .backends.base import generation_chains
 from .errors import KernelError
-from .rules import Rule, RuleSet
+from .rulebuild import Rule, RuleSet
 from .saved import Counted
 
 __all__ = ["KernelError", "Counted", "check_kernel", "install", "retire_stamps", "restore", "remove_generation",

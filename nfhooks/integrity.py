@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .rules import CHAIN_PREFIX, FAMILIES, RuleSet
+from .rulebuild import CHAIN_PREFIX, FAMILIES, RuleSet
 
 __all__ = ["RuleWatch", "missing_rules", "ours_in_save", "reinstall"]
 

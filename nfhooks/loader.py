@@ -30,7 +30,8 @@ import traceback
 import types
 from pathlib import Path
 
-from .policy import Policy, PolicyError
+from .errors import PolicyError
+from .policy import Policy
 from .watchdog import HandlerTimeout
 
 __all__ = ["check_permissions", "load_policy", "read_policy_source"]

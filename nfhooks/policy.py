@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import ast
 import inspect
-import socket
 import ipaddress
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from .errors import PolicyError
@@ -353,21 +351,6 @@ def verdict_calls(func: "Callable[..., Any] | Source") -> dict[str, int]:
 MATCH_KEYS = frozenset({"proto", "src", "dst", "sport", "dport", "iif", "oif", "ctstate", "mark", "family"})
 
 
-def check_permissions(path: Path, opened: Any = None) -> None:
-    """Refuse a policy others could have changed (nfhooks/loader.py, like sshd's StrictModes)."""
-    from .loader import check_permissions as check
-
-    check(path, opened)
-
-
-def load_policy(path: str | Path, overrides: dict[str, str] | None = None) -> Policy:
-    """Compile and run a policy file's checked source (never cached bytecode: nfhooks/loader.py);
-    its validated ``Policy`` with options applied."""
-    from .loader import load_policy as load
-
-    return load(path, overrides)
-
-
 def parse_sets(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -378,4 +361,4 @@ def parse_sets(items: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["Policy", "Option", "Handler", "PolicyError", "load_policy", "check_permissions", "parse_sets", "Reject"]
+__all__ = ["Policy", "Option", "Handler", "PolicyError", "parse_sets", "Reject"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
 
 from .hooks import TABLE_ORDER
-from .rules import CHAIN_PREFIX, FAMILIES
+from .rulebuild import CHAIN_PREFIX, FAMILIES
 
 __all__ = ["Counted", "counted_rules", "installed_text", "is_ours_line"]
 

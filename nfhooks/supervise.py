@@ -71,7 +71,7 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
     from .metrics import Metrics
     from .offload import FlowOffload
     from .queue import QueueSet
-    from .workers import NatClient
+    from .worker_nat import NatClient
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: main decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..errors import KernelError
 from ..hooks import HOOKS
-from ..rules import COMMENT, FAMILIES, Rule, RuleSet, chain_name
+from ..rulebuild import COMMENT, FAMILIES, Rule, RuleSet, chain_name
 from ..saved import Counted, installed_text
 
 __all__ = ["Backend", "generation_chains", "stamp_deletions", "check_queue_support"]
@@ -139,7 +139,7 @@ class Backend(ABC):
         verdict its source did not show, so the policy compiled no chain for it), the chain, its
         ``prelude`` rules (the generation guard), the rule and the jump from ``hook`` go in that
         same commit."""
-        from ..rules import MatchSpec
+        from ..rulebuild import MatchSpec
 
         lines = [f"*{table}"]
         if not self.chain_exists(family, table, rule.chain):

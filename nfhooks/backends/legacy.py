@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from ..errors import KernelError
 from ..hooks import TABLE_HOOKS, TABLE_ORDER, TRAVERSAL
-from ..rules import CHAIN_PREFIX, COMMENT, FAMILIES, Rule, RuleSet
+from ..rulebuild import CHAIN_PREFIX, COMMENT, FAMILIES, Rule, RuleSet
 from .base import Backend, check_queue_support
 from .tools import SAVE_TOOLS
 

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from ..errors import KernelError
 from ..hooks import TABLE_ORDER, TRAVERSAL
-from ..rules import CHAIN_PREFIX, COMMENT, RuleSet
+from ..rulebuild import CHAIN_PREFIX, COMMENT, RuleSet
 from .base import Backend, check_queue_support
 from .tools import SAVE_TOOLS
 

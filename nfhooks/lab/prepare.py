@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import parse_listen_addr
-from ..policy import PolicyError, load_policy, parse_sets
+from ..loader import load_policy
+from ..policy import PolicyError, parse_sets
 from .config import HTTP_PORT, PROXY_PORT, RUN_TAG, WEB_PORT, LabError
 from .scenario import Scenario
 from .topology import ID_PREFIX_ENV, Lab, TcpServer

@@ -201,7 +201,7 @@ def test_nat_verdicts_with_two_workers(nfh_lab):
 
 
 def test_nat_policies_are_served_by_workers(tmp_path):
-    from nfhooks.policy import load_policy
+    from nfhooks.loader import load_policy
     from nfhooks.rules import compile_policy
 
     p = tmp_path / "pol.py"

@@ -8,7 +8,7 @@ import pytest
 from nfhooks.backends import Probes, detect, resolve
 from nfhooks.backends.legacy import LegacyBackend
 from nfhooks.backends.nft import NftBackend, install_lines, removal_lines
-from nfhooks.policy import load_policy
+from nfhooks.loader import load_policy
 from nfhooks.queue import rule_packets
 from nfhooks.rules import compile_policy
 from nfhooks.saved import counted_rules, installed_text

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from nfhooks.policy import PolicyError, load_policy
+from nfhooks.loader import load_policy
+from nfhooks.policy import PolicyError
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")  # pinned in the test extra
 yaml = pytest.importorskip("yaml")  # PyYAML, a dependency of kubernetes-validate

@@ -8,7 +8,7 @@ import pytest
 
 from nfhooks import Policy, PolicyError, accept, clamp_mss, payload, set_dscp, set_tos, set_ttl
 from nfhooks.mangle import MangleError, TruncatedPacket, checksum, rewrite
-from nfhooks.policy import load_policy
+from nfhooks.loader import load_policy
 from nfhooks.verdict import Mangle
 
 scapy = pytest.importorskip("scapy")

@@ -11,7 +11,7 @@ from nfhooks import Policy, PolicyError, accept, dnat, masquerade, redirect, sna
 from nfhooks.fake import fake_bytes, fake_packet
 from nfhooks.marks import MarkLayout, core_layout
 from nfhooks.nat import NatError, NatTargets
-from nfhooks.policy import load_policy
+from nfhooks.loader import load_policy
 from nfhooks.rules import compile_policy, nat_rule
 
 ROOT = Path(__file__).parents[2]

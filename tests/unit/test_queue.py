@@ -220,7 +220,7 @@ def test_partial_checksum_of_a_gso_packet_is_not_malformed():
 
 
 def _compiled(src: str, tmp_path):
-    from nfhooks.policy import load_policy
+    from nfhooks.loader import load_policy
     from nfhooks.rules import compile_policy
 
     p = tmp_path / "pol.py"

@@ -6,7 +6,7 @@ import pytest
 
 from nfhooks import Policy, PolicyError, accept
 from nfhooks.marks import MarkLayout, MarkSpaceError
-from nfhooks.policy import load_policy
+from nfhooks.loader import load_policy
 from nfhooks.rules import compile_policy, save_string
 
 ROOT = Path(__file__).parents[2]

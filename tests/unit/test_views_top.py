@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from rich.console import Console
 
 from nfhooks.metrics import Metrics
-from nfhooks.policy import load_policy
+from nfhooks.loader import load_policy
 from nfhooks.top import parse, rate_text, render
 from nfhooks.verdict import NAT_KINDS, ROUTESHAPE_KINDS
 
