@@ -171,10 +171,13 @@ class _ScrapeNudge:
 
 def reinstall(backend: Any, rs: RuleSet, nat: Any = None) -> None:
     """Put ``rs`` back after its rules were removed under the engine: what is left of its
-    generation goes, the whole generation is installed again, then every NAT target already
+    generation goes, the whole generation is installed again with the chains installed beside
+    it (``rs.side``: the uplink NAT of a routing policy), then every NAT target already
     chosen (``nat``: a nat.NatTargets, or None). The engine and the --workers main process
     pass this as RuleWatch's ``restore``."""
     backend.remove_generation(rs.generation)
     backend.install(rs)
+    for side in rs.side:  # chains installed beside the generation (the uplink NAT: routing)
+        backend.restore(side.family, side.restore_lines(), side.what)
     if nat is not None:
         nat.reinstall()
