@@ -255,9 +255,13 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
 
 @app.command()
 def rules(save: bool = typer.Option(False, "--save", help="print iptables-save text instead of a table"),
+          verbose: bool = typer.Option(False, "--verbose", "-v",
+                                       help="also the plumbing rules (generation stamps, resume marks, ...)"),
           backend: Optional[str] = BACKEND_OPT) -> None:
-    """Show the installed nfhooks rules with packet/byte counters (like iptables -L -v)."""
+    """Show the installed nfhooks rules with packet/byte counters (like iptables -L -v): per hook
+    and table the default, one row per handler; the plumbing is folded away unless -v."""
     from .errors import KernelError
+    from .rulesview import view
 
     b, _ = choose(backend, _fail)
     try:
@@ -272,10 +276,7 @@ def rules(save: bool = typer.Option(False, "--save", help="print iptables-save t
     if not counted:
         out.print(f"no nfhooks rules installed in this network namespace (backend {b.name})")
         return
-    t = Table("fam", "table", "pkts", "bytes", "rule", box=None)
-    for c in counted:
-        t.add_row(f"ipv{c.family}", c.table, str(c.packets), str(c.bytes), c.text[3:])
-    out.print(t)
+    out.print(view(counted, verbose))
 
 
 @app.command()
