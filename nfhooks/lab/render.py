@@ -20,14 +20,14 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from ..hooks import HOOK_DOC, HOOKS, decision_table
+from ..hooks import HOOK_DOC, HOOKS, PLACEMENTS, TABLE_HOOKS, decision_table
 from .config import WEB_PORT, LabConfig
 from .evidence import KERNEL_DEFAULT, Scraper, Snapshot
 from .registry import SCENARIOS
 from .scenario import Result, Scenario
 from .topology import EngineProc, Lab
 
-__all__ = ["HOOK_STYLE", "VERDICT_STYLE", "LiveView", "hook_table", "make_console", "print_summary",
+__all__ = ["HOOK_STYLE", "VERDICT_STYLE", "LiveView", "acting_table", "hook_table", "make_console", "print_summary",
            "summary_json", "topology_table"]
 
 
@@ -47,16 +47,34 @@ def _vtext(verdict: str) -> Text:
     return Text(verdict, style=VERDICT_STYLE.get(verdict, ""))
 
 
+def acting_table(table: str, verdict: str) -> str:
+    """``table`` (where the packet was queued), or ``mangle → nat`` when another table's
+    nfhooks rule carries the verdict out (NAT is done by the nat table, later at the hook):
+    listing a DNAT under "mangle" alone read as if mangle did the NAT."""
+    place = PLACEMENTS.get(verdict)
+    if place is not None and place.acts_in in TABLE_HOOKS and place.acts_in != table:
+        return f"{table} \u2192 {place.acts_in}"
+    return table
+
+
+def _sum(series: Iterable[tuple[dict[str, str], float]]) -> dict[tuple[str, str, str], float]:
+    out: dict[tuple[str, str, str], float] = {}
+    for l, v in series:  # summed: series that differ in other labels (handler, via) add up
+        key = (l["hook"], l["table"], l["verdict"])
+        out[key] = out.get(key, 0.0) + v
+    return out
+
+
 def hook_table(snap: Snapshot, rules: Sequence[tuple[dict[str, str], float]] = (),
                title: str = "per-hook verdicts") -> Table:
     """hook x table x verdict packet and byte counts, like `iptables -L -v`, plus which
     handlers gave them; `rules` adds the defaults the kernel's rules gave (never queued)."""
-    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left")
     for col, just in (("hook", "left"), ("table", "left"), ("verdict", "left"),
                       ("pkts", "right"), ("bytes", "right"), ("handlers", "left")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    packets = {(l["hook"], l["table"], l["verdict"]): v for l, v in snap.series("nfhooks_packets_total")}
-    nbytes = {(l["hook"], l["table"], l["verdict"]): v for l, v in snap.series("nfhooks_bytes_total")}
+    packets = _sum(snap.series("nfhooks_packets_total"))
+    nbytes = _sum(snap.series("nfhooks_bytes_total"))
     handlers = snap.series("nfhooks_handler_packets_total")
     for hook in HOOKS:
         rows = sorted((k, v) for k, v in packets.items() if k[0] == hook and v > 0)
@@ -66,8 +84,12 @@ def hook_table(snap: Snapshot, rules: Sequence[tuple[dict[str, str], float]] = (
         for (h, table, verdict), v in rows:
             names = ", ".join(f"{l['handler']} {n:g}" for l, n in sorted(handlers, key=lambda x: -x[1])
                               if l["hook"] == h and l["verdict"] == verdict and n > 0)
-            t.add_row(Text(h, style=HOOK_STYLE), table, _vtext(verdict), f"{v:g}",
+            t.add_row(Text(h, style=HOOK_STYLE), acting_table(table, verdict), _vtext(verdict), f"{v:g}",
                       f"{nbytes.get((h, table, verdict), 0):.0f}", names)
+            if acting_table(table, verdict) != table:
+                t.caption = (f"table: where the packet was queued; {table} \u2192 {PLACEMENTS[verdict].acts_in}: "
+                             f"the {PLACEMENTS[verdict].acts_in} table's nfhooks rule carries the verdict out, "
+                             "later at the same hook")
         for l, v in kernel:
             t.add_row(Text(hook, style=HOOK_STYLE), decision_table(hook), _vtext(l["verdict"]), f"{v:g}", "",
                       Text("(default rule) in the kernel: no handler queued these", style="dim"))
@@ -236,7 +258,8 @@ def summary_json(lab: Lab, results: Sequence[Result], final: Snapshot,
     for l, v in final.series("nfhooks_packets_total"):
         if v > 0:
             hooks[l["hook"]].append({"table": l["table"], "verdict": l["verdict"], "packets": int(v),
-                                     "handler": "(any)"})
+                                     "handler": "(any)",
+                                     "acts_in": acting_table(l["table"], l["verdict"]).split(" ")[-1]})
     for l, v in rules:
         hooks[l["hook"]].append({"table": decision_table(l["hook"]), "verdict": l["verdict"],
                                  "packets": int(v), "handler": KERNEL_DEFAULT})
