@@ -39,9 +39,9 @@ def test_lab_exec_finds_nfhooks_without_an_activated_venv(tmp_path):
     up = _run("lab", "--duration", "0", "--keep", "--scenario", "forwarded", env=env, timeout=120)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        r = _run("lab", "exec", "router", "--", "nfhooks", "rules", env=env, timeout=60)
+        r = _run("lab", "exec", "router", "--", "nfhooks", "rules", "--save", env=env, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "NFH-" in r.stdout, r.stdout  # the kept engine's rules, read inside the router
+        assert "-A NFH-" in r.stdout, r.stdout  # the kept engine's rules, read inside the router
         # the user's own command still finds the system's programs
         ip = _run("lab", "exec", "client", "--", "ip", "-br", "link", env=env, timeout=20)
         assert ip.returncode == 0 and "eth0" in ip.stdout, ip.stdout + ip.stderr
