@@ -90,9 +90,10 @@ class NatTargets:
         return len(self.index)
 
     def _install(self, family: int, table: str, hook: str, rule: Rule) -> None:
-        from .backends import get_backend  # $NFHOOKS_BACKEND's; the engine injects its own backend's
-
-        backend_installer(get_backend(), self.layout, self.generation)(family, table, hook, rule)
+        """Without an injected ``installer`` nothing can reach the kernel: a feature never picks
+        a rule backend; the engine injects its backend's (``backend_installer``)."""
+        raise NatError(f"no rule installer for the nat rule `{rule.render()}`: NatTargets needs "
+                       "installer=backend_installer(backend, layout, generation)")
 
     def key(self, pkt: Packet, v: Nat) -> Key:
         if v.family is not None and v.family != pkt.version:

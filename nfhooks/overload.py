@@ -7,7 +7,6 @@ kernel counts nowhere (:func:`bypassed`, derived from the queue rule's counter).
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,9 +17,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from .kstats import DEFAULT_PROC_PATH, read_queue_stats
 from .saved import counted_rules
 
-__all__ = ["OverloadCollector", "bypassed", "rule_packets", "saved_with_counters"]
+__all__ = ["OverloadCollector", "bypassed", "no_counters", "rule_packets"]
 
-log = logging.getLogger("nfhooks.queue")
 
 
 _QUEUE_TARGET = re.compile(r"-j NFQUEUE --queue-num (\d+)(?: |$)")
@@ -39,17 +37,10 @@ def rule_packets(texts: Iterable[str]) -> dict[int, int]:
     return out
 
 
-def saved_with_counters(backend: Any = None) -> list[str]:
-    """Both families' save text with counters, from ``backend`` (default: the one
-    $NFHOOKS_BACKEND names, else auto); a family that fails is left out."""
-    if backend is None:
-        from .backends import get_backend
-        try:
-            backend = get_backend()
-        except Exception:  # noqa: BLE001 -- a failing scrape would hide every other metric
-            log.debug("no rules backend for the queue rule counters", exc_info=True)
-            return []
-    return backend.counter_texts()
+def no_counters() -> list[str]:
+    """The default ``saved`` of the collectors below: no rule counters until the engine
+    injects its backend's ``counter_texts`` (this layer never picks a rule backend)."""
+    return []
 
 
 def bypassed(rule: int, queue_dropped: int, user_dropped: int, waiting: int, received: int) -> int:
@@ -87,7 +78,7 @@ class OverloadCollector:
     """
 
     def __init__(self, bound: Mapping[int, Any], proc_path: str = DEFAULT_PROC_PATH,
-                 saved: Callable[[], list[str]] = saved_with_counters) -> None:
+                 saved: Callable[[], list[str]] = no_counters) -> None:
         self.bound = bound
         self.proc_path = proc_path
         self.saved = saved

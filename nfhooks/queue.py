@@ -69,7 +69,7 @@ from .errors import KernelError
 from .introspect import Source
 from .introspect import parse as parse_source
 from .kstats import DEFAULT_PROC_PATH, read_queue_stats
-from .overload import OverloadCollector, bypassed, rule_packets, saved_with_counters  # noqa: F401 -- re-exported
+from .overload import OverloadCollector, bypassed, rule_packets  # noqa: F401 -- re-exported
 
 log = logging.getLogger("nfhooks.queue")
 PROC_QUEUES = DEFAULT_PROC_PATH

@@ -154,13 +154,13 @@ class WorkerMetrics:
                  proc_path: str | None = None, saved: Callable[[], list[str]] | None = None,
                  nat_targets: Callable[[], int] = lambda: 0) -> None:
         from .kstats import DEFAULT_PROC_PATH
-        from .overload import saved_with_counters
+        from .overload import no_counters
 
         self.pool = pool
         self.nat_targets = nat_targets  # the main process's NatServer (0: the policy does no NAT)
         self.ranges = list(ranges)  # (first queue, last queue, hook, handler, fail-open)
         self.proc_path = proc_path or DEFAULT_PROC_PATH
-        self.saved = saved or saved_with_counters
+        self.saved = saved or no_counters
         self._high: dict[tuple[int, int], int] = {}
         self.carry = CounterCarry()  # counters stay monotonic when a worker is restarted
 
