@@ -157,14 +157,14 @@ def capture_top(lab: Any, at: float) -> str:
     cmd = ["ip", "netns", "exec", lab.ns_name("router"), sys.executable, "-m", "nfhooks", "top",
            "--interval", "2"]
     base = [tmux, "-L", sock]
-    subprocess.run([*base, "-f", "/dev/null", "new-session", "-d", "-s", sock, "-x", "104", "-y", "16",
-                    "env", "TERM=xterm-256color", "COLUMNS=104", *cmd], check=True, timeout=10)
+    subprocess.run([*base, "-f", "/dev/null", "new-session", "-d", "-s", sock, "-x", "80", "-y", "24",
+                    "env", "TERM=xterm-256color", "COLUMNS=80", *cmd], check=True, timeout=10)  # a classic terminal
     try:
         def pane() -> str:
             return subprocess.run([*base, "capture-pane", "-e", "-p", "-t", sock], capture_output=True,
                                   text=True, check=True, timeout=10).stdout
 
-        lab.wait_for(lambda: time.time() >= at and "/s)" in pane(), timeout=120, interval=0.5,
+        lab.wait_for(lambda: time.time() >= at and re.search(r"\d/s\b", pane()), timeout=120, interval=0.5,
                      what="nfhooks top showing rates")
         return pane()
     finally:
