@@ -37,8 +37,11 @@ def _x(v: float | None) -> str:
 def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
     """The results as markdown: throughput/CPU/RSS with ratios to kernel and bare, then latency."""
     by = {(r.case, r.proto): r for r in rows}
+    backend = (f" Rule backend of the rows not named after one: {meta['backend']}; 'nfhooks legacy' and "
+               "'nfhooks nft' run the 'nfhooks' row's policy with --backend legacy / nft."
+               if meta.get("backend") else "")
     out = [f"{meta.get('seconds', 0):g} s per row, {meta.get('cpus')} CPUs, kernel {meta.get('kernel')}, "
-           f"Python {meta.get('python')}, {meta.get('iperf3')}, {meta.get('time')}; one run.", "",
+           f"Python {meta.get('python')}, {meta.get('iperf3')}, {meta.get('time')}; one run.{backend}", "",
            "| traffic | consumer | rx pps | rx Gbit/s | x kernel | x bare | decided in Python | "
            "CPU us/pkt | CPU x bare | CPU % core | max RSS MiB |",
            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
