@@ -25,7 +25,7 @@ from .hooks import HOOKS, TRAVERSAL, decision_table
 from .rulebuild import CHAIN_PREFIX
 from .saved import Counted
 
-__all__ = ["PLUMBING", "Row", "Section", "human", "rows", "sections", "view"]
+__all__ = ["PLUMBING", "Row", "Section", "classify", "human", "sections", "view"]
 
 #: comment word -> what the plumbing rule is for (folded away unless -v)
 PLUMBING = {
@@ -100,7 +100,7 @@ def _target(target: str) -> str:
     return t
 
 
-def rows(c: Counted) -> Row:
+def classify(c: Counted) -> Row:
     """The Row of one counted rule."""
     text = c.text.split(" ", 2)[2] if c.text.count(" ") >= 2 else ""
     before, words, target = _comment(text)
@@ -165,7 +165,7 @@ def sections(counted: Iterable[Counted]) -> list[Section]:
         if gen:
             s.generations.add(gen)
         s.chains.add(c.chain)
-        s.rows.append(rows(c))
+        s.rows.append(classify(c))
     return sorted(out.values(), key=_order)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from nfhooks.rulesview import human, rows, sections, view
+from nfhooks.rulesview import classify, human, sections, view
 from nfhooks.saved import Counted, installed_text
 
 SAVED = Path(__file__).parent / "test_views_saved"
@@ -117,11 +117,11 @@ def _c(chain: str, rest: str, pk: int = 0, table: str = "filter", fam: int = 4) 
 
 
 def test_nat_route_and_offload_rows() -> None:
-    nat = rows(_c("NFH-PREROUTING", '-p tcp -m mark --mark 0x10000/0x3f0000 -m comment --comment "nfhooks nat 1" '
+    nat = classify(_c("NFH-PREROUTING", '-p tcp -m mark --mark 0x10000/0x3f0000 -m comment --comment "nfhooks nat 1" '
                   "-j DNAT --to-destination 10.0.0.2:22", 4, "nat"))
     assert (nat.kind, nat.handler, nat.action, nat.match) == ("handler", "nat 1", "DNAT --to-destination 10.0.0.2:22",
                                                               "-p tcp")
-    route = rows(_c("NFH-ROUTE-NAT", '-o up1 -m mark --mark 0x800000/0x1800000 -m comment --comment '
+    route = classify(_c("NFH-ROUTE-NAT", '-o up1 -m mark --mark 0x800000/0x1800000 -m comment --comment '
                     '"nfhooks route uplink1" -j MASQUERADE', 2, "nat"))
     assert (route.handler, route.action, route.match) == ("route uplink1", "MASQUERADE", "-o up1")
     off = [_c("NFH-INPUT", f'-p tcp -m tcp --dport 5203 -m conntrack --ctdir {d} -m connmark --mark 0x1/0x3 '
