@@ -196,7 +196,9 @@ def test_installed_offload_rules_are_what_the_compiler_renders(offload_lab):
 
     lab, policy = offload_lab
     lab.start_engine(policy)
-    want = compile_policy(load_policy(policy), flow_generation=flow_generation(lab)).render()
+    from nfhooks.backends import get_backend
+
+    want = get_backend().save_header() + compile_policy(load_policy(policy), flow_generation=flow_generation(lab)).render()
     got = lab.exec("router", sys.executable, "-m", "nfhooks", "rules", "--save", timeout=30).stdout
     assert got == want
     assert "--ctdir REPLY" in got and "-g NFH-FLOW-INPUT" in got

@@ -198,7 +198,9 @@ def test_installed_rules_are_what_check_renders(rs_lab, policy, args):
     lab = rs_lab
     args = uplink_args(lab) if args == "uplinks" else args
     lab.start_engine(str(policy), *args)
-    want = compile_policy(load_policy(policy, parse_sets(args[1::2]))).render()
+    from nfhooks.backends import get_backend
+
+    want = get_backend().save_header() + compile_policy(load_policy(policy, parse_sets(args[1::2]))).render()
     got = lab.exec("router", sys.executable, "-m", "nfhooks", "rules", "--save", timeout=30).stdout
     assert _tables(got) == _tables(want)
     assert "NFH-ROUTE-NAT" in got if policy == UPLINKS_POLICY else "CLASSIFY --set-class 4e46:0011" in got
@@ -210,7 +212,9 @@ def _tables(save: str) -> dict[tuple[str, str], list[str]]:
     out: dict[tuple[str, str], list[str]] = {}
     fam = table = ""
     for line in save.splitlines():
-        if line.startswith("# ip"):
+        if line.startswith("# backend "):  # the nft backend's header line (rules --save, check)
+            out[("header", "")] = [line]
+        elif line.startswith("# ip"):
             fam = line
         elif line.startswith("*"):
             table = line[1:]
