@@ -85,6 +85,19 @@ def rule_tables(saved: str) -> list[str]:
     return out
 
 
+def _ours_in() -> str | None:
+    """The backend that holds nfhooks' rules here now (a running engine's, or a stale set), if
+    exactly one does: `nfhooks rules`/`flush` then follow the engine whatever it was started with."""
+    found = []
+    for name, cls in BACKENDS.items():
+        try:
+            if cls().has_ours():
+                found.append(name)
+        except (KernelError, OSError, subprocess.SubprocessError):
+            continue
+    return found[0] if len(found) == 1 else None
+
+
 @dataclass(frozen=True)
 class Probes:
     """What detection looks at, injectable for tests."""
@@ -92,11 +105,15 @@ class Probes:
     legacy_tables: Callable[[], list[str] | None] = _legacy_tables
     iptables_version: Callable[[], str] = _iptables_version
     nft_rule_tables: Callable[[], list[str]] = _nft_rule_tables
+    ours_in: Callable[[], str | None] = _ours_in
 
 
 def detect(probes: Probes | None = None) -> tuple[str, str]:
     """(backend name, why) for ``auto``."""
     p = probes or Probes()
+    ours = p.ours_in()
+    if ours is not None:
+        return ours, f"nfhooks' rules are in {'nf_tables' if ours == 'nft' else 'legacy xtables'} here already"
     legacy = p.legacy_tables()
     if legacy is None:
         return "nft", "the kernel has no legacy xtables loaded (/proc/net/ip_tables_names is missing)"

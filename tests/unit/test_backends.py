@@ -159,8 +159,9 @@ def test_nft_removal_leaves_a_built_in_chain_with_a_policy():
     assert cleanup == []
 
 
-def _probes(legacy=None, version="", nft=()):
-    return Probes(legacy_tables=lambda: legacy, iptables_version=lambda: version, nft_rule_tables=lambda: list(nft))
+def _probes(legacy=None, version="", nft=(), ours=None):
+    return Probes(legacy_tables=lambda: legacy, iptables_version=lambda: version, nft_rule_tables=lambda: list(nft),
+                  ours_in=lambda: ours)
 
 
 @pytest.mark.parametrize("probes, want, says", [
@@ -169,6 +170,9 @@ def _probes(legacy=None, version="", nft=()):
     (_probes(["filter"], "iptables v1.8.9 (legacy)", ["filter (IPv4)"]), "nft", "in nf_tables (filter (IPv4))"),
     (_probes(["filter"], "iptables v1.8.9 (legacy)"), "legacy", "legacy variant"),
     (_probes([], ""), "legacy", "no iptables variant"),
+    # nfhooks' own rules (a running engine started with --backend legacy) win over the host's variant
+    (_probes(["filter"], "iptables v1.8.9 (nf_tables)", ours="legacy"), "legacy", "nfhooks' rules are in legacy"),
+    (_probes(None, "iptables v1.8.9 (legacy)", ours="nft"), "nft", "nfhooks' rules are in nf_tables"),
 ])
 def test_detect(probes, want, says):
     chosen, why = detect(probes)
