@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         protos = ()
 
     meta = _meta(seconds)
+    meta["backend"] = backend.name  # report.py names it in the markdown
     t0 = time.monotonic()
     profile: dict[str, Any] | None = None
     with Lab() as lab:
