@@ -125,8 +125,8 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
     from .owner import OwnedElsewhere
     from .workers import run_workers
 
-    if tap is not None:
-        _fail("--pcap cannot be combined with --workers yet")
+    if tap is not None or getattr(engine, "audit", None) is not None:
+        _fail(f"--{'pcap' if tap is not None else 'audit'} cannot be combined with --workers yet")
     for line in hooks_summary(engine.ruleset):
         say(f"  {line}")
     try:
@@ -183,6 +183,7 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                               "not returned is interrupted; the packet gets the default (0: off)"),
         keep_capabilities: bool = typer.Option(False, "--keep-capabilities",
                                                help="do not drop capabilities other than NET_ADMIN and NET_RAW"),
+        audit: bool = typer.Option(False, "--audit", help="count and capture every verdict, accept every packet"),
         backend: Optional[str] = BACKEND_OPT,
         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Run POLICY: bind its queues, install its rules, decide packets until Ctrl-C/SIGTERM.
@@ -215,11 +216,13 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
             _fail(f"could not drop capabilities ({e}); run with --keep-capabilities to skip this")
     pol = _load(policy, set_)
     sets = parse_sets(set_)
+    from prometheus_client import disable_created_metrics
+    disable_created_metrics()  # process-wide, set once: a run process serves one endpoint (obs_series.py)
     try:
         metrics = Metrics()
         tap = _pcap_writer(pcap, pcap_max_bytes, pcap_files, metrics)
         engine = Engine(pol, metrics=metrics, queue_base=queue_base,
-                        fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask),
+                        fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask), audit=audit,
                         nat_targets=nat_targets, pcap=tap, backend=rules_backend,
                         loader=lambda: load_policy(policy, sets), status_file=status_path(),
                         queue_options=_queue_options(queue_maxlen, queue_rcvbuf, gso),

@@ -53,6 +53,7 @@ from .hooks import PLACEMENTS
 from .mangle import MangleError, TruncatedPacket, rewrite
 from .marks import ACTION_CONNSAVE, MarkLayout
 from .metrics import Metrics
+from .obs_verdicts import returnable
 from .nat import NatError, NatTargets
 from .packet import Malformed, parse
 from .policy import Handler, Policy
@@ -63,13 +64,17 @@ from .verdict import (NAT_KINDS, ROUTESHAPE_KINDS, Accept, Drop, Mangle, Mark, N
 from .watchdog import HandlerTimeout, Watchdog
 
 __all__ = ["Dispatcher", "RateLimitedLog", "trimmed_traceback", "NONE_LABEL", "VERDICT_LABELS",
-           "REWRITE_LABELS"]
+           "REWRITE_LABELS", "FAIL_VIAS"]
 
 log = logging.getLogger("nfhooks.engine")
 NONE_LABEL = "continue"
 VERDICT_LABELS = ("accept", "drop", "reject", "mark", "connmark", NONE_LABEL)
 #: Labels bound only for handlers that may return them (queued from mangle where they work).
 REWRITE_LABELS = (*sorted(NAT_KINDS), "mangle", *sorted(ROUTESHAPE_KINDS))
+#: How the hook's default came to replace a handler's verdict (the ``via`` label, the pcap
+#: comment): it raised; its verdict could not be applied (not a verdict, not possible here,
+#: a NAT/route/mangle error); the packet could not be parsed; --handler-budget; --handler-timeout.
+FAIL_VIAS = ("error", "invalid", "malformed", "overrun", "timeout")
 _PKG_DIR = __file__.rsplit("/", 1)[0] + "/"
 
 #: An applier: (queued packet, verdict, parsed packet, raw bytes, mark, length, the verdict
@@ -113,9 +118,9 @@ class _Bound:
     default: Verdict
     allowed: set[str]
     counters: dict[str, Any]  # by verdict label; looked up per packet (pcap.wrap replaces them)
-    default_counters: dict[str, Any]
+    failed: dict[str, dict[str, Any]]  # via (FAIL_VIAS) -> {default kind: counter}, the handler's name kept
     #: the error path: count, log, apply the default (set by Dispatcher.callback)
-    fail: Callable[[Any, int, int, str, BaseException | None], None] = field(repr=False, default=lambda *a: None)
+    fail: Callable[..., None] = field(repr=False, default=lambda *a: None)
 
 
 class Dispatcher:
@@ -123,7 +128,7 @@ class Dispatcher:
 
     def __init__(self, policy: Policy, ruleset: RuleSet, metrics: Metrics, errlog: RateLimitedLog | None = None,
                  nat: NatTargets | None = None, tap: Any = None, offload: Any = None, budget: float = 0.0,
-                 watchdog: Watchdog | None = None) -> None:
+                 watchdog: Watchdog | None = None, audit: Any = None) -> None:
         self.policy = policy
         self.ruleset = ruleset
         self.metrics = metrics
@@ -133,6 +138,7 @@ class Dispatcher:
         self.offload = offload  # an offload.FlowOffload when the policy has flow handlers
         self.budget = budget  # --handler-budget seconds: a later verdict is replaced by the default
         self.watchdog = watchdog  # --handler-timeout: interrupts a hung handler (watchdog.py)
+        self.audit = audit  # run --audit: an obs_audit.Audit, every packet accepted (wraps the callback)
 
     def callback(self, handler: Handler) -> Callable[[Any], None]:
         hook, table, func, name = handler.hook, handler.table, handler.func, handler.name
@@ -143,9 +149,14 @@ class Dispatcher:
         default = self.policy.default(hook)
         allowed = {k for k, p in PLACEMENTS.items() if hook in p.hooks and table in p.queue_tables}
         m = self.metrics
-        counters = {v: m.bind_verdict(hook, table, name, v) for v in VERDICT_LABELS}
-        counters.update({v: m.bind_verdict(hook, table, name, v) for v in REWRITE_LABELS if v in allowed})
-        default_counters = {v: m.bind_verdict(hook, table, "", v) for v in ("accept", "drop", "reject")}
+        # series only for what the handler can return (obs_verdicts); the rest appear when used
+        kinds = returnable(handler)
+        counters = {v: m.bind_verdict(hook, table, name, v) if kinds is None or v in kinds
+                    else m.lazy_verdict(hook, table, name, v)
+                    for v in (*VERDICT_LABELS, *(r for r in REWRITE_LABELS if r in allowed))}
+        failed = {via: {default.kind: m.lazy_verdict(hook, table, name, default.kind, via)} for via in FAIL_VIAS}
+        failed_error, failed_invalid = failed["error"], failed["invalid"]
+        failed_malformed, failed_overrun, failed_timeout = failed["malformed"], failed["overrun"], failed["timeout"]
         histogram = m.decision_histogram(hook)
         errors = m.handler_errors(hook, name)
         malformed = m.malformed(hook)
@@ -154,18 +165,19 @@ class Dispatcher:
         budget = self.budget
         overruns = m.handler_overruns(hook, name)
         perf = time.perf_counter
-        b = _Bound(handler, layout, default, allowed, counters, default_counters)
+        b = _Bound(handler, layout, default, allowed, counters, failed)
         appliers = self._appliers(b)
         apply_default = appliers[type(default)]
         # accept is the common verdict: given straight away where it is allowed and not a flow save
         flow_save = self.offload.save(handler) if self.offload is not None else None
         fast_accept = "accept" in allowed and flow_save is None
 
-        def fail(nfpkt: Any, mark: int, nbytes: int, message: str, exc: BaseException | None) -> None:
+        def fail(nfpkt: Any, mark: int, nbytes: int, message: str, exc: BaseException | None,
+                 ctr: dict[str, Any] = failed_invalid) -> None:
             errors.inc()
             errlog.error(name, f"{handler.where}: handler {name!r} at {hook}: {message}; "
                                f"applied the {hook} default ({default.kind})", exc, pfile)
-            apply_default(nfpkt, default, None, b"", mark, nbytes, default_counters)
+            apply_default(nfpkt, default, None, b"", mark, nbytes, ctr)
 
         b.fail = fail
         not_a_verdict = appliers[None]
@@ -182,7 +194,7 @@ class Dispatcher:
                 except Malformed as e:
                     malformed.inc()
                     errlog.error(f"malformed:{hook}", f"malformed packet at {hook}: {e}; applied the default", None, pfile)
-                    apply_default(nfpkt, default, None, raw, mark, nbytes, default_counters)
+                    apply_default(nfpkt, default, None, raw, mark, nbytes, failed_malformed)
                     return
                 nbytes = pkt.length  # the packet's own length: the copy may be headers only
                 try:
@@ -191,20 +203,20 @@ class Dispatcher:
                     watch[0] = 0.0
                 except HandlerTimeout as e:
                     overruns.inc()
-                    fail(nfpkt, mark, nbytes, f"{e} (interrupted)", None)
+                    fail(nfpkt, mark, nbytes, f"{e} (interrupted)", None, failed_timeout)
                     return
                 except BaseException as e:  # noqa: BLE001 -- the guard: SystemExit, KeyboardInterrupt
                     # and every other exception a handler raises give the default; the engine's
                     # own signals never raise (they set a flag and wake the loop: Engine.serve)
                     watch[0] = 0.0
-                    fail(nfpkt, mark, nbytes, f"raised {type(e).__name__}: {e}", e)
+                    fail(nfpkt, mark, nbytes, f"raised {type(e).__name__}: {e}", e, failed_error)
                     return
                 if budget and perf() - t0 > budget:
                     overruns.inc()
                     errlog.error(f"overrun:{name}", f"{handler.where}: handler {name!r} at {hook} took "
                                  f"{(perf() - t0) * 1e3:.1f} ms, past --handler-budget {budget * 1e3:g} ms; "
                                  f"applied the {hook} default ({default.kind})", None, pfile)
-                    apply_default(nfpkt, default, pkt, raw, mark, nbytes, default_counters)
+                    apply_default(nfpkt, default, pkt, raw, mark, nbytes, failed_overrun)
                     return
                 if type(v) is Accept and fast_accept:  # no checks, no applier: see docs/performance.md
                     counters["accept"].count(nbytes)
@@ -224,8 +236,11 @@ class Dispatcher:
             finally:
                 histogram.observe(perf() - t0)
 
+        if self.audit is not None:  # --audit: the verdicts above are computed, every packet accepted
+            on_packet = self.audit.wrap(on_packet, handler, res_f.mask)
         if self.tap is not None:  # --pcap: wraps the counters above; without it nothing changes
-            return self.tap.wrap(on_packet, counters, default_counters, b.handler.hook, table, name)
+            return self.tap.wrap(on_packet, counters, failed, b.handler.hook, table, name,
+                                 note=" audit=accepted" if self.audit is not None else "")
         return on_packet
 
     # -- appliers: one per verdict class, bound once per queue ----------------------------
@@ -254,23 +269,23 @@ class Dispatcher:
             return True
 
         def accept(nfpkt: Any, v: Accept, pkt: Any, raw: bytes, mark: int, nbytes: int, ctr: dict) -> None:
-            if ctr is not b.default_counters and refused(nfpkt, v, mark, nbytes):
+            if ctr is b.counters and refused(nfpkt, v, mark, nbytes):
                 return
             ctr["accept"].count(nbytes)
-            if flow_save is not None and ctr is not b.default_counters:
+            if flow_save is not None and ctr is b.counters:
                 nfpkt.set_mark((mark & flow_clear) | flow_bits)
                 nfpkt.repeat()
             else:
                 nfpkt.accept()
 
         def drop(nfpkt: Any, v: Drop, pkt: Any, raw: bytes, mark: int, nbytes: int, ctr: dict) -> None:
-            if ctr is not b.default_counters and refused(nfpkt, v, mark, nbytes):
+            if ctr is b.counters and refused(nfpkt, v, mark, nbytes):
                 return
             ctr["drop"].count(nbytes)
             nfpkt.drop()
 
         def reject(nfpkt: Any, v: Reject, pkt: Any, raw: bytes, mark: int, nbytes: int, ctr: dict) -> None:
-            if ctr is not b.default_counters and refused(nfpkt, v, mark, nbytes):
+            if ctr is b.counters and refused(nfpkt, v, mark, nbytes):
                 return
             ctr["reject"].count(nbytes)
             nfpkt.set_mark((mark & act_clear) | act_f.encode(reject_action(v, False)))
@@ -332,7 +347,11 @@ class Dispatcher:
             except NatError as e:
                 b.fail(nfpkt, mark, nbytes, str(e), None)
                 return
-            ctr[v.kind].count(nbytes)
+            c = ctr[v.kind]
+            c.count(nbytes)
+            note = getattr(c, "note", None)  # --pcap: the comment names the target (NAT packets are rare)
+            if note is not None:
+                note(v.target_text())
             nfpkt.set_mark((mark & nat_clear) | bits)
             nfpkt.accept()
 

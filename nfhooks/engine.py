@@ -21,6 +21,10 @@ from .dispatch import (NONE_LABEL, REWRITE_LABELS, VERDICT_LABELS, Dispatcher, R
 from .hooks import TABLE_HOOKS
 from .marks import DEFAULT_NAT_TARGETS
 from .metrics import Metrics
+from .obs_audit import Audit
+from .obs_engine import source_hash, wire_engine_metrics
+from .obs_series import StableRegistry
+from .policy_metrics import PolicyMetrics
 from .features.base import EngineEnv
 from .features.registry import FEATURES
 from .policy import Policy
@@ -62,14 +66,14 @@ class Engine:
                  pcap: Any = None, loader: Callable[[], Policy] | None = None,
                  status_file: str | None = None, flow_generation: int | None = None,
                  queue_options: Any = None, handler_budget: float = DEFAULT_BUDGET,
-                 handler_timeout: float | None = DEFAULT_TIMEOUT, backend: Any = None) -> None:
+                 handler_timeout: float | None = DEFAULT_TIMEOUT, backend: Any = None, audit: bool = False) -> None:
         from .backends import get_backend
         from .marks import DEFAULT_MARK_MASK
 
         self.backend = backend or get_backend()  # a backends.Backend: where the rules go
         self.metrics = metrics or Metrics()
-        self.compile_args: dict[str, Any] = dict(fail=fail, mark_mask=mark_mask or DEFAULT_MARK_MASK,
-                                                 nat_targets=nat_targets)
+        self.compile_args: dict[str, Any] = dict(fail=fail or ("open" if audit else None),  # --audit: open
+                                                 mark_mask=mark_mask or DEFAULT_MARK_MASK, nat_targets=nat_targets)
         self.queue_base = queue_base
         self.queue_options = queue_options  # a queue.QueueOptions (maxlen, rcvbuf, gso) or None
         self.pcap = pcap  # a pcap.PcapWriter or None; its owner (cli `run`) closes it
@@ -88,6 +92,8 @@ class Engine:
             raise ValueError(f"--handler-budget {handler_budget}: give 0 (off) or a positive number of seconds")
         self.handler_budget = handler_budget
         self.watchdog = Watchdog(handler_timeout) if handler_timeout else None
+        self.audit = Audit() if audit else None  # run --audit (obs_audit.py)
+        self.policy_metrics = PolicyMetrics(self.metrics.registry)  # policy.counter()/gauge()
         self._use(policy, ruleset or compile_policy(policy, queue_base=queue_base, **self.compile_args,
                                                     **self._flow_args(policy)))
         self.queues: Any = None
@@ -102,6 +108,9 @@ class Engine:
         """Make (policy, ruleset) the current generation's: its dispatcher and NAT targets."""
         self.policy, self.ruleset = policy, ruleset
         policy.self_mark = ruleset.layout["self"].mask
+        if self.audit is not None:
+            self.audit.ruleset(ruleset)  # the default rules accept (their counters still count)
+        self.policy_metrics.bind(policy)
         self.env = EngineEnv(policy, ruleset, self.backend, self.metrics)
         self.runtimes = {f.name: f.runtime(self.env) for f in FEATURES}  # each feature's state (features/)
         self.nat, self.offload = self.runtimes.get("nat"), self.runtimes.get("offload")
@@ -114,7 +123,7 @@ class Engine:
         self._warm_up(policy)
         self.dispatcher = Dispatcher(policy, ruleset, self.metrics, nat=self.nat, tap=self.pcap,
                                      offload=self.offload, budget=self.handler_budget,
-                                     watchdog=self.watchdog)
+                                     watchdog=self.watchdog, audit=self.audit)
 
     def _flow_args(self, policy: Policy) -> dict[str, int]:
         """The features' compile arguments for every compile (start, reload): e.g. a new flow
@@ -137,7 +146,7 @@ class Engine:
     def _publish(self) -> None:
         queues = {n: h for rs in [self.ruleset, *(r for r, _, _ in self.retiring)] for n, h in rs.queues.items()}
         self.metrics.set_policy(self.policy.name or "policy", self.policy.version,
-                                [(n, h.hook, h.name) for n, h in sorted(queues.items())])
+                                [(n, h.hook, h.name) for n, h in sorted(queues.items())], source_hash(self.policy))
 
     def start(self) -> None:
         from .backends import other_backends_with_ours
@@ -153,7 +162,9 @@ class Engine:
                                 b.name, "; ".join(b.remove()))
             self.queues = QueueSet(self.queue_options)
             self._bind(self.ruleset, [])
-            self.queues.export(self.metrics.registry).saved = self.backend.counter_texts
+            # queue series by (hook, handler), not by the number a reload changes (obs_series.py)
+            self.queues.export(StableRegistry(self.metrics.registry)).saved = self.backend.counter_texts
+            wire_engine_metrics(self)
             self._publish()
             for f in FEATURES:  # ip rules, routes, qdiscs exist before any rule marks a packet
                 f.start(self.env)
@@ -218,6 +229,7 @@ class Engine:
                     self.queues.unbind(num)
                 self.policy, self.ruleset, self.nat, self.dispatcher = old_policy, old_rs, old_nat, old_disp
                 self.env, self.runtimes, self.offload = old_env, old_runtimes, old_offload
+                self.policy_metrics.bind(old_policy)
             return self._reload_done(False, f"reload failed installing generation {rs.generation}, policy "
                                             f"{old_policy.name} keeps running: {e}")
         try:

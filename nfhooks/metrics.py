@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import Final
 from wsgiref.simple_server import WSGIServer
@@ -27,6 +27,7 @@ from prometheus_client import metrics as _prom_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
+    GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_HANDLER_LABEL",
     "DEFAULT_METRICS_ADDR",
     "DEFAULT_PROC_PATH",
+    "HANDLER_VIA",
     "FastHistogram",
     "Metrics",
     "PacketCollector",
@@ -57,6 +59,11 @@ __all__ = [
 #: The label value for a hook's default verdict (no handler matched): an empty label value
 #: is the same as a missing label in PromQL, which would make such series hard to select.
 DEFAULT_HANDLER_LABEL: Final = "(default)"
+
+#: How a verdict came about when the handler itself gave it: such series carry no ``via``
+#: label (so every query written before the label existed still selects them); every other
+#: way -- the kernel's default rule, a handler error ... (docs/metrics.md) -- is a ``via`` value.
+HANDLER_VIA: Final = "handler"
 
 #: A verdict takes microseconds when the handler is cheap, milliseconds when it is not;
 #: 0.01 is a bucket boundary so the 10 ms p99 alert is exact, not interpolated.
@@ -170,17 +177,26 @@ class PacketCollector:
     """
 
     def __init__(self) -> None:
-        # (hook, table, handler label, verdict) -> (counter, creation time)
-        self._counters: Mapping[tuple[str, str, str, str], tuple[VerdictCounter, float]] = {}
+        # (hook, table, handler label, verdict, via) -> (counter, creation time, exported at 0)
+        self._counters: Mapping[tuple[str, str, str, str, str], tuple[VerdictCounter, float, bool]] = {}
         # hook -> (histogram, creation time)
         self._histograms: Mapping[str, tuple[FastHistogram, float]] = {}
+        #: packets no handler queued, decided by a hook's default rule in the kernel: a callable
+        #: returning ``[(hook, table, verdict, packets, bytes)]`` (obs_defaults.DefaultRuleCounts),
+        #: read at scrape time; None: nothing to add (no engine, tests)
+        self.kernel_defaults: Callable[[], Iterable[tuple[str, str, str, int, int]]] | None = None
 
-    def verdict_counter(self, hook: str, table: str, handler: str, verdict: str) -> VerdictCounter:
-        """The counter for these labels (``handler`` already a label), created on first use."""
-        key = (hook, table, handler, verdict)
+    def verdict_counter(self, hook: str, table: str, handler: str, verdict: str,
+                        via: str = HANDLER_VIA, at_zero: bool = True) -> VerdictCounter:
+        """The counter for these labels (``handler`` already a label), created on first use.
+
+        ``at_zero`` False: its series appears with its first packet (a verdict the handler's
+        source cannot return, a failure path): no series at 0 for what may never happen
+        (issue 17.3), and the packet path is the same plain counter."""
+        key = (hook, table, handler, verdict, via)
         entry = self._counters.get(key)
-        if entry is None:
-            entry = (VerdictCounter(), time.time())
+        if entry is None or (at_zero and not entry[2]):
+            entry = (entry[0], entry[1], True) if entry else (VerdictCounter(), time.time(), at_zero)
             self._counters = {**self._counters, key: entry}
         return entry[0]
 
@@ -215,26 +231,30 @@ class PacketCollector:
 
         # Sum at scrape time; dicts keep bind order, so series come out in the order the
         # prometheus-client children were created before. [packets, bytes, created]
-        by_table: dict[tuple[str, str, str], list[float]] = {}
-        by_handler: dict[tuple[str, str, str], list[float]] = {}
-        for (hook, table, handler, verdict), (ctr, created) in self._counters.items():
-            n, b = ctr.packets, ctr.bytes
-            t = by_table.get((hook, table, verdict))
+        by_table: dict[tuple[str, str, str, str], list[float]] = {}
+        by_handler: dict[tuple[str, str, str, str], list[float]] = {}
+        counted = [(k, ctr.packets, ctr.bytes, created) for k, (ctr, created, at_zero) in self._counters.items()
+                   if at_zero or ctr.packets]
+        if self.kernel_defaults is not None:
+            counted += [((hook, table, DEFAULT_HANDLER_LABEL, verdict, "default_rule"), n, b, None)
+                        for hook, table, verdict, n, b in self.kernel_defaults()]
+        for (hook, table, handler, verdict, via), n, b, created in counted:
+            t = by_table.get((hook, table, verdict, via))
             if t is None:
-                by_table[(hook, table, verdict)] = [n, b, created]
+                by_table[(hook, table, verdict, via)] = [n, b, created]
             else:
                 t[0] += n
                 t[1] += b
-            h = by_handler.get((hook, handler, verdict))
+            h = by_handler.get((hook, handler, verdict, via))
             if h is None:
-                by_handler[(hook, handler, verdict)] = [n, 0, created]
+                by_handler[(hook, handler, verdict, via)] = [n, 0, created]
             else:
                 h[0] += n
         for labels, (n, b, created) in by_table.items():
-            packets.add_metric(labels, n, created=created if use_created else None)
-            bytes_.add_metric(labels, b, created=created if use_created else None)
+            _add(packets, ("hook", "table", "verdict"), labels, n, created if use_created else None)
+            _add(bytes_, ("hook", "table", "verdict"), labels, b, created if use_created else None)
         for labels, (n, _, created) in by_handler.items():
-            handler_packets.add_metric(labels, n, created=created if use_created else None)
+            _add(handler_packets, ("hook", "handler", "verdict"), labels, n, created if use_created else None)
 
         for hook, (hist, created) in self._histograms.items():
             buckets, total = hist.cumulative()
@@ -247,6 +267,39 @@ class PacketCollector:
         yield bytes_
         yield handler_packets
         yield decision
+
+
+def _add(fam: CounterMetricFamily, names: tuple[str, ...], values: tuple[str, ...], value: float,
+         created: float | None) -> None:
+    """One counter sample; ``values`` ends with the via, a label only when not the handler's."""
+    labels = dict(zip(names, values))
+    if values[-1] != HANDLER_VIA:
+        labels["via"] = values[-1]
+    fam.add_sample(fam.name + "_total", labels, value)
+    if created is not None:
+        fam.add_sample(fam.name + "_created", labels, created)
+
+
+class _PolicyInfo:
+    """``nfhooks_policy_info``: name, version and, for a policy loaded from a file, ``hash`` (the
+    first 12 hex of the sha256 of the source text the loader compiled): which nodes run what."""
+
+    def __init__(self) -> None:
+        self.labels: dict[str, str] = {}
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("nfhooks_policy_info", "The policy loaded now (always 1); hash: the "
+                                 "sha256 of its source text, first 12 hex digits.")
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        fam = self._family()
+        if self.labels:
+            fam.add_sample("nfhooks_policy_info", dict(self.labels), 1)
+        yield fam
 
 
 # --------------------------------------------------------------------------- the metrics
@@ -299,10 +352,8 @@ class Metrics:
             "Queued packets that reached userspace shorter than on the wire (copy range).",
             ["hook"], registry=r,
         )
-        self._policy_info = Gauge(
-            "nfhooks_policy_info", "The policy loaded now (always 1).",
-            ["policy", "version"], registry=r,
-        )
+        self._policy_info = _PolicyInfo()
+        r.register(self._policy_info)
         self._reloads = Counter(
             "nfhooks_policy_reloads", "Policy reloads that succeeded.", registry=r,
         )
@@ -319,10 +370,12 @@ class Metrics:
             ["version"], registry=r,
         )
         self._build_info.labels(package_version()).set(1)
-        self._up = Gauge(
-            "nfhooks_up", "1 while the engine runs; 0 once it shut down cleanly.", registry=r,
-        )
-        self._up.set(1)
+        # Scrape-time: the engine injects up_when (queues bound and rules installed, not stopping),
+        # so a scrape during start-up or the drain of a stop sees 0 -- a value a scrape can see.
+        self.up_when: Callable[[], bool] = lambda: True
+        self._up = Gauge("nfhooks_up", "1 while the engine decides packets (queues bound, rules "
+                         "installed); 0 while it starts or stops.", registry=r)
+        self._up.set_function(lambda: 1.0 if self.up_when() else 0.0)
 
         self.queue_stats = QueueStatsCollector(proc_path)
         r.register(self.queue_stats)
@@ -330,12 +383,18 @@ class Metrics:
 
     # -- per packet (bound once) ------------------------------------------------------
 
-    def bind_verdict(self, hook: str, table: str, handler: str, verdict: str) -> VerdictCounter:
-        """The counter one (hook, table, handler, verdict) moves; its series exist at 0 now.
+    def bind_verdict(self, hook: str, table: str, handler: str, verdict: str,
+                     via: str = HANDLER_VIA) -> VerdictCounter:
+        """The counter one (hook, table, handler, verdict, via) moves; its series exist at 0 now.
 
         The same labels give the same object. Call it once, outside the per-packet path.
         """
-        return self.packet_stats.verdict_counter(hook, table, _handler_label(handler), verdict)
+        return self.packet_stats.verdict_counter(hook, table, _handler_label(handler), verdict, via)
+
+    def lazy_verdict(self, hook: str, table: str, handler: str, verdict: str,
+                     via: str = HANDLER_VIA) -> VerdictCounter:
+        """As :meth:`bind_verdict`, but the series appears with the first packet counted."""
+        return self.packet_stats.verdict_counter(hook, table, _handler_label(handler), verdict, via, False)
 
     def decision_histogram(self, hook: str) -> FastHistogram:
         """The latency histogram for ``hook``; call ``.observe(seconds)``."""
@@ -356,15 +415,16 @@ class Metrics:
 
     # -- policy -----------------------------------------------------------------------
 
-    def set_policy(self, policy: str, version: str, handlers: list[tuple[int, str, str]]) -> None:
+    def set_policy(self, policy: str, version: str, handlers: list[tuple[int, str, str]],
+                   source_hash: str = "") -> None:
         """Record the loaded policy and its queues.
 
         ``handlers`` is ``[(queue_num, hook, handler_name)]``: the queue stats are labelled
         with it, and the per-hook/per-handler error, malformed, truncated and latency series
         are created at 0 so that dashboards and alerts see them before anything happens.
         """
-        self._policy_info.clear()
-        self._policy_info.labels(policy, version).set(1)
+        self._policy_info.labels = {"policy": policy, "version": version,
+                                    **({"hash": source_hash} if source_hash else {})}
         queues: dict[int, tuple[str, str]] = {}
         for queue_num, hook, handler in handlers:
             label = _handler_label(handler)
@@ -401,7 +461,7 @@ class Metrics:
 
     def close(self) -> None:
         """Stop serving and report the engine down (``nfhooks_up`` 0)."""
-        self._up.set(0)
+        self.up_when = lambda: False
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()

@@ -5,12 +5,15 @@ its IPv4 or IPv6 header, which is what NFQUEUE hands us) whose ``opt_comment`` s
 happened to it::
 
     hook=INPUT table=filter handler=block_telnet verdict=drop
-    hook=INPUT table=filter handler=broken verdict=drop via=default
+    hook=INPUT table=filter handler=broken verdict=drop via=error
+    hook=PREROUTING table=mangle handler=port_forward verdict=dnat target=192.0.2.80:8081
 
 ``verdict`` is the verdict actually applied: the hook's default after a handler error or a
-malformed packet (then ``via=default``), ``continue`` for a fall-through (``None``), the NAT
-kind (``dnat`` ...), ``mangle`` for a rewrite, ``accept`` for a truncated copy that was not
-rewritten. A mangled packet is recorded **as it left**: the rewritten bytes. Timestamps are
+malformed packet (then ``via`` says how: ``error``, ``invalid``, ``malformed``, ``overrun``,
+``timeout`` -- the words of the metrics' ``via`` label), ``continue`` for a fall-through
+(``None``), the NAT kind (``dnat`` ... and ``target=`` the chosen target), ``mangle`` for a
+rewrite, ``accept`` for a truncated copy that was not rewritten. Under ``run --audit`` every
+comment ends in ``audit=accepted``: the verdict is what the policy would have given. A mangled packet is recorded **as it left**: the rewritten bytes. Timestamps are
 the time of the verdict (microseconds). Wireshark shows the comment as ``pkt_comment``
 (``tshark -r FILE -Y 'frame.comment contains "verdict=drop"'``).
 
@@ -57,7 +60,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 __all__ = ["PcapWriter", "PcapPathError", "PcapCollector", "file_header", "comment_option", "comment_text",
@@ -111,9 +114,13 @@ def comment_option(comment: str) -> bytes:
     return _option(1, comment.encode()) + _END_OF_OPT
 
 
-def comment_text(hook: str, table: str, handler: str, verdict: str, via_default: bool = False) -> str:
+def comment_text(hook: str, table: str, handler: str, verdict: str, via_default: bool = False, *,
+                 via: str = "handler", target: str = "") -> str:
+    """The comment words; ``via`` as the metrics' label (none for the handler's own verdict)."""
+    if via_default:
+        via = "default"
     return (f"hook={hook} table={table} handler={handler or '-'} verdict={verdict}"
-            + (" via=default" if via_default else ""))
+            + (f" via={via}" if via != "handler" else "") + (f" target={target}" if target else ""))
 
 
 class PcapPathError(OSError):
@@ -342,8 +349,8 @@ class PcapWriter:
     # -- the engine's hook (Dispatcher(tap=...)) ---------------------------------------
 
     def wrap(self, on_packet: Callable[[Any], None], counters: MutableMapping[str, Any],
-             default_counters: MutableMapping[str, Any], hook: str, table: str,
-             handler: str) -> Callable[[Any], None]:
+             failed: Mapping[str, MutableMapping[str, Any]], hook: str, table: str,
+             handler: str, note: str = "") -> Callable[[Any], None]:
         """Make one queue's callback record its packets.
 
         Each bound verdict counter is replaced, in the engine's own dicts, by a
@@ -354,10 +361,10 @@ class PcapWriter:
         and is not recorded.
         """
         current: list[bytes | None] = [None]
-        for d, via_default in ((counters, False), (default_counters, True)):
+        for via, d in (("handler", counters), *failed.items()):  # failed: via -> counters
             for verdict, ctr in list(d.items()):
-                d[verdict] = _TapCounter(ctr, comment_option(
-                    comment_text(hook, table, handler, verdict, via_default)), current)
+                d[verdict] = _TapCounter(ctr, comment_text(hook, table, handler, verdict, via=via), note,
+                                         current)
         write = self.write
 
         def on_packet_recorded(nfpkt: Any) -> None:
@@ -377,16 +384,27 @@ class PcapWriter:
 class _TapCounter:
     """A bound verdict counter that also says which comment the packet gets."""
 
-    __slots__ = ("inner", "options", "current")
+    __slots__ = ("inner", "options", "current", "text", "suffix", "targets")
 
-    def __init__(self, inner: Any, options: bytes, current: list[bytes | None]) -> None:
+    def __init__(self, inner: Any, text: str, suffix: str, current: list[bytes | None]) -> None:
         self.inner = inner
-        self.options = options
+        self.options = comment_option(text + suffix)
         self.current = current
+        self.text, self.suffix = text, suffix
+        self.targets: dict[str, bytes] = {}
 
     def count(self, nbytes: int) -> None:
         self.inner.count(nbytes)
         self.current[0] = self.options
+
+    def note(self, target: str) -> None:
+        """After ``count``: the NAT target this packet got, named in its comment (built once
+        per target)."""
+        if target:
+            opt = self.targets.get(target)
+            if opt is None:
+                opt = self.targets[target] = comment_option(f"{self.text} target={target}{self.suffix}")
+            self.current[0] = opt
 
     def __getattr__(self, name: str) -> Any:  # packets, bytes: read like the inner counter
         return getattr(self.inner, name)

@@ -34,6 +34,7 @@ from .features.shaping_decl import Shaping, declare_shaping
 from .introspect import Source
 from .introspect import parse as parse_source
 from .match import Match, MatchError
+from .policy_metrics import PolicyMetric, declare_metric
 from .verdict import ACCEPT, FACTORIES, Reject, Verdict, parse_default
 
 T = TypeVar("T")
@@ -142,6 +143,7 @@ class Policy:
         self.routing_tables: dict[str, RoutingTable] = {}  # name -> table (routing_table())
         self.routing_settings: RoutingSettings = RoutingSettings()  # (routing())
         self.shaping_decls: dict[str, Shaping] = {}  # interface (or option name) -> tree (shaping())
+        self.metrics: dict[str, PolicyMetric] = {}  # name -> handle (counter(), gauge(); policy_metrics.py)
         for hook, v in (defaults or {}).items():
             try:
                 h = normalize_hook(hook)
@@ -195,6 +197,17 @@ class Policy:
         """Declare shaping classes on ``dev`` that ``shape(name)`` puts a connection in (shaping.py)."""
         file, line = _caller()
         return declare_shaping(self.shaping_decls, dev, classes, default=default, rate=rate, file=file, line=line)
+
+    def counter(self, name: str, help: str, *, labels: "list[str] | tuple[str, ...] | str" = ()) -> PolicyMetric:
+        """A counter the handlers move (``.inc()``, ``.labels(...).inc()``), exported by the engine
+        as ``nfhooks_policy_<name>_total`` (policy_metrics.py)."""
+        file, line = _caller()
+        return declare_metric(self.metrics, "counter", name, help, labels, file, line)
+
+    def gauge(self, name: str, help: str, *, labels: "list[str] | tuple[str, ...] | str" = ()) -> PolicyMetric:
+        """A gauge the handlers set (``.set(v)``, ``.inc()``, ``.dec()``), exported as ``nfhooks_policy_<name>``."""
+        file, line = _caller()
+        return declare_metric(self.metrics, "gauge", name, help, labels, file, line)
 
     def handler(self, hook: str, *, table: str | None = None, name: str | None = None, flow: bool = False,
                 **match: Any) -> Callable[[HandlerFunc], HandlerFunc]:

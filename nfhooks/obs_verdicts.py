@@ -1,0 +1,75 @@
+"""Which verdicts a handler can return, read from its source: the verdict series it gets.
+
+Every handler used to get a series per verdict whatever it could return (issue 17.3: six
+series at 0 for a handler that only ever drops). The handler's source, parsed once at
+declaration (introspect.Source), usually says exactly: every ``return`` is a verdict factory
+call (``drop()``), ``None``, or a conditional of those. Where it does not -- a verdict kept in
+a variable, built by a helper, a lambda, a nested function, a generator -- nothing is known
+and the handler keeps every series. A verdict the scan missed is still counted: its series
+appears with its first packet (metrics.Metrics.lazy_verdict), so a wrong guess costs a late
+series, never a lost count.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+from .verdict import FACTORIES
+
+__all__ = ["CONTINUE", "returnable"]
+
+CONTINUE = "continue"  # the label of a fall-through (None), as dispatch.NONE_LABEL
+
+
+class _Unknown(Exception):
+    """A return whose verdict the scan cannot name."""
+
+
+def _kinds(node: ast.expr | None) -> set[str]:
+    if node is None or (isinstance(node, ast.Constant) and node.value is None):
+        return {CONTINUE}
+    if isinstance(node, ast.IfExp):
+        return _kinds(node.body) | _kinds(node.orelse)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):  # set_ttl(..) | set_dscp(..)
+        kinds = _kinds(node.left) | _kinds(node.right)
+        if kinds == {"mangle"}:
+            return kinds
+        raise _Unknown
+    if isinstance(node, ast.Call):
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+        if name in FACTORIES:
+            kind = FACTORIES[name]
+            if kind == "mark":
+                cm = next((k.value for k in node.keywords if k.arg == "connmark"), None)
+                if cm is None:
+                    return {"mark"}
+                if isinstance(cm, ast.Constant):
+                    return {"connmark" if cm.value else "mark"}
+                return {"mark", "connmark"}
+            return {kind}
+    raise _Unknown
+
+
+def returnable(handler: Any) -> frozenset[str] | None:
+    """The verdict labels ``handler`` can give (``continue`` for None), or None when its
+    source does not say (then every verdict series is bound)."""
+    src = getattr(handler, "source", None)
+    fn = src.function() if src is not None and src.readable else None
+    if fn is None:
+        return None
+    kinds: set[str] = set()
+    for node in ast.walk(fn):
+        if node is not fn and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return None  # a nested function's returns are not the handler's
+        if isinstance(node, (ast.Yield, ast.YieldFrom, ast.Await)):
+            return None
+        if isinstance(node, ast.Return):
+            try:
+                kinds |= _kinds(node.value)
+            except _Unknown:
+                return None
+    if not fn.body or not isinstance(fn.body[-1], (ast.Return, ast.Raise)):
+        kinds.add(CONTINUE)  # falling off the end returns None
+    return frozenset(kinds)
