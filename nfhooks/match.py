@@ -9,7 +9,7 @@ handler a packet would reach, without root. It is never on the per-packet path.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .hooks import check_ctstate, check_interfaces
@@ -37,6 +37,32 @@ class Addr:
 
     def text(self) -> str:
         return str(self.net)
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """``src=banned`` / ``src=~banned``: the kernel's set match on a declared address set
+    (sets.py); one kernel set per family (``nfh-<name>-4``, ``nfh-<name>-6``)."""
+
+    name: str
+    kind: str  # "ip", "net" or "ip,port"
+    families: tuple[int, ...]
+    negate: bool = False
+    members: Any = field(default=None, compare=False, repr=False)  # answers ``in`` for fake packets
+
+    def __invert__(self) -> "SetRef":
+        return SetRef(self.name, self.kind, self.families, not self.negate, self.members)
+
+    def kernel_name(self, family: int) -> str:
+        return f"nfh-{self.name}-{family}"
+
+    def directions(self, what: str) -> str:
+        """``--match-set`` flags: the address of ``what``; an ip,port set's port is the
+        destination port (the service) either way."""
+        return f"{what},dst" if self.kind == "ip,port" else what
+
+    def text(self) -> str:
+        return f"{'!' if self.negate else ''}set {self.name}"
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,8 @@ class Match:
     ctstate: tuple[str, ...] | None = None
     mark: tuple[int, int, bool] | None = None  # value, mask, negate
     family: int | None = None
+    src_set: SetRef | None = None  # src=a_set (sets.py)
+    dst_set: SetRef | None = None
 
     @classmethod
     def build(cls, *, proto: str | int | None = None, src: Any = None, dst: Any = None,
@@ -99,7 +127,9 @@ class Match:
                 "the kernel reads ports from the transport header, so it must know which one"
             )
         fam = _family(family)
-        s, d = _addr(src, "src"), _addr(dst, "dst")
+        ss, ds = _set_ref(src), _set_ref(dst)
+        s, d = (None if ss else _addr(src, "src")), (None if ds else _addr(dst, "dst"))
+        fam = _set_family(fam, ss, ds, s, d)
         if s is not None and d is not None and s.family != d.family:
             raise MatchError(f"src {s.text()} is IPv{s.family} and dst {d.text()} is IPv{d.family}: src and dst "
                              "are of different address families; a packet has one (write two handlers)")
@@ -117,7 +147,7 @@ class Match:
                 raise MatchError("proto='icmpv6' is IPv6 only; for IPv4 use proto='icmp'")
             fam = 6
         return cls(
-            proto=p, src=s, dst=d, sport=_ports(sport, "sport"), dport=_ports(dport, "dport"),
+            proto=p, src=s, dst=d, src_set=ss, dst_set=ds, sport=_ports(sport, "sport"), dport=_ports(dport, "dport"),
             iif=_iface(iif, "iif"), oif=_iface(oif, "oif"), ctstate=_ctstate(ctstate),
             mark=_mark(mark), family=fam,
         )
@@ -140,6 +170,9 @@ class Match:
             a = getattr(self, name)
             if a:
                 parts.append(f"{name} {'!' if a.negate else ''}{a.text()}")
+            ref = getattr(self, name + "_set")
+            if ref:
+                parts.append(f"{name} {ref.text()}")
         for name in ("sport", "dport"):
             pr = getattr(self, name)
             if pr:
@@ -164,6 +197,9 @@ class Match:
             return False
         for a, v in ((self.src, pkt.src), (self.dst, pkt.dst)):
             if a is not None and ((v.version == a.family and v in a.net) == a.negate):
+                return False
+        for ref, v in ((self.src_set, pkt.src), (self.dst_set, pkt.dst)):
+            if ref is not None and ((ref.members is not None and v in ref.members) == ref.negate):
                 return False
         if self.sport and not self.sport.contains(pkt.sport):
             return False
@@ -235,6 +271,32 @@ def _addr(value: Any, what: str) -> Addr | None:
     except ValueError:
         raise MatchError(f"{what}={value!r} is not an address or CIDR network "
                          "(e.g. '10.0.0.0/8', '!192.0.2.1', 'fd00::/64')") from None
+
+
+def _set_ref(value: Any) -> SetRef | None:
+    """A declared set (``policy.set()``, or ``~set``) given as src/dst, else None."""
+    value = _value(value)
+    if isinstance(value, SetRef):
+        return value
+    ref = getattr(value, "set_ref", None)
+    return ref if isinstance(ref, SetRef) else None
+
+
+def _set_family(fam: int | None, ss: SetRef | None, ds: SetRef | None, s: Addr | None,
+                d: Addr | None) -> int | None:
+    """The handler's family given its set matches: a one-family set decides it."""
+    for ref in (ss, ds):
+        if ref is None:
+            continue
+        other = s or d
+        for want, why in ((fam, "the handler asks for"), (other.family if other else None, "the address is")):
+            if want is not None and want not in ref.families:
+                raise MatchError(f"set {ref.name!r} holds IPv{ref.families[0]} only but {why} IPv{want}")
+        if len(ref.families) == 1:
+            fam = ref.families[0]
+    if ss and ds and not set(ss.families) & set(ds.families):
+        raise MatchError(f"sets {ss.name!r} and {ds.name!r} are of different address families")
+    return fam
 
 
 def _ports(value: Any, what: str) -> Ports | None:

@@ -35,6 +35,7 @@ from .introspect import Source
 from .introspect import parse as parse_source
 from .match import Match, MatchError
 from .policy_metrics import PolicyMetric, declare_metric
+from .sets import AddressSet, KernelVerdict, declare_kernel_verdict, declare_set
 from .verdict import ACCEPT, FACTORIES, Reject, Verdict, parse_default
 
 T = TypeVar("T")
@@ -139,6 +140,8 @@ class Policy:
         self.options: dict[str, Option[Any]] = {}
         self.defaults: dict[str, Verdict] = {}
         self.self_mark = 0  # set by the engine from the mark layout (see socket())
+        self.sets: dict[str, AddressSet] = {}  # name -> address set (set(); sets.py)
+        self.kernel_verdicts: list[KernelVerdict] = []  # queue-free rules (kernel_verdict())
         # feature declarations (checked data, features/*_decl.py): what the features compile
         self.routing_tables: dict[str, RoutingTable] = {}  # name -> table (routing_table())
         self.routing_settings: RoutingSettings = RoutingSettings()  # (routing())
@@ -170,6 +173,20 @@ class Policy:
             raise PolicyError(f"option {name!r}: default {default!r}: {e}", file, line) from None
         self.options[name] = opt
         return opt
+
+    def set(self, name: str, *, kind: str = "ip", timeout: int | None = None, size: int | None = None,
+            family: Any = None, entries: Any = (), file: Any = None) -> AddressSet:
+        """An address set the kernel matches (``src=banned``, ``src=~banned``) and handlers change
+        (``banned.add(pkt.src, timeout=60)``): one ipset per family, made by `run` (sets.py)."""
+        f, line = _caller()
+        return declare_set(self.sets, name, kind=kind, timeout=timeout, size=size, family=family,
+                           entries=entries, file=file, decl_file=f, decl_line=line)
+
+    def kernel_verdict(self, hook: str, verdict: Verdict, *, name: str | None = None, **match: Any) -> KernelVerdict:
+        """A rule whose verdict (accept, drop, reject) the kernel gives by itself, before every
+        handler at ``hook``: ``policy.kernel_verdict("INPUT", drop(), src=blocked)`` (sets.py)."""
+        f, line = _caller()
+        return declare_kernel_verdict(self.kernel_verdicts, hook, verdict, match, name, f, line)
 
     def routing_table(self, name: str, routes: "list[str] | str", *, table_id: int | None = None,
                       masquerade: bool = False, snat: "str | list[str] | None" = None) -> Any:

@@ -143,6 +143,10 @@ def match_specs(m: Match, family: int, new_only: bool = False) -> list[MatchSpec
     if simple:
         specs.append(MatchSpec(m.proto or "tcp", tuple(simple)))
     specs.extend(multi)
+    for what, ref in (("src", m.src_set), ("dst", m.dst_set)):  # sets.py: one kernel set per family
+        if ref is not None:
+            specs.append(MatchSpec("set", (("match-set", f"{ref.kernel_name(family)} {ref.directions(what)}",
+                                            ref.negate),)))
     if m.ctstate is not None:
         specs.append(MatchSpec("conntrack", (("ctstate", ",".join(m.ctstate), False),)))
     elif new_only:

@@ -8,8 +8,9 @@ from .base import Feature
 from .nat import NatFeature
 from .offload import OffloadFeature
 from .routeshape import RouteShapeFeature
+from .sets import SetsFeature
 
 __all__ = ["FEATURES", "Feature"]
 
 #: Stateless feature objects; their per-engine state is what ``runtime()`` returns.
-FEATURES: tuple[Feature, ...] = (NatFeature(), OffloadFeature(), RouteShapeFeature())
+FEATURES: tuple[Feature, ...] = (NatFeature(), OffloadFeature(), RouteShapeFeature(), SetsFeature())
