@@ -100,7 +100,7 @@ class Audit:
         counters are still read as the default's decisions: obs_defaults)."""
         for key, rules in rs.rules.items():
             rs.rules[key] = [dataclasses.replace(r, target="ACCEPT", target_opts=())
-                             if r.comment() == DEFAULT_COMMENT and r.target != "ACCEPT" else r for r in rules]
+                             if r.comment == DEFAULT_COMMENT and r.target != "ACCEPT" else r for r in rules]
         return rs
 
 

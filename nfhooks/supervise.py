@@ -69,7 +69,9 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
 
     from .engine import Dispatcher
     from .metrics import Metrics
+    from .obs_engine import source_hash
     from .offload import FlowOffload
+    from .policy_metrics import PolicyMetrics
     from .queue import QueueSet
     from .worker_nat import NatClient
 
@@ -84,6 +86,7 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
 
         watchdog = Watchdog(timeout) if timeout else None  # made here: it targets this process
         metrics = Metrics()
+        PolicyMetrics(metrics.registry).bind(policy)  # policy.counter()/gauge(): summed by the main process
         offload = FlowOffload(rs, policy) if getattr(rs, "flow_generation", 0) else None
         nat = (NatClient(nat_conn, rs.layout, rs.nat_targets, generation=rs.generation)
                if nat_conn is not None else None)
@@ -94,7 +97,7 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
             qs.bind(num, disp.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
         qs.export(metrics.registry)
         metrics.set_policy(policy.name or "policy", policy.version,
-                           [(n, h.hook, h.name) for n, h in sorted(queues.items())])
+                           [(n, h.hook, h.name) for n, h in sorted(queues.items())], source_hash(policy))
     except Exception as e:  # noqa: BLE001 -- reported to the main process, which explains it
         conn.send(("error", f"worker {index}: {e}"))
         if qs is not None:

@@ -321,7 +321,12 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             ranges = [(first, first + workers - 1, h.hook, h.name, brs.fail_open[h.hook])
                       for first, h in sorted(per_worker[0].items())]
             nat_count = nat.__len__ if nat is not None else (lambda: 0)
-            registry.register(WorkerMetrics(pool, ranges, saved=backend.counter_texts, nat_targets=nat_count))
+            from .obs_defaults import DefaultRuleCollector, DefaultRuleCounts, Merged
+
+            # the default rules' decisions (read here: the main process has the backend), in the
+            # packet families the workers' sums export (a family appears once: obs_defaults.Merged)
+            registry.register(Merged(WorkerMetrics(pool, ranges, saved=backend.counter_texts, nat_targets=nat_count),
+                                     DefaultRuleCollector(DefaultRuleCounts(backend.counter_texts))))
             registry.register(supervisor)
             if getattr(brs, "flow_generation", 0):  # from the kernel's rule counters: once, here
                 from .offload import FlowOffload, OffloadCollector
