@@ -218,6 +218,26 @@ def check_ctstate(table: str) -> None:
         )
 
 
+def check_conntrack(table: str, what: str, why: str) -> None:
+    """Refuse a match that reads conntrack in the raw table (connlimit, connmark)."""
+    if table == "raw":
+        raise PlacementError(
+            f"{what} cannot work in the raw table: {why}, and raw runs before conntrack has "
+            "looked at the packet. Use the mangle or filter table"
+        )
+
+
+def check_owner(hook: str) -> None:
+    """The owner match (uid=/gid=) reads the packet's socket: only local packets have one."""
+    if hook not in ("OUTPUT", "POSTROUTING"):
+        raise PlacementError(
+            f"a uid/gid (owner) match cannot work at {hook}: the kernel knows a packet's socket, "
+            "and so its user, only for packets generated on this host, which pass OUTPUT and "
+            "POSTROUTING (at POSTROUTING forwarded packets have none and never match). It works "
+            "at OUTPUT, POSTROUTING"
+        )
+
+
 def check_interfaces(hook: str, iif: object, oif: object) -> None:
     if iif is not None and hook in ("OUTPUT", "POSTROUTING"):
         raise PlacementError(

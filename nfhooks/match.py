@@ -12,7 +12,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .hooks import check_ctstate, check_interfaces
+from .hooks import check_conntrack, check_ctstate, check_interfaces, check_owner
+from .kmatch import Connlimit, KMatchError, Owner, Rate, parse_connlimit, parse_owner, parse_rate
 
 PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "any": None}
 PORT_PROTOS = ("tcp", "udp", "sctp")
@@ -115,11 +116,19 @@ class Match:
     family: int | None = None
     src_set: SetRef | None = None  # src=a_set (sets.py)
     dst_set: SetRef | None = None
+    # kernel state (kmatch.py): rate, connection count, socket owner, connection mark
+    rate: Rate | None = None
+    connlimit: Connlimit | None = None
+    owner: Owner | None = None
+    connmark: tuple[int, int, bool] | None = None  # value, mask, negate
 
     @classmethod
     def build(cls, *, proto: str | int | None = None, src: Any = None, dst: Any = None,
               sport: Any = None, dport: Any = None, iif: Any = None, oif: Any = None,
-              ctstate: Any = None, mark: Any = None, family: Any = None) -> "Match":
+              ctstate: Any = None, mark: Any = None, family: Any = None, limit: Any = None,
+              burst: Any = None, limit_over: Any = None, hashlimit: Any = None, hashlimit_by: Any = None,
+              connlimit: Any = None, connlimit_mask: Any = None, uid: Any = None, gid: Any = None,
+              connmark: Any = None) -> "Match":
         p = _proto(proto)
         if (sport is not None or dport is not None) and p not in PORT_PROTOS:
             raise MatchError(
@@ -146,10 +155,17 @@ class Match:
             if fam == 4:
                 raise MatchError("proto='icmpv6' is IPv6 only; for IPv4 use proto='icmp'")
             fam = 6
+        try:
+            rate = parse_rate(limit, hashlimit, burst, limit_over, hashlimit_by, p in PORT_PROTOS)
+            conns = parse_connlimit(connlimit, connlimit_mask, (fam,) if fam else (4, 6))
+            owner = parse_owner(uid, gid)
+        except KMatchError as e:
+            raise MatchError(str(e)) from None
         return cls(
             proto=p, src=s, dst=d, src_set=ss, dst_set=ds, sport=_ports(sport, "sport"), dport=_ports(dport, "dport"),
             iif=_iface(iif, "iif"), oif=_iface(oif, "oif"), ctstate=_ctstate(ctstate),
-            mark=_mark(mark), family=fam,
+            mark=_mark(mark), family=fam, rate=rate, connlimit=conns, owner=owner,
+            connmark=_mark(connmark, "connmark"),
         )
 
     def families(self) -> tuple[int, ...]:
@@ -158,7 +174,13 @@ class Match:
     def check_placement(self, hook: str, table: str) -> None:
         if self.ctstate is not None:
             check_ctstate(table)
+        if self.connlimit is not None:
+            check_conntrack(table, "a connlimit match", "it counts the connections conntrack tracks")
+        if self.connmark is not None:
+            check_conntrack(table, "a connmark match", "the connection mark is kept by conntrack")
         check_interfaces(hook, self.iif, self.oif)
+        if self.owner is not None:
+            check_owner(hook)
 
     def describe(self) -> str:
         parts = []
@@ -186,11 +208,16 @@ class Match:
         if self.mark:
             v, m, n = self.mark
             parts.append(f"mark {'!' if n else ''}{v:#x}/{m:#x}")
+        if self.connmark:
+            v, m, n = self.connmark
+            parts.append(f"connmark {'!' if n else ''}{v:#x}/{m:#x}")
+        parts += [x.describe() for x in (self.owner, self.connlimit, self.rate) if x is not None]
         return " ".join(parts) or "all packets"
 
     # -- testing only (fake packets): evaluate the match in Python -----------------------
     def matches(self, pkt: Any, ctstate: str | None = None) -> bool:
-        """True if the kernel rule would match ``pkt``. ``ctstate`` stands in for conntrack."""
+        """True if the kernel rule would match ``pkt``. ``ctstate`` stands in for conntrack;
+        rates, connection counts and the socket owner are kernel state and count as matching."""
         if self.family and pkt.version != self.family:
             return False
         if self.proto and PROTOS[self.proto] != pkt.proto:
@@ -216,6 +243,10 @@ class Match:
         if self.mark is not None:
             v, m, n = self.mark
             if ((pkt.mark & m) == v) == n:
+                return False
+        if self.connmark is not None:
+            v, m, n = self.connmark
+            if ((getattr(pkt, "connmark", 0) & m) == v) == n:
                 return False
         return True
 
@@ -363,7 +394,7 @@ def _ctstate(value: Any) -> tuple[str, ...] | None:
     return tuple(s for s in CTSTATES if s in states)
 
 
-def _mark(value: Any) -> tuple[int, int, bool] | None:
+def _mark(value: Any, what: str = "mark") -> tuple[int, int, bool] | None:
     value = _value(value)
     if value is None:
         return None
@@ -374,13 +405,13 @@ def _mark(value: Any) -> tuple[int, int, bool] | None:
         try:
             value = (int(v, 0), int(m, 0) if m else 0xFFFFFFFF)
         except ValueError:
-            raise MatchError(f"mark={value!r}: use an int, (value, mask) or 'value/mask'") from None
+            raise MatchError(f"{what}={value!r}: use an int, (value, mask) or 'value/mask'") from None
     if isinstance(value, int):
         value = (value, 0xFFFFFFFF)
     try:
         v, m = value
     except (TypeError, ValueError):
-        raise MatchError(f"mark={value!r}: use an int, (value, mask) or 'value/mask'") from None
+        raise MatchError(f"{what}={value!r}: use an int, (value, mask) or 'value/mask'") from None
     if not (0 <= v <= 0xFFFFFFFF and 0 <= m <= 0xFFFFFFFF):
-        raise MatchError("mark value and mask are 32-bit unsigned integers")
+        raise MatchError(f"{what} value and mask are 32-bit unsigned integers")
     return (v & m, m, negate)

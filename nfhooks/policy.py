@@ -378,7 +378,10 @@ def verdict_calls(func: "Callable[..., Any] | Source") -> dict[str, int]:
 
 
 #: The keywords of Match.build: what a handler decorator accepts besides table/name/flow.
-MATCH_KEYS = frozenset({"proto", "src", "dst", "sport", "dport", "iif", "oif", "ctstate", "mark", "family"})
+MATCH_KEYS = frozenset({"proto", "src", "dst", "sport", "dport", "iif", "oif", "ctstate", "mark", "family",
+                        # kernel state (kmatch.py)
+                        "limit", "burst", "limit_over", "hashlimit", "hashlimit_by", "connlimit",
+                        "connlimit_mask", "uid", "gid", "connmark"})
 
 
 def parse_sets(items: list[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .hooks import HOOKS, TABLE_ORDER
 from .marks import MarkLayout
+from .kmatch import hashlimit_expire_ms, hashlimit_name, rate_text
 from .match import Addr, Iface, Match
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from .verdict import Verdict
 
 __all__ = ["COMMENT", "CHAIN_PREFIX", "FAMILIES", "Opt", "MatchSpec", "Rule", "save_string", "comment", "mark",
-           "xmark", "chain_name", "proto_name", "match_specs", "reject_with", "generation_rules", "SideSet", "RuleSet"]
+           "xmark", "chain_name", "proto_name", "match_specs", "state_specs", "reject_with", "generation_rules", "SideSet", "RuleSet"]
 
 COMMENT = "nfhooks"
 CHAIN_PREFIX = "NFH-"
@@ -126,10 +127,11 @@ def reject_with(kind: str, family: int) -> str:
     return f"{icmp}-port-unreachable"
 
 
-def match_specs(m: Match, family: int, new_only: bool = False) -> list[MatchSpec]:
+def match_specs(m: Match, family: int, new_only: bool = False, state: bool = True) -> list[MatchSpec]:
     """The iptables matches of a handler's Match besides addresses, interfaces and protocol
     (ports, conntrack state, mark); ``new_only`` adds ``--ctstate NEW`` unless the match has
-    its own ctstate (handlers that decide once per connection: NAT, route, shape)."""
+    its own ctstate (handlers that decide once per connection: NAT, route, shape); ``state``
+    False leaves out the kernel-state matches (state_specs: for a connection decided already)."""
     specs: list[MatchSpec] = []
     simple: list[Opt] = []
     multi: list[MatchSpec] = []
@@ -154,6 +156,36 @@ def match_specs(m: Match, family: int, new_only: bool = False) -> list[MatchSpec
     if m.mark is not None:
         v, mask, neg = m.mark
         specs.append(mark(v, mask, neg))
+    return specs + state_specs(m, family) if state else specs
+
+
+def state_specs(m: Match, family: int) -> list[MatchSpec]:
+    """The kernel-state matches of a Match (kmatch.py): connmark, owner, connlimit, then the
+    rate last -- a token is spent by every packet that reaches the rate match, so it must
+    follow everything else that can still fail. Option names as iptables-save prints them."""
+    specs: list[MatchSpec] = []
+    if m.connmark is not None:
+        v, mask, neg = m.connmark
+        specs.append(mark(v, mask, neg, module="connmark"))
+    if m.owner is not None:
+        specs.append(MatchSpec("owner", m.owner.opts()))
+    if m.connlimit is not None:
+        c = m.connlimit
+        specs.append(MatchSpec("connlimit", (("connlimit-above", str(c.above), False),
+                                             ("connlimit-mask", str(c.mask(family)), False),
+                                             ("connlimit-saddr", "", False))))
+    r = m.rate
+    if r is not None and r.module == "limit":
+        burst = () if r.burst == 5 else (("limit-burst", str(r.burst), False),)
+        specs.append(MatchSpec("limit", (("limit", rate_text(r), False), *burst)))
+    elif r is not None:
+        opts: list[Opt] = [("hashlimit-above" if r.over else "hashlimit-upto", rate_text(r), False),
+                           ("hashlimit-burst", str(r.burst), False)]
+        if r.by:
+            opts.append(("hashlimit-mode", ",".join(r.by), False))
+        opts.append(("hashlimit-name", hashlimit_name(r, m.describe()), False))
+        opts.append(("hashlimit-htable-expire", str(hashlimit_expire_ms(r)), False))
+        specs.append(MatchSpec("hashlimit", tuple(opts)))
     return specs
 
 
