@@ -288,6 +288,7 @@ def flush(force: bool = typer.Option(False, "--force", help="flush even while a 
     """Remove every nfhooks rule and chain in this network namespace (IPv4 and IPv6, all tables, both backends)."""
     from .errors import KernelError
     from .owner import live_owner
+    from .sets_ipset import destroy_ours as destroy_sets
 
     b, _ = choose(backend, _fail)
     try:
@@ -297,6 +298,7 @@ def flush(force: bool = typer.Option(False, "--force", help="flush even while a 
             _fail(f"a live nfhooks engine (pid {owner[0]}, instance {owner[1]}) owns the rules here; "
                   f"stop it (kill -TERM {owner[0]}) or use --force")
         removed = remove_everywhere(b)
+        removed += destroy_sets()  # after the rules that match them (sets_ipset.py)
     except KernelError as e:
         _fail(str(e))
         return

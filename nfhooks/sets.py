@@ -180,15 +180,20 @@ class AddressSet:
     def maxelem(self, family: int) -> int:
         if self.size is not None:
             return self.size
-        return max(DEFAULT_SIZE, 2 * sum(1 for f, _ in self.declared() if f == family))
+        n = sum(1 for f, _ in self.declared() if f == family)
+        return max(DEFAULT_SIZE, 1 << (2 * n - 1).bit_length())  # room to grow: a power of two >= 2n
 
-    def options(self, family: int) -> tuple[str, str, int, int]:
-        """What must be equal for a running set to be kept across a reload."""
-        return (KINDS[self.kind], "inet6" if family == 6 else "inet", self.timeout or 0, self.maxelem(family))
+    def options(self, family: int) -> tuple[str, str, int, int | None]:
+        """What must be equal for a running set to be kept across a reload (the size as
+        declared: an automatic one only has to hold the declared entries, see fits())."""
+        return (KINDS[self.kind], "inet6" if family == 6 else "inet", self.timeout or 0, self.size)
+
+    def fits(self, family: int, maxelem: int) -> bool:
+        return sum(1 for f, _ in self.declared() if f == family) <= maxelem
 
     def create_line(self, family: int) -> str:
-        typ, fam, timeout, maxelem = self.options(family)
-        return f"create {self.kernel_name(family)} {typ} family {fam} timeout {timeout} maxelem {maxelem}"
+        typ, fam, timeout, _ = self.options(family)
+        return f"create {self.kernel_name(family)} {typ} family {fam} timeout {timeout} maxelem {self.maxelem(family)}"
 
     # -- handler side -------------------------------------------------------------------
     def bind(self, ops: SetOps | None) -> None:

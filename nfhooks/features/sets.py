@@ -225,10 +225,10 @@ class SetsFeature(Feature):
         before, after = old.policy.sets, new.policy.sets
         for name, s in after.items():
             o = before.get(name)
-            if o is not None and (o.kind, o.families) != (s.kind, s.families) or o is not None and any(
-                    o.options(f) != s.options(f) for f in s.families):
-                raise KernelError(f"set {name!r} changed its kind, family, timeout or size: the running rules use "
-                                  "it; restart nfhooks to change them (or give the set a new name)")
+            if o is not None and ((o.kind, o.families) != (s.kind, s.families) or any(
+                    o.options(f) != s.options(f) or not s.fits(f, o.maxelem(f)) for f in s.families)):
+                raise KernelError(f"set {name!r} changed its kind, family, timeout or size (or outgrew it): the "
+                                  "running rules use it; restart nfhooks to change them (or give the set a new name)")
         lines: list[str] = []
         old_rt, new_rt = _runtime(old), _runtime(new)
         for name, s in after.items():
