@@ -58,6 +58,7 @@ shows the same counters per rule.
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import os
 import random
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
     from .policy import Handler, Policy
     from .rulebuild import RuleSet
 
-__all__ = ["FLOW_GEN_BITS", "FLOW_GENERATIONS", "GEN_FIELD", "DIRECTIONS", "PER_PACKET_FIELDS", "REFUSED_KINDS",
+__all__ = ["reads_connmark", "connmark_restore_rule", "FLOW_GEN_BITS", "FLOW_GENERATIONS", "GEN_FIELD", "DIRECTIONS", "PER_PACKET_FIELDS", "REFUSED_KINDS",
            "FlowError", "check_flow", "per_packet_reads", "flow_handlers", "field_name", "layout_fields", "ordinals",
            "all_flow_mask", "save_chain", "save_jump", "offload_rules", "save_rules", "add_to_ruleset",
            "next_flow_generation", "FlowOffload", "add_counters", "OffloadCollector"]
@@ -155,10 +156,30 @@ def offload_rules(chain: str, h: "Handler", family: int, layout: MarkLayout, gua
         value, mask = g.encode(flow_generation) | f.encode(ordinal), g.mask | f.mask
         out.append(Rule(
             chain, "ACCEPT", src=m.src, dst=m.dst, iif=m.iif, oif=m.oif, proto=proto_name(m.proto, family),
-            matches=(*match_specs(m, family), MatchSpec("conntrack", (("ctdir", ctdir, False),)),
+            matches=(*match_specs(m, family, state=False), MatchSpec("conntrack", (("ctdir", ctdir, False),)),
                      MatchSpec("connmark", (("mark", f"{value:#x}/{mask:#x}", False),)), mark(0, guard),
                      comment(f"{COMMENT} offload {h.name}"))))
     return out
+
+
+def reads_connmark(h: "Handler") -> bool:
+    """Whether the handler's source reads ``.connmark`` (pkt.connmark): then its packets get the
+    connection's user bits restored into their mark before they are queued."""
+    return any(isinstance(n, ast.Attribute) and n.attr == "connmark" and isinstance(n.ctx, ast.Load)
+               for n in h.source.walk())
+
+
+def connmark_restore_rule(chain: str, h: "Handler", family: int, layout: MarkLayout, guard: int) -> Rule:
+    """Before the queue rule of a handler that reads pkt.connmark: ``CONNMARK --restore-mark``
+    of the user bits only (NetfilterQueue 1.1.0 does not pass the conntrack mark up, so the
+    packet mark carries it): the packets this handler sees have ``pkt.mark == pkt.connmark``.
+    The handler's match without its kernel-state parts (no token spent here), and never on a
+    resumed or nfhooks' own packet."""
+    m, user = h.match, layout.user_mask
+    return Rule(chain, "CONNMARK", (("restore-mark", ""), ("nfmask", f"{user:#x}"), ("ctmask", f"{user:#x}")),
+                src=m.src, dst=m.dst, iif=m.iif, oif=m.oif, proto=proto_name(m.proto, family),
+                matches=(*match_specs(m, family, state=False), mark(0, guard),
+                         comment(f"{COMMENT} restore {h.name}")))
 
 
 def save_rules(hook: str, handlers: list["Handler"], layout: MarkLayout, positions: dict[str, int],

@@ -202,6 +202,14 @@ class Packet:
         """Name for messages and metric labels; unknown protocols by number."""
         return PROTO_NAMES.get(self.proto) or str(self.proto)
 
+    @property
+    def connmark(self) -> int:
+        """The connection mark's user bits. NetfilterQueue does not pass the conntrack mark up,
+        so nfhooks restores it into the packet mark (``CONNMARK --restore-mark`` of the user
+        bits) before the queue rule of a handler whose source reads ``pkt.connmark``: there
+        it equals ``pkt.mark``. Elsewhere it is just the packet mark."""
+        return self.mark
+
     # -- interfaces ------------------------------------------------------------------
 
     @property

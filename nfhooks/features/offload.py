@@ -1,14 +1,16 @@
 """Flow offload as a feature: the ``flowgen``/``flow:*`` connmark fields, the flowsave jump at
 the top of a chain, the offload rules before a flow handler's queue rule, the NFH-FLOW-<HOOK>
-chains, and the engine's FlowOffload and its metrics (the design is in nfhooks/offload.py)."""
+chains, and the engine's FlowOffload and its metrics (the design is in nfhooks/offload.py).
+Also the connection's other reader: the connmark restore rule before the queue rule of a
+handler that reads pkt.connmark (offload.connmark_restore_rule)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from ..offload import (
-    FLOW_GENERATIONS, FlowOffload, OffloadCollector, add_to_ruleset, flow_handlers, layout_fields, offload_rules,
-    next_flow_generation, ordinals, save_jump,
+    FLOW_GENERATIONS, FlowOffload, OffloadCollector, add_to_ruleset, connmark_restore_rule, flow_handlers,
+    layout_fields, offload_rules, next_flow_generation, ordinals, reads_connmark, save_jump,
 )
 from .base import ChainContext, CompileContext, EngineEnv, Feature
 
@@ -34,10 +36,13 @@ class OffloadFeature(Feature):
         return [save_jump(chain.chain, chain.hook, chain.layout, ctx.generation)]
 
     def before_queue(self, ctx: CompileContext, chain: ChainContext, handler: Any) -> list[Any]:
-        if not getattr(handler, "flow", False):
-            return []
-        return offload_rules(chain.chain, handler, chain.family, chain.layout, chain.guard,
-                             ordinals(ctx.policy)[handler.name], ctx.flow_generation)
+        out = []
+        if chain.table != "raw" and reads_connmark(handler):  # raw: no conntrack, nothing to restore
+            out.append(connmark_restore_rule(chain.chain, handler, chain.family, chain.layout, chain.guard))
+        if getattr(handler, "flow", False):
+            out += offload_rules(chain.chain, handler, chain.family, chain.layout, chain.guard,
+                                 ordinals(ctx.policy)[handler.name], ctx.flow_generation)
+        return out
 
     def add_rules(self, ctx: CompileContext, rs: Any) -> None:
         if rs.flow_generation:

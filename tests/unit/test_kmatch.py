@@ -204,3 +204,48 @@ def test_fake_packet_simulation_checks_connmark_and_passes_kernel_state():
     m = M(connmark=(5, 0xFF), limit=1, uid=0)
     assert m.matches(SimpleNamespace(version=4, proto=6, src=None, dst=None, connmark=0x105, mark=0))
     assert not m.matches(SimpleNamespace(version=4, proto=6, src=None, dst=None, connmark=0x6, mark=0))
+
+
+def test_a_handler_reading_pkt_connmark_gets_the_connmark_restored_before_its_queue_rule():
+    from nfhooks.verdict import connmark
+
+    policy = Policy("restore")
+
+    @policy.input(proto="udp", dport=53, limit=5)
+    def reader(pkt):
+        return accept() if pkt.connmark == 5 else connmark(5, 0xFF)
+
+    @policy.input(proto="udp", dport=54)
+    def blind(pkt):
+        return accept()
+
+    @policy.prerouting(table="raw", proto="udp", dport=55)
+    def early(pkt):  # raw: conntrack has not run, nothing to restore
+        return accept() if pkt.connmark else None
+
+    lines = compile_policy(policy).render().splitlines()
+    restore = [x for x in lines if "CONNMARK --restore-mark" in x]
+    assert len(restore) == 2  # reader, per family; not blind, not early
+    assert all('-p udp -m udp --dport 53 -m mark --mark 0x0/' in x and '"nfhooks restore reader"' in x
+               and x.endswith("--nfmask 0xffff --ctmask 0xffff") and "limit" not in x for x in restore)
+    for fam_lines in (lines[:lines.index("# ip6tables")], lines[lines.index("# ip6tables"):]):
+        i = next(i for i, x in enumerate(fam_lines) if "restore reader" in x)
+        assert '"nfhooks reader"' in fam_lines[i + 1]  # right before the queue rule
+
+
+def test_offload_rules_leave_out_the_rate_of_an_already_decided_connection():
+    policy = Policy("flowrate")
+
+    @policy.input(proto="tcp", dport=80, flow=True, limit="10/second")
+    def web(pkt):
+        return accept()
+
+    lines = compile_policy(policy).render().splitlines()
+    assert all("limit" not in x for x in lines if '"nfhooks offload web"' in x)
+    assert all("-m limit --limit 10/sec" in x for x in lines if '"nfhooks web"' in x)
+
+
+def test_packet_connmark_is_the_restored_packet_mark():
+    from nfhooks.fake import fake_packet
+
+    assert fake_packet(mark=0x5).connmark == 0x5
