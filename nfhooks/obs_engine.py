@@ -29,9 +29,10 @@ log = logging.getLogger("nfhooks.engine")
 def source_hash(policy: Any) -> str:
     """First 12 hex digits of the sha256 of the source text the loader compiled ("" for a
     policy not loaded from a file). The loader keeps that text in linecache under the policy's
-    file name (loader.load_policy: tracebacks show it, never the file as it is on disk now)."""
+    file name, with no mtime (loader.load_policy: tracebacks show it, never the file as it is
+    on disk now)."""
     entry = linecache.cache.get(getattr(policy, "file", "") or "")
-    if not entry or len(entry) < 3:
+    if not entry or len(entry) < 4 or entry[1] is not None:  # mtime None: the loader's entry, not a file's
         return ""
     return hashlib.sha256("".join(entry[2]).encode()).hexdigest()[:12]
 
