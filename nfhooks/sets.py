@@ -131,6 +131,7 @@ class AddressSet:
     ops: SetOps | None = field(default=None, repr=False)
     _local: dict[str, float | None] = field(default_factory=dict, repr=False)  # unbound: entry -> expiry
     _loaded: "tuple[str, list[tuple[int, str]]] | None" = field(default=None, repr=False)
+    _seeded: bool = field(default=False, repr=False)
 
     # -- compile side -------------------------------------------------------------------
     @property
@@ -215,7 +216,7 @@ class AddressSet:
             self.ops.add(self, fam, text, timeout)
             return
         secs = self.timeout if timeout is None else timeout
-        self._local[text] = time.monotonic() + secs if secs else None
+        self._entries()[text] = time.monotonic() + secs if secs else None
 
     def remove(self, value: Any) -> None:
         """Remove an entry (no error if it is not there)."""
@@ -223,7 +224,7 @@ class AddressSet:
         if self.ops is not None:
             self.ops.remove(self, fam, text)
         else:
-            self._local.pop(text, None)
+            self._entries().pop(text, None)
 
     def __contains__(self, value: Any) -> bool:
         try:
@@ -232,28 +233,28 @@ class AddressSet:
             return False
         if self.ops is not None:
             return self.ops.test(self, fam, text)
-        self._expire()
+        local = self._entries()
         if self.kind == "net":
             addr = ipaddress.ip_network(text)
             return any(addr.version == n.version and addr.subnet_of(n)  # type: ignore[arg-type]
-                       for n in map(ipaddress.ip_network, self._local))
-        return text in self._local
+                       for n in map(ipaddress.ip_network, local))
+        return text in local
 
     def __len__(self) -> int:
         if self.ops is not None:
             return self.ops.count(self)
-        self._expire()
-        return len(self._local)
+        return len(self._entries())
 
-    def _expire(self) -> None:
+    def _entries(self) -> dict[str, float | None]:
+        """Unbound: the declared entries, then what handlers changed, expired ones dropped."""
+        if not self._seeded:
+            self._seeded = True
+            for _, text in self.declared():
+                self._local.setdefault(text, None)
         now = time.monotonic()
         for k in [k for k, t in self._local.items() if t is not None and t <= now]:
             del self._local[k]
-
-    def load_local(self) -> None:
-        """Unbound: start with the declared entries (nfhooks.fake tests, policy.decide)."""
-        for _, text in self.declared():
-            self._local.setdefault(text, None)
+        return self._local
 
 
 def _resolve(value: Any) -> Any:

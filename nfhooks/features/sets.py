@@ -165,7 +165,7 @@ class SetsFeature(Feature):
 
     def _tables(self, kv: Any) -> list[str]:
         out = []
-        for t in KERNEL_TABLES:
+        for t in (("filter",) if kv.verdict.kind == "reject" else KERNEL_TABLES):  # REJECT: filter only
             try:
                 check_verdict(kv.verdict.kind, kv.hook, t)
                 out.append(t)
