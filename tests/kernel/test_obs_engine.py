@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 
 
 from .conftest import TEST_POLICIES, metric, save
@@ -126,3 +127,26 @@ def test_audit_accepts_everything_and_counts_what_would_have_been(nfh_lab, tmp_p
     comments = [c for _, _, c in read_packets(pcap)]
     assert any("handler=blocked verdict=drop audit=accepted" in c for c in comments), comments[:5]
     assert any("handler=broken verdict=drop via=error audit=accepted" in c for c in comments), comments[:5]
+
+
+def series(text: str, prefix: str) -> set[str]:
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith(prefix)}
+
+
+def test_queue_series_survive_a_reload_and_keep_counting(nfh_lab):
+    lab = nfh_lab
+    lab.tcp_server("router", 7001)
+    eng = lab.start_engine(str(POLICY))
+    assert lab.tcp_connect("client", lab.addr("router"), 7001) == "ok"
+    received = dict(hook="INPUT", handler="web")
+    lab.wait_for(lambda: metric(lab, "nfhooks_queue_received_packets_total", **received) >= 1, what="web's queue")
+    before = series(metrics_text(lab), "nfhooks_queue_")
+    assert before and not any("queue=" in s for s in before)
+    r = lab.exec("router", sys.executable, "-m", "nfhooks", "reload", check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    eng.wait_log("retired", timeout=15)  # generation 1's queues unbound: their numbers gone
+    assert series(metrics_text(lab), "nfhooks_queue_") == before  # the same series, none renewed
+    assert metric(lab, "nfhooks_queue_received_packets_total", **received) >= 1  # carried, not reset
+    assert lab.tcp_connect("client", lab.addr("router"), 7001) == "ok"
+    lab.wait_for(lambda: metric(lab, "nfhooks_queue_received_packets_total", **received) >= 2,
+                 what="generation 2's web queue adding to the same series")
