@@ -297,8 +297,7 @@ def flush(force: bool = typer.Option(False, "--force", help="flush even while a 
         if owner and not force:
             _fail(f"a live nfhooks engine (pid {owner[0]}, instance {owner[1]}) owns the rules here; "
                   f"stop it (kill -TERM {owner[0]}) or use --force")
-        removed = remove_everywhere(b)
-        removed += destroy_sets()  # after the rules that match them (sets_ipset.py)
+        removed = remove_everywhere(b) + destroy_sets()  # the ipsets after the rules that use them
     except KernelError as e:
         _fail(str(e))
         return
