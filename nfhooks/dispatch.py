@@ -145,6 +145,7 @@ class Dispatcher:
         layout: MarkLayout = self.ruleset.layout
         res_f = layout["resume"]
         res_clear = ~res_f.mask & 0xFFFFFFFF
+        user_bits = layout.user_mask  # pkt.mark shows the user's bits only, never nfhooks' own
         resume_bits = res_f.encode(self.ruleset.positions[name])
         default = self.policy.default(hook)
         allowed = {k for k, p in PLACEMENTS.items() if hook in p.hooks and table in p.queue_tables}
@@ -190,7 +191,7 @@ class Dispatcher:
                 raw = nfpkt.get_payload()
                 nbytes = len(raw)
                 try:
-                    pkt = parse(raw, hook, mark, nfpkt.indev, nfpkt.outdev)
+                    pkt = parse(raw, hook, mark & user_bits, nfpkt.indev, nfpkt.outdev)
                 except Malformed as e:
                     malformed.inc()
                     errlog.error(f"malformed:{hook}", f"malformed packet at {hook}: {e}; applied the default", None, pfile)

@@ -46,7 +46,7 @@ from .nat import does_nat, nat_rule  # noqa: F401 -- re-exported: rules.nat_rule
 from .policy import Handler, Policy, PolicyError
 from .rulebuild import (  # noqa: F401 -- the builders and RuleSet live there; re-exported under their old names
     CHAIN_PREFIX, COMMENT, FAMILIES, MatchSpec, Opt, Rule, RuleSet, chain_name, comment, generation_rules, mark,
-    match_specs, proto_name, reject_with, save_string, xmark,
+    match_specs, proto_name, reject_with, save_string, state_specs, xmark,
 )
 from .verdict import Drop, Reject, Verdict
 
@@ -59,6 +59,11 @@ __all__ = ["CHAIN_PREFIX", "COMMENT", "CONNSAVE_CHAIN", "FAMILIES", "MAX_QUEUE",
 
 
 def _check_user_mark(h: Handler, layout: MarkLayout) -> None:
+    cm = h.match.connmark
+    if cm is not None and cm[1] & layout.mask:
+        raise PolicyError(f"handler {h.name!r} matches connmark bits {cm[1] & layout.mask:#x} that belong to "
+                          f"nfhooks (--mark-mask {layout.mask:#x}); match bits of {layout.user_mask:#x}",
+                          h.file, h.line)
     if h.match.mark is not None and h.match.mark[1] & layout.mask:
         raise PolicyError(
             f"handler {h.name!r} matches mark bits {h.match.mark[1] & layout.mask:#x} that belong to "
@@ -175,7 +180,10 @@ def compile_policy(policy: Policy, *, queue_base: int = 0, fail: str | None = No
                     rules.append(Rule(
                         chain, "NFQUEUE", topts, src=m.src, dst=m.dst, iif=m.iif, oif=m.oif,
                         proto=proto_name(m.proto, fam),
-                        matches=(*match_specs(m, fam, new_only), mark(0, guard), comment(f"{COMMENT} {h.name}")),
+                        # the kernel-state matches (a rate spends a token) after the guard: a
+                        # resumed packet or one of nfhooks' own spends none
+                        matches=(*match_specs(m, fam, new_only, state=False), mark(0, guard),
+                                 *state_specs(m, fam), comment(f"{COMMENT} {h.name}")),
                     ))
                     res = layout["resume"]
                     rules.append(Rule(chain, "MARK", xmark(0, res.mask), matches=(

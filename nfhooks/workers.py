@@ -70,7 +70,7 @@ class WorkersError(ValueError):
     """The policy or the options cannot be served by several workers (the text says why)."""
 
 
-def check_supported(rs: Any, workers: int) -> None:
+def check_supported(rs: Any, workers: int, policy: Any = None) -> None:
     if not 2 <= workers <= MAX_WORKERS:
         raise WorkersError(f"--workers {workers}: give 2..{MAX_WORKERS} (1 is the ordinary engine)")
     if not rs.queues:
@@ -78,6 +78,8 @@ def check_supported(rs: Any, workers: int) -> None:
     why = []
     if getattr(rs, "routeshape", None) is not None:
         why.append("routing/shaping")
+    if policy is not None and (getattr(policy, "sets", None) or getattr(policy, "kernel_verdicts", None)):
+        why.append("address sets")  # the sets feature's kernel state lives in the engine
     if why:
         raise WorkersError(f"--workers cannot serve a policy with {', '.join(why)} yet; run it "
                            "without --workers")
@@ -260,7 +262,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
     from .nat import backend_installer
     from .owner import Ownership
 
-    check_supported(rs, workers)
+    check_supported(rs, workers, policy)
     brs, per_worker = balance(rs, workers, cpu_fanout)
     policy.self_mark = brs.layout["self"].mask
     backend = backend or get_backend()

@@ -111,7 +111,10 @@ def _build_rule(rule: Rule, family: int) -> Any:
     for spec in rule.matches:
         m = r.create_match(spec.module)
         for opt, value, neg in spec.opts:
-            setattr(m, opt.replace("-", "_"), ("!" if neg else "") + value)
+            if spec.module == "set":  # --match-set NAME DIR: python-iptables wants the words apart
+                setattr(m, opt.replace("-", "_"), (["!"] if neg else []) + value.split(" "))
+            else:
+                setattr(m, opt.replace("-", "_"), ("!" if neg else "") + value)
     t = r.create_target(rule.target, goto=rule.goto)
     for opt, value in rule.target_opts:
         setattr(t, opt.replace("-", "_"), value)

@@ -238,8 +238,6 @@ def test_connmark_match_selects_the_remembered_connections(nfh_lab):
     assert rule_counter(lab, "remembered", family=4) == 2 and rule_counter(lab, "remembered", family=6) == 2
 
 
-@pytest.mark.xfail(strict=True, reason="pkt.mark still carries nfhooks' own bits (gen stamp): needs "
-                   "dispatch.py to parse with `mark & layout.user_mask` (not this engineer's file)")
 def test_pkt_mark_shows_only_the_users_bits(nfh_lab):
     lab = _conn_lab(nfh_lab)
     for fam in (4, 6):

@@ -56,18 +56,8 @@ def members(lab, name, node="router"):
     return [line.split()[0] for line in lines if line.strip()]  # "ADDR timeout N": the entries
 
 
-LEGACY_SET_MATCH = ("the legacy backend passes --match-set NAME FLAGS to python-iptables as one word "
-                    "(backends/legacy.py _build_rule must give a set match's value as a list of words)")
-
-
 def start(lab, *args, **kw):
-    """lab.start_engine, skipped with the reason where the backend cannot install a set match yet."""
-    try:
-        return lab.start_engine(*args, **kw)
-    except RuntimeError as e:
-        if "invalid value b'nfh-" in str(e):
-            pytest.skip(LEGACY_SET_MATCH)
-        raise
+    return lab.start_engine(*args, **kw)
 
 
 def web_packets(lab):

@@ -22,7 +22,7 @@ def ctx(policy: Policy, nat_targets: int = 63, flow_generation: int = 1) -> Comp
 
 
 def test_registry_order_is_the_mark_field_order() -> None:
-    assert [f.name for f in FEATURES] == ["nat", "offload", "routeshape"]
+    assert [f.name for f in FEATURES] == ["nat", "offload", "routeshape", "sets"]
     p = load_policy(GOLDEN / "kitchen_sink.py")
     fields = [n for f in FEATURES for n, _ in f.mark_fields(ctx(p, 3))]
     layout = compile_policy(p, mark_mask=0xFFFFFFF0, nat_targets=3).layout

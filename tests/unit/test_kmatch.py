@@ -188,8 +188,10 @@ def test_policy_handlers_take_the_keywords_and_the_queue_rule_carries_them():
     text = compile_policy(policy).render()
     ssh_rules = [line for line in text.splitlines() if '"nfhooks ssh"' in line]
     assert len(ssh_rules) == 2  # both families
-    assert all("--ctstate NEW -m hashlimit --hashlimit-above 5/min --hashlimit-burst 5 --hashlimit-mode srcip"
-               in r for r in ssh_rules)
+    hl = "-m hashlimit --hashlimit-above 5/min --hashlimit-burst 5 --hashlimit-mode srcip"
+    # the rate after nfhooks' guard (resume/self bits): a resumed packet or nfhooks' own spends no token
+    assert all("--ctstate NEW -m mark --mark 0x0/" in r and hl in r and r.index("-m mark --mark 0x0/") < r.index(hl)
+               for r in ssh_rules), ssh_rules
     mine_rules = [line for line in text.splitlines() if '"nfhooks mine"' in line]
     assert len(mine_rules) == 1 and "-m connmark --mark 0x5/0xff -m owner --uid-owner 0" in mine_rules[0]
 
