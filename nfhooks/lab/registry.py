@@ -116,7 +116,7 @@ SCENARIOS: list[Scenario] = [
 
 #: Modules that register scenarios of their own when imported (see the module docstring);
 #: one that does not exist (yet) is skipped.
-PLUGINS: list[str] = ["nfhooks.lab.vpn", "nfhooks.lab.routeshape"]
+PLUGINS: list[str] = ["nfhooks.lab.vpn", "nfhooks.lab.routeshape", "nfhooks.lab.kernelstate"]
 _plugins_loaded = False
 
 
