@@ -118,7 +118,10 @@ def run(c: Ctx) -> list[Check]:
     finally:
         lab.close()
     c.add_table("kernel-state: packets of the banned client", ("family", "python decided", "kernel enforced"), rows)
-    return checks
+    # the runner's own lab is not touched by this one: its client still reaches the router's service
+    port = int(c.ports.get("service_port", 2222))
+    got = c.lab.tcp_connect("client", c.lab.addr("router", 4, facing="client"), port, timeout=2.0)
+    return [*checks, Check(f"the runner's lab meanwhile: client → router :{port} {got}", got == "ok")]
 
 
 register(Scenario(
