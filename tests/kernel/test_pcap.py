@@ -116,7 +116,7 @@ def test_capture_records_packets_with_their_verdicts(nfh_lab, pcap_policy):
     # a handler error: the hook's default, which is what the packet got
     assert {tuple(sorted(comment(p).items())) for p in by["broken"]} == {
         (("handler", "broken"), ("hook", "INPUT"), ("table", "filter"), ("verdict", "accept"),
-         ("via", "default"))}
+         ("via", "error"))}
 
     # the rewrite is recorded as the packet left: TTL 7, not the 63 it arrived with
     (m,) = by["low_ttl"]

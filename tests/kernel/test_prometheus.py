@@ -323,7 +323,7 @@ def test_kernel_queue_drops_alert_fires(observed):
     labels = prom.wait_firing("NfhooksKernelQueueDrops", timeout=20,
                               why=f"the kernel dropped {n} packets")
     assert [(a["hook"], a["handler"], a["severity"]) for a in labels] == [("INPUT", "flood", "critical")]
-    assert labels[0]["queue"].isdigit()
+    assert "queue" not in labels[0]  # by handler: a reload moves a handler to another queue
 
 
 @pytest.mark.timeout(60)

@@ -40,3 +40,17 @@ def test_the_contracts_can_fail(tmp_path, capsys, monkeypatch):
     assert not lint(config_filename=str(bad), cache_dir=None, no_logo=True)
     assert "BROKEN" in capsys.readouterr().out
     assert os.path.exists(ROOT / ".importlinter")
+
+
+def test_every_module_has_a_layer():
+    """A module outside every layer is checked by no layer contract: place each new one."""
+    import re
+
+    text = (ROOT / ".importlinter").read_text()
+    block = text.split("layers =", 1)[1].split("\n\n", 1)[0]
+    placed = {p.strip() for line in block.splitlines() for p in re.split(r"[|:]", line) if p.strip()}
+    pkg = ROOT / "nfhooks"
+    modules = {p.stem for p in pkg.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    modules |= {p.name for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").exists() and p.name != "features"}
+    modules |= {f"features.{p.stem}" for p in (pkg / "features").glob("*.py") if p.stem != "__init__"}
+    assert sorted(modules - placed) == []

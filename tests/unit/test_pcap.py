@@ -235,16 +235,18 @@ def test_tap_records_the_applied_verdicts(dispatch, tmp_path):
     got = comments(path)
     assert got == [
         {"hook": "INPUT", "table": "filter", "handler": "block_telnet", "verdict": "drop"},
-        {"hook": "INPUT", "table": "filter", "handler": "broken", "verdict": "drop", "via": "default"},
+        {"hook": "INPUT", "table": "filter", "handler": "broken", "verdict": "drop", "via": "error"},
         {"hook": "INPUT", "table": "filter", "handler": "not_mine", "verdict": "continue"},
-        {"hook": "INPUT", "table": "filter", "handler": "block_telnet", "verdict": "drop", "via": "default"},
+        {"hook": "INPUT", "table": "filter", "handler": "block_telnet", "verdict": "drop", "via": "malformed"},
     ]
     assert [pkt for _, pkt, _ in read_packets(path)][:3] == raws
     # the metrics still count as before (the tap wraps the counters, it does not replace them)
     assert d.sample("nfhooks_handler_packets_total",
                     {"hook": "INPUT", "handler": "block_telnet", "verdict": "drop"}) == 1
     assert d.sample("nfhooks_handler_packets_total",
-                    {"hook": "INPUT", "handler": "(default)", "verdict": "drop"}) == 2
+                    {"hook": "INPUT", "handler": "broken", "verdict": "drop", "via": "error"}) == 1
+    assert d.sample("nfhooks_handler_packets_total",
+                    {"hook": "INPUT", "handler": "block_telnet", "verdict": "drop", "via": "malformed"}) == 1
 
 
 def test_tap_records_a_mangled_packet_as_it_left(dispatch, tmp_path):
