@@ -143,7 +143,6 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
 
 def _queue_options(maxlen: int, rcvbuf: Optional[int], gso: bool):  # type: ignore[no-untyped-def]
     from .queue import QueueOptions
-
     try:
         return QueueOptions(maxlen=maxlen, rcvbuf=rcvbuf, gso=gso)
     except ValueError as e:
@@ -209,7 +208,6 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
     if not keep_capabilities:
         # before the policy's code runs and before any thread starts (capabilities are per thread)
         from .privileges import drop_capabilities
-
         try:
             drop_capabilities()
         except OSError as e:
