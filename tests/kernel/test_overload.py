@@ -35,8 +35,16 @@ def _scrape(lab) -> str:
 
 
 def _queue_nums(lab) -> set[int]:
-    nums = {int(q) for q in re.findall(r'^nfhooks_queue_config_info\{[^}]*queue="(\d+)"', _scrape(lab), re.M)}
-    assert nums, "no nfhooks_queue_config_info in the metrics"
+    """Our queues: the numbers --workers labels its queue series with; the single engine labels
+    them by hook and handler only (they survive a reload: obs_series.py), so there the kernel's
+    table of the router's namespace, where only this engine binds queues, says which."""
+    text = _scrape(lab)
+    assert re.search(r"^nfhooks_queue_config_info\{", text, re.M), "no nfhooks_queue_config_info in the metrics"
+    nums = {int(q) for q in re.findall(r'^nfhooks_queue_config_info\{[^}]*queue="(\d+)"', text, re.M)}
+    if not nums:
+        table = lab.exec("router", "cat", "/proc/net/netfilter/nfnetlink_queue").stdout
+        nums = {int(line.split()[0]) for line in table.splitlines() if line.strip()}
+    assert nums, "no queue bound"
     return nums
 
 
