@@ -56,6 +56,17 @@ def _exported_series(tmp_path: Path) -> set[str]:
             return {"flowsave": {("INPUT", "h"): 1}, "offload": {("INPUT", "h"): 5}}
 
     reg.register(OffloadCollector(lambda: _Offload()))
+    # address sets' collector (features/sets.py), for a policy that declares a set
+    from nfhooks.features.sets import SetsCollector
+
+    class _Sets:
+        sets = {"seen": object()}
+        additions = {"seen": 3}
+
+        def count(self, aset: object) -> int:
+            return 2
+
+    reg.register(SetsCollector(lambda: _Sets()))
     return {s.name for fam in reg.collect() for s in fam.samples}
 
 

@@ -6,7 +6,8 @@ alerts are about, for real:
     lo                  accept   Prometheus scrapes 127.0.0.1:9477 and the test queries
                                  Prometheus on 127.0.0.1:9090, both over lo (INPUT)
     udp 9999  flood     accept after 0.5 ms: a UDP flood overruns its kernel queue
-    tcp 7001  accepted  accept   healthy INPUT traffic
+    tcp 7001  accepted  accept   healthy INPUT traffic; its sources go into the set `seen`
+                                 (the address-set panels)
     tcp 7002  dropped   drop     so the drop/reject panel has a real drop series too
     tcp 7009  broken    raises   NfhooksHandlerErrors (the INPUT default, drop, applies)
     tcp 7010  slow      accept after 20 ms: NfhooksSlowDecisions (p99 > 10 ms)
@@ -20,6 +21,7 @@ import time
 from nfhooks import Policy, accept, drop
 
 policy = Policy(defaults={"INPUT": "drop"})
+seen = policy.set("seen", kind="ip", timeout=600)
 
 
 @policy.input(iif="lo")
@@ -40,6 +42,7 @@ def established(pkt):
 
 @policy.input(proto="tcp", dport=7001)
 def accepted(pkt):
+    seen.add(pkt.src)
     return accept()
 
 
