@@ -26,6 +26,13 @@ registry, locks and queues. Every worker first closes the main process's descrip
 inherited -- the main ends of its own and the other workers' pipes, the endpoint's socket --
 so that it sees EOF, and stops, when the main process is gone (kill -9 included): its queues
 are unbound and the stale rules apply the fail mode until the next start removes them.
+
+What the child cannot close is what another thread of the main process creates *during* the
+fork: a scrape's ``iptables-save`` (subprocess's exec-error pipe and stdout pipe, which the main
+process reads to EOF) or a NAT rule's xtables lock. A worker holding a copy would make that
+read wait, and the scrape hang, until the worker dies. So a fork and those threads' kernel work
+never overlap: ``Pool.fork_lock`` is held by the fork, by every metrics scrape (``Serialized``)
+and by each NAT allocation (``NatServer``).
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from typing import Any
 
 from .errors import KernelError
 
-__all__ = ["CounterCarry", "Pool", "RestartPolicy", "Supervisor", "worker_main", "READY_TIMEOUT", "SCRAPE_TIMEOUT",
+__all__ = ["CounterCarry", "Pool", "RestartPolicy", "Serialized", "Supervisor", "worker_main", "READY_TIMEOUT", "SCRAPE_TIMEOUT",
            "FIRST_DELAY", "MAX_DELAY", "STABLE_AFTER"]
 
 log = logging.getLogger("nfhooks.workers")
@@ -163,6 +170,7 @@ class Pool:
         self.locks = [threading.Lock() for _ in range(n)]
         self.pids = [0] * n
         self.extra_fds: list[int] = []  # more main-process descriptors a restarted worker closes
+        self.fork_lock = threading.Lock()  # see the module docstring
         for i in range(n):
             self.start(i)
 
@@ -190,7 +198,8 @@ class Pool:
                              args=(i, child, policy, rs, self.per_worker[i], options, limits, nat_child,
                                    self._inherited(i) + own))
         try:
-            p.start()
+            with self.fork_lock:
+                p.start()
         finally:
             child.close()
             if nat_child is not None:
@@ -267,6 +276,19 @@ class Pool:
                 p.join(5)
         for conn in self.conns:
             conn.close()  # the NAT pipes are closed by their NatServer threads (EOF)
+
+
+class Serialized:
+    """A collector whose whole collection runs under ``lock`` (``Pool.fork_lock``: no worker
+    is forked while a scrape runs a program or holds a lock file; see the module docstring)."""
+
+    def __init__(self, inner: Any, lock: Any) -> None:
+        self.inner, self.lock = inner, lock
+
+    def collect(self) -> Iterator[Any]:
+        with self.lock:
+            families = list(self.inner.collect())
+        yield from families
 
 
 class RestartPolicy:

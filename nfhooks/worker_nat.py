@@ -78,13 +78,15 @@ class NatServer:
     the same new target get the same index and one rule). A thread ends, and closes its pipe,
     when its worker's end closes (the worker exited); ``add()`` serves a restarted worker's. ``close()`` (before
     the rules are removed) makes every later request an error, so no nat rule is added while
-    or after the engine removes its rules.
+    or after the engine removes its rules. ``fork_lock`` (the pool's) is taken before the
+    allocation lock: no worker is forked while a nat rule is being added (supervise.py).
     """
 
-    def __init__(self, nat: NatTargets, conns: list[Any]) -> None:
+    def __init__(self, nat: NatTargets, conns: list[Any], fork_lock: Any = None) -> None:
         self.nat = nat
         self.conns = list(conns)
         self.lock = threading.Lock()
+        self.fork_lock = fork_lock if fork_lock is not None else threading.Lock()
         self.closed = False
         self.threads: list[threading.Thread] = []
 
@@ -97,7 +99,7 @@ class NatServer:
             return len(self.nat)
 
     def answer(self, k: Key) -> tuple[str, Any]:
-        with self.lock:
+        with self.fork_lock, self.lock:
             if self.closed:
                 return "error", f"NAT target {k[2]}: the engine is stopping"
             try:

@@ -59,7 +59,7 @@ from typing import Any
 
 from .nat import NatTargets
 from .rules import MAX_QUEUE
-from .supervise import CounterCarry, Pool, Supervisor
+from .supervise import CounterCarry, Pool, Serialized, Supervisor
 from .worker_nat import NatClient, NatServer  # noqa: F401 -- NatClient re-exported (tests, users)
 
 log = logging.getLogger("nfhooks.workers")
@@ -306,7 +306,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         if pool.nat_conns:  # started after the fork, before any packet is queued
             targets = NatTargets(brs.layout, brs.nat_targets, generation=brs.generation,
                                  installer=backend_installer(backend, brs.layout, brs.generation))
-            nat = NatServer(targets, pool.nat_conns)
+            nat = NatServer(targets, pool.nat_conns, fork_lock=pool.fork_lock)
             nat.start()
         pool.wait_ready()
         supervisor = Supervisor(pool, on_start=nat.add if nat is not None else (lambda i, conn: None),
@@ -335,7 +335,9 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
 
                 offload = FlowOffload(brs, policy, saved=backend.counter_texts)
                 registry.register(OffloadCollector(lambda: offload))
-            server, _ = start_http_server(port, addr=host, registry=registry)
+            served = CollectorRegistry()  # every collector above, run under the pool's fork lock
+            served.register(Serialized(registry, pool.fork_lock))
+            server, _ = start_http_server(port, addr=host, registry=served)
             bound = server.server_address
             where = f"http://{bound[0]}:{bound[1]}/metrics"
         for i, queues in enumerate(per_worker):

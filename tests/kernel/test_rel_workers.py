@@ -283,3 +283,49 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+@pytest.mark.timeout(180)
+def test_the_endpoint_answers_every_scrape_while_a_worker_is_restarted(nfh_lab):
+    """A worker forked while a scrape runs ``iptables-save`` inherited the scrape's pipes, and
+    the scrape waited on them until that worker died: the endpoint hung for good (CI, 2026-12-01).
+    Scrapes run back to back while one worker is killed and restarted, again and again; every
+    one of them must be answered."""
+    import subprocess
+    import threading
+    import time
+
+    lab = nfh_lab
+    servers(lab, PORT)
+    lab.start_engine(policy_file(lab), "--workers", "2", "--queue-base", "40", "--fail-open")
+    w, _ = victim_worker(lab)
+    done, failed, count = threading.Event(), [], [0]
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                cp = lab.exec("router", "curl", "-s", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}",
+                              "http://127.0.0.1:9477/metrics", timeout=15, check=False)
+                ok = cp.returncode == 0 and cp.stdout == "200"
+            except subprocess.TimeoutExpired:
+                ok = False
+            count[0] += 1
+            if not ok:
+                failed.append(time.monotonic())
+
+    scrapers = [threading.Thread(target=scrape, daemon=True) for _ in range(2)]
+    for t in scrapers:
+        t.start()
+    try:
+        for k in range(1, 6):  # restarted at once, then after 1, 2 and 4 s
+            pid = lab.wait_for(lambda: worker_pids(lab).get(w), timeout=30, what=f"worker {w} ready")
+            os.kill(pid, signal.SIGKILL)  # a child of the engine we started, by its PID
+            lab.wait_for(lambda: metric(lab, "nfhooks_worker_restarts_total", worker=w) == k
+                         and worker_pids(lab).get(w) not in (None, pid), timeout=40, what=f"restart {k}")
+    finally:
+        done.set()
+        for t in scrapers:
+            t.join(30)
+    assert not failed, f"{len(failed)} of {count[0]} scrapes went unanswered"
+    assert count[0] > 20, count
+    print(f"{count[0]} scrapes during 5 restarts of worker {w}, all answered")

@@ -233,3 +233,35 @@ def test_a_restarted_workers_nat_pipe_is_served_and_the_dead_ones_closed():
     new_worker_end.close()
     server.threads[1].join(5)
     assert new_server_end.closed
+
+
+def test_a_scrape_and_a_nat_allocation_run_under_the_pools_fork_lock():
+    """No worker may be forked while another thread of the main process runs a program or
+    holds a lock file: the worker would inherit those descriptors (see supervise.py)."""
+    import threading
+
+    from nfhooks.supervise import Serialized
+    from nfhooks.worker_nat import NatServer
+
+    lock = threading.Lock()
+    seen = []
+
+    class Inner:
+        def collect(self):
+            seen.append(("scrape", lock.locked()))
+            yield "family"
+
+    assert list(Serialized(Inner(), lock).collect()) == ["family"]
+
+    class Targets:
+        def index_for(self, k):
+            seen.append(("nat", lock.locked()))
+            return 3
+
+        def __len__(self):
+            return 0
+
+    server = NatServer(Targets(), [], fork_lock=lock)
+    assert server.answer(("dnat", 4, "10.0.0.1:80")) == ("index", 3)
+    assert seen == [("scrape", True), ("nat", True)]
+    assert not lock.locked()
