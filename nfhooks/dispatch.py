@@ -49,6 +49,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .errors import KernelError
 from .hooks import PLACEMENTS
 from .mangle import MangleError, TruncatedPacket, rewrite
 from .marks import ACTION_CONNSAVE, MarkLayout
@@ -57,7 +58,6 @@ from .obs_verdicts import returnable
 from .nat import NatError, NatTargets
 from .packet import Malformed, parse
 from .policy import Handler, Policy
-from .routing import RouteShapeError
 from .rules import RuleSet, reject_action
 from .verdict import (NAT_KINDS, ROUTESHAPE_KINDS, Accept, Drop, Mangle, Mark, Nat, Reject, Verdict,
                       placement_kind)
@@ -128,7 +128,7 @@ class Dispatcher:
 
     def __init__(self, policy: Policy, ruleset: RuleSet, metrics: Metrics, errlog: RateLimitedLog | None = None,
                  nat: NatTargets | None = None, tap: Any = None, offload: Any = None, budget: float = 0.0,
-                 watchdog: Watchdog | None = None, audit: Any = None) -> None:
+                 watchdog: Watchdog | None = None, audit: Any = None, encoders: dict[str, Any] | None = None) -> None:
         self.policy = policy
         self.ruleset = ruleset
         self.metrics = metrics
@@ -139,6 +139,8 @@ class Dispatcher:
         self.budget = budget  # --handler-budget seconds: a later verdict is replaced by the default
         self.watchdog = watchdog  # --handler-timeout: interrupts a hung handler (watchdog.py)
         self.audit = audit  # run --audit: an obs_audit.Audit, every packet accepted (wraps the callback)
+        #: verdict kind -> a feature runtime's per-packet encoder (Feature.encoders: route, shape)
+        self.encoders = dict(encoders or {})
 
     def callback(self, handler: Handler) -> Callable[[Any], None]:
         hook, table, func, name = handler.hook, handler.table, handler.func, handler.name
@@ -359,21 +361,22 @@ class Dispatcher:
         return apply  # type: ignore[return-value]
 
     def _routeshape_applier(self, b: _Bound, refused: Callable[..., bool]) -> Applier:
-        rshape = self.ruleset.routeshape
+        encoders = self.encoders  # a feature runtime per kind (Feature.encoders), the same for all queues
 
         def apply(nfpkt: Any, v: Any, pkt: Any, raw: bytes, mark: int, nbytes: int, ctr: dict) -> None:
             if refused(nfpkt, v, mark, nbytes):
                 return
+            enc = encoders.get(v.kind)
             try:
-                if rshape is None:
-                    raise RouteShapeError(f"returned {v}, but the policy declares no routing table or "
-                                          "shaping (policy.routing_table / policy.shaping)")
-                bits = rshape.bits(pkt, v)
-            except RouteShapeError as e:
+                if enc is None:
+                    raise KernelError(f"returned {v}, but the policy declares no routing table or "
+                                      "shaping (policy.routing_table / policy.shaping)")
+                bits = enc.bits(pkt, v)
+            except KernelError as e:  # routing_decl.RouteShapeError and its kin
                 b.fail(nfpkt, mark, nbytes, str(e), None)
                 return
             ctr[v.kind].count(nbytes)
-            nfpkt.set_mark((mark & rshape.clear_mask(v.kind)) | bits)
+            nfpkt.set_mark((mark & enc.clear_mask(v.kind)) | bits)
             nfpkt.accept()  # ACCEPT, not REPEAT: at OUTPUT only nf_reinject's ACCEPT re-routes
 
         return apply  # type: ignore[return-value]

@@ -27,7 +27,7 @@ from .obs_series import StableRegistry
 from .policy_metrics import PolicyMetrics
 from .features.base import EngineEnv
 from .features.registry import FEATURES
-from .policy import Policy
+from .policy import Policy, self_marked
 from .rules import RuleSet, compile_policy
 from .watchdog import DEFAULT_BUDGET, DEFAULT_TIMEOUT, Watchdog
 
@@ -107,12 +107,13 @@ class Engine:
     def _use(self, policy: Policy, ruleset: RuleSet) -> None:
         """Make (policy, ruleset) the current generation's: its dispatcher and NAT targets."""
         self.policy, self.ruleset = policy, ruleset
-        policy.self_mark = ruleset.layout["self"].mask
         if self.audit is not None:
             self.audit.ruleset(ruleset)  # the default rules accept (their counters still count)
         self.policy_metrics.bind(policy)
         self.env = EngineEnv(policy, ruleset, self.backend, self.metrics)
-        self.runtimes = {f.name: f.runtime(self.env) for f in FEATURES}  # each feature's state (features/)
+        self.runtimes = self.env.runtimes  # each feature's state for this generation (features/), not the RuleSet's
+        for f in FEATURES:
+            self.runtimes[f.name] = f.runtime(self.env)
         self.nat, self.offload = self.runtimes.get("nat"), self.runtimes.get("offload")
         for f in FEATURES:  # a feature's collector, once, over its current runtime (restored on a failed reload)
             if self.runtimes[f.name] is not None and f.name not in self.collectors:
@@ -121,9 +122,10 @@ class Engine:
                     self.metrics.registry.register(c)
                     self.collectors[f.name] = c
         self._warm_up(policy)
+        encoders = {k: e for f in FEATURES for k, e in f.encoders(self.runtimes[f.name]).items()}
         self.dispatcher = Dispatcher(policy, ruleset, self.metrics, nat=self.nat, tap=self.pcap,
                                      offload=self.offload, budget=self.handler_budget,
-                                     watchdog=self.watchdog, audit=self.audit)
+                                     watchdog=self.watchdog, audit=self.audit, encoders=encoders)
 
     def _flow_args(self, policy: Policy) -> dict[str, int]:
         """The features' compile arguments for every compile (start, reload): e.g. a new flow
@@ -347,12 +349,15 @@ class Engine:
         if self.watchdog is not None:
             self.watchdog.start()
         try:
-            try:
-                q.run(on_wake=self._on_wake, tick=self._tick)
-            except BaseException as e:
-                self.failed = e
-                raise
-            self.drain()
+            # policy.socket() marks with the "self" bit while handlers run here (the Policy is not
+            # written to); the bit is the mark mask's first field, the same for every generation
+            with self_marked(self.ruleset.layout["self"].mask):
+                try:
+                    q.run(on_wake=self._on_wake, tick=self._tick)
+                except BaseException as e:
+                    self.failed = e
+                    raise
+                self.drain()
         finally:
             if self.watchdog is not None:
                 self.watchdog.stop()

@@ -23,8 +23,10 @@ import ast
 import inspect
 import ipaddress
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from .errors import PolicyError
 from .hooks import HOOKS, TABLE_ORDER, PlacementError, check_table, check_verdict, default_table, normalize_hook
@@ -40,6 +42,22 @@ from .verdict import ACCEPT, FACTORIES, Reject, Verdict, parse_default
 
 T = TypeVar("T")
 HandlerFunc = Callable[[Any], "Verdict | None"]
+
+#: nfhooks' "self" mark bit while an engine decides packets in this context (0: none), what
+#: Policy.socket() marks its sockets with. Given by the engine around its serve loop
+#: (:func:`self_marked`), never written into the Policy: a policy is not changed after it loads.
+_SELF_MARK: ContextVar[int] = ContextVar("nfhooks_self_mark", default=0)
+
+
+@contextmanager
+def self_marked(mark: int) -> Iterator[None]:
+    """Inside this block (an engine's or a worker's serve loop), ``Policy.socket()`` marks its
+    sockets with ``mark``: the layout's "self" bit, which every queue rule excludes."""
+    token = _SELF_MARK.set(mark)
+    try:
+        yield
+    finally:
+        _SELF_MARK.reset(token)
 
 
 def _parse_bool(text: str) -> bool:
@@ -139,7 +157,6 @@ class Policy:
         self.handlers: list[Handler] = []
         self.options: dict[str, Option[Any]] = {}
         self.defaults: dict[str, Verdict] = {}
-        self.self_mark = 0  # set by the engine from the mark layout (see socket())
         self.sets: dict[str, AddressSet] = {}  # name -> address set (set(); sets.py)
         self.kernel_verdicts: list[KernelVerdict] = []  # queue-free rules (kernel_verdict())
         # feature declarations (checked data, features/*_decl.py): what the features compile
@@ -320,14 +337,16 @@ class Policy:
         A handler that opens a connection itself (a lookup, say) would otherwise have its own
         packets queued behind the packet it is deciding -- in the same single-threaded engine:
         a deadlock. The socket's SO_MARK carries nfhooks' "self" bit, which every queue rule
-        excludes. Hook defaults still apply to it.
+        excludes (the engine serving this policy gives it: :func:`self_marked`). Hook defaults
+        still apply to it.
         """
         import socket as _socket
 
         s = _socket.socket(family, type, proto)
-        if self.self_mark:
+        mark = _SELF_MARK.get()
+        if mark:
             # as bytes: the mark is an unsigned 32-bit value, setsockopt's int is signed
-            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_MARK, self.self_mark.to_bytes(4, sys.byteorder))
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_MARK, mark.to_bytes(4, sys.byteorder))
         return s
 
     def decide(self, pkt: Any, ctstate: str | None = None) -> "tuple[Handler | None, Verdict]":

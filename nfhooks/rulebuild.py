@@ -240,7 +240,9 @@ class RuleSet:
     nat_targets: int = 0  # bound on distinct NAT targets (0: the policy does no NAT)
     generation: int = 1  # 1 or 2: chain names and the gen stamp (rules.generation_rules)
     flow_generation: int = 0  # connmark generation of flow offload (offload.py); 0: no flow handlers
-    routeshape: Any = None  # routing.RouteShape when the policy routes or shapes (routing.compile_rules)
+    #: routing_decl.RouteShapePlan (data: how route/shape verdicts are encoded) when the policy
+    #: routes or shapes; the runtime doing pyroute2 I/O is the engine's (features/routeshape.py)
+    routeshape: Any = None
     side: list[SideSet] = field(default_factory=list)  # installed by their feature at start (SideSet)
 
     def chain(self, hook: str) -> str:

@@ -78,6 +78,7 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
     from .metrics import Metrics
     from .obs_engine import source_hash
     from .offload import FlowOffload
+    from .policy import self_marked
     from .policy_metrics import PolicyMetrics
     from .queue import QueueSet
     from .worker_nat import NatClient
@@ -132,11 +133,12 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
     if watchdog is not None:
         watchdog.start()
     try:
-        qs.run()
-        # asked to stop (or the main process is gone): close the queues to new packets and
-        # answer what they hold while the main process keeps every rule (Engine.drain)
-        qs.close_intake()
-        left = qs.drain(DRAIN_TIMEOUT, qs.waiting)
+        with self_marked(rs.layout["self"].mask):  # policy.socket(): the Policy is not written to
+            qs.run()
+            # asked to stop (or the main process is gone): close the queues to new packets and
+            # answer what they hold while the main process keeps every rule (Engine.drain)
+            qs.close_intake()
+            left = qs.drain(DRAIN_TIMEOUT, qs.waiting)
         if left:
             log.warning("worker %d: %d queued packet(s) not answered within %.0f s are dropped",
                         index, left, DRAIN_TIMEOUT)

@@ -264,7 +264,6 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
 
     check_supported(rs, workers, policy)
     brs, per_worker = balance(rs, workers, cpu_fanout)
-    policy.self_mark = brs.layout["self"].mask
     backend = backend or get_backend()
     backend.check_kernel()
     owner = Ownership.acquire()

@@ -20,7 +20,10 @@ Engine side (the engine owns the state a feature returns; a feature never import
 backend: kernel rule work goes through the backend in :class:`EngineEnv`):
 
 * ``compile_args``: arguments of each compile the engine makes (a new flow generation);
-* ``runtime``: the per-generation state (NAT targets, flow offload...), None if unused;
+* ``runtime``: the per-generation state (NAT targets, flow offload, routing...), None if
+  unused; the engine keeps it (``EngineEnv.runtimes``), never the RuleSet, which stays data;
+* ``encoders``: verdict kinds whose mark bits the runtime computes per packet (route, shape):
+  the engine hands them to the Dispatcher, which names no feature;
 * ``collector``: a Prometheus collector over the current runtime, registered once;
 * ``start`` / ``reload`` / ``stop``: what the feature sets up besides the rules (before
   they are installed), hands over on a hot reload (or refuses), removes on exit.
@@ -30,7 +33,7 @@ Features never import each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
@@ -72,6 +75,8 @@ class EngineEnv:
     ruleset: "RuleSet"
     backend: Any  # a backends.Backend (append_rule, restore, counter_texts)
     metrics: Any  # a metrics.Metrics
+    #: feature name -> its runtime for this generation (filled by the engine from ``runtime()``)
+    runtimes: dict[str, Any] = field(default_factory=dict)
 
 
 class Feature:
@@ -129,6 +134,12 @@ class Feature:
     # -- engine -----------------------------------------------------------------------------
     def runtime(self, env: EngineEnv) -> Any:
         return None
+
+    def encoders(self, runtime: Any) -> dict[str, Any]:
+        """Verdict kind -> what computes its mark bits per packet (``clear_mask(kind)``,
+        ``bits(pkt, verdict)``, raising errors.KernelError with the reason), from this
+        feature's ``runtime`` (None: the policy does not use the feature)."""
+        return {}
 
     def collector(self, current: Callable[[], Any]) -> Any:
         return None

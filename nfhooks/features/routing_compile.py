@@ -14,15 +14,16 @@ from ..hooks import HOOKS
 from ..marks import MarkLayout, bits_for
 from ..match import Iface
 from ..rulebuild import COMMENT, FAMILIES, Rule, SideSet, chain_name, comment, mark
-from ..shaping import classify_rules
-from .routing_decl import RESTORE_CHAIN, ROUTE_NAT_CHAIN, SAVE_CHAIN, check_references, class_names, route_slots
-from .routing_runtime import RouteShape
+from ..shaping import classify_rules, tree_commands
+from .routing_decl import (
+    RESTORE_CHAIN, ROUTE_NAT_CHAIN, SAVE_CHAIN, RouteShapePlan, check_references, class_names, route_slots,
+)
 
 if TYPE_CHECKING:
     from ..policy import Policy
     from ..rulebuild import RuleSet
 
-__all__ = ["mark_fields", "per_connection", "compile_rules", "nat_rules", "add_chains"]
+__all__ = ["mark_fields", "per_connection", "compile_rules", "nat_rules", "add_chains", "describe"]
 
 def mark_fields(policy: "Policy") -> list[tuple[str, int]]:
     """The mark fields routing/shaping need (none unless the policy uses them)."""
@@ -50,7 +51,7 @@ def compile_rules(rs: "RuleSet", policy: "Policy") -> None:
     if not fields:
         return
     check_references(policy)
-    rs.routeshape = RouteShape(policy, layout)
+    rs.routeshape = RouteShapePlan.build(policy, layout)  # data: the engine makes the runtime from it
     both = sum(f.mask for f in fields)
     tag = comment(f"{COMMENT} route-shape")
 
@@ -73,6 +74,28 @@ def compile_rules(rs: "RuleSet", policy: "Policy") -> None:
                 rs.side.append(SideSet(fam, "nat", (nat_chain,), tuple(nat),
                                        (Rule("POSTROUTING", nat_chain, matches=(comment(COMMENT),)),),
                                        "the uplink NAT rules"))
+
+
+def describe(policy: "Policy", plan: RouteShapePlan) -> list[str]:
+    """What `run` will set up besides iptables, as the equivalent ip/tc commands (`check`)."""
+    out: list[str] = []
+    settings = policy.routing_settings
+    p = settings.priority
+    if plan.route_field is not None:
+        f = plan.route_field
+        if settings.main_first:
+            out.append(f"ip rule add priority {p} lookup main suppress_prefixlength 0")
+        for idx in range(1, plan.slots + 1):
+            out.append(f"ip rule add priority {p + idx} fwmark {f.encode(idx):#x}/{f.mask:#x} "
+                       f"lookup {plan.table_id(idx)}   # and ip -6 rule")
+        for t in policy.routing_tables.values():
+            for r in t.routes:
+                out.append(f"ip {'-6 ' if r.family == 6 else ''}route add {r.text} table {t.table_id}"
+                           f"   # table {t.name!r}")
+    classes = {n: i for i, n in enumerate(plan.classes, 1)}
+    for decl in policy.shaping_decls.values():
+        out += [" ".join(cmd) for cmd in tree_commands(decl, classes)]
+    return out
 
 
 def nat_rules(policy: "Policy", layout: MarkLayout, family: int, chain: str = "NFH-" + ROUTE_NAT_CHAIN) -> list[Rule]:

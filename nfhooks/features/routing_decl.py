@@ -16,11 +16,12 @@ from typing import Any, Iterable
 
 from ..errors import KernelError, PolicyError
 from ..introspect import is_option, option_value
+from ..marks import Field, MarkLayout
 
 __all__ = ["RTPROT_NFHOOKS", "DEFAULT_PRIORITY", "DEFAULT_TABLE_BASE", "DEFAULT_DYNAMIC_ROUTES", "RESTORE_CHAIN",
            "SAVE_CHAIN", "ROUTE_NAT_CHAIN", "RouteShapeError", "RouteSpec", "parse_route", "resolve_route",
            "RoutingTable", "RoutingSettings", "declare_table", "declare_settings", "uses_dynamic_routes",
-           "check_references", "class_names", "route_slots"]
+           "check_references", "class_names", "route_slots", "RouteShapePlan"]
 
 #: The routing protocol number of nfhooks' ip rules and routes (rt_protos has no name for it).
 RTPROT_NFHOOKS = 78
@@ -264,3 +265,33 @@ def route_slots(policy: Any) -> int:
     if not policy.routing_tables and not uses:
         return 0
     return len(policy.routing_tables) + dyn
+
+
+@dataclass(frozen=True)
+class RouteShapePlan:
+    """How route()/shape() verdicts are written into the mark: pure data the compiler puts on
+    the RuleSet (``RuleSet.routeshape``). The feature's runtime (routing_runtime.RouteShape,
+    made per generation by the engine) encodes packets and sets the kernel up from it; `check`
+    describes it. Nothing here talks to the kernel, so a RuleSet stays data only."""
+
+    route_field: Field | None
+    class_field: Field | None
+    classes: tuple[str, ...]  # shaping class names; a class's value is its position + 1
+    tables: tuple[tuple[str, int, int], ...]  # (name, index, table id) of each declared table
+    slots: int  # route values 1..slots: the declared tables, then the on-demand ones
+
+    @classmethod
+    def build(cls, policy: Any, layout: MarkLayout) -> "RouteShapePlan":
+        return cls(layout["route"] if "route" in layout else None, layout["class"] if "class" in layout else None,
+                   tuple(class_names(policy)),
+                   tuple((t.name, t.index, t.table_id) for t in policy.routing_tables.values()),
+                   route_slots(policy))
+
+    def table_id(self, idx: int) -> int:
+        """The kernel table of route value ``idx``: a declared table's id, else an on-demand one."""
+        return next((tid for _, i, tid in self.tables if i == idx), DEFAULT_TABLE_BASE + idx)
+
+    def clear_mask(self, kind: str) -> int:
+        """The mark bits a ``route``/``shape`` verdict keeps (all but its field's)."""
+        f = self.route_field if kind == "route" else self.class_field
+        return ~f.mask & 0xFFFFFFFF if f is not None else 0xFFFFFFFF

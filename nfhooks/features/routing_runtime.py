@@ -13,17 +13,13 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..marks import MarkLayout
-from ..shaping import Shaper, probe_kernel, tree_commands
-from .routing_decl import (
-    DEFAULT_TABLE_BASE, RTPROT_NFHOOKS, RouteShapeError, RouteSpec, RoutingSettings, class_names,
-    route_slots,
-)
+from ..shaping import Shaper, probe_kernel
+from .routing_decl import DEFAULT_TABLE_BASE, RTPROT_NFHOOKS, RouteShapeError, RouteShapePlan, RouteSpec, RoutingSettings
 
 if TYPE_CHECKING:
     from ..packet import Packet
     from ..policy import Policy
-    from ..rulebuild import RuleSet
+    from ..rulebuild import SideSet
 
 __all__ = ["RouteShape", "remove_owned", "start", "signature", "reload", "install_nat", "stop"]
 
@@ -33,11 +29,14 @@ Restore = Callable[[int, list[str], str], None]  # Backend.restore(family, lines
 
 @dataclass
 class RouteShape:
-    """The engine's routing and shaping: encodes verdicts into mark bits (per packet), and
-    sets up / tears down the ip rules, routes, sysctls and qdisc trees (once)."""
+    """The routing feature's per-generation runtime, made by the engine (RouteShapeFeature.runtime)
+    from the compiled plan: encodes verdicts into mark bits (per packet), and sets up / tears
+    down the ip rules, routes, sysctls and qdisc trees (once). Never on the RuleSet: it does
+    pyroute2 I/O (an on-demand route, setup, teardown)."""
 
     policy: "Policy"
-    layout: MarkLayout
+    plan: RouteShapePlan
+    side: "tuple[SideSet, ...]" = ()  # the uplink NAT chains it installs at start (install_nat)
     dynamic: dict[tuple[str | None, str | None], int] = field(default_factory=dict)
     failed: dict[tuple[str | None, str | None], str] = field(default_factory=dict)
     saved_sysctls: dict[str, str] = field(default_factory=dict)
@@ -47,15 +46,14 @@ class RouteShape:
     def __post_init__(self) -> None:
         self.tables = self.policy.routing_tables
         self.settings: RoutingSettings = self.policy.routing_settings
-        self.route_field = self.layout["route"] if "route" in self.layout else None
-        self.class_field = self.layout["class"] if "class" in self.layout else None
-        self.classes = {n: i for i, n in enumerate(class_names(self.policy), 1)}
-        self.slots = route_slots(self.policy)
+        self.route_field = self.plan.route_field
+        self.class_field = self.plan.class_field
+        self.classes = {n: i for i, n in enumerate(self.plan.classes, 1)}
+        self.slots = self.plan.slots
 
     # -- per packet ---------------------------------------------------------------------
     def clear_mask(self, kind: str) -> int:
-        f = self.route_field if kind == "route" else self.class_field
-        return ~f.mask & 0xFFFFFFFF if f is not None else 0xFFFFFFFF
+        return self.plan.clear_mask(kind)
 
     def bits(self, pkt: "Packet", v: Any) -> int:
         """The mark field value for a route/shape verdict (a new via/dev table is set up first)."""
@@ -99,37 +97,12 @@ class RouteShape:
         spec = RouteSpec("0.0.0.0/0" if fam == 4 else "::/0", fam, v.via, v.dev)
         try:
             with _ipr() as ipr:
-                _add_route(ipr, self._table_id(idx), spec)
+                _add_route(ipr, self.plan.table_id(idx), spec)
         except Exception as e:  # noqa: BLE001 -- pyroute2's netlink errors
             self.failed[key] = f"the kernel refused the route for {v} ({spec.text}): {e}"
             raise RouteShapeError(self.failed[key]) from None
         self.dynamic[key] = idx
         return idx
-
-    def _table_id(self, idx: int) -> int:
-        for t in self.tables.values():
-            if t.index == idx:
-                return t.table_id
-        return DEFAULT_TABLE_BASE + idx
-
-    def describe(self) -> list[str]:
-        """What `run` will set up besides iptables, as the equivalent ip/tc commands (`check`)."""
-        out: list[str] = []
-        p = self.settings.priority
-        if self.route_field is not None:
-            f = self.route_field
-            if self.settings.main_first:
-                out.append(f"ip rule add priority {p} lookup main suppress_prefixlength 0")
-            for idx in range(1, self.slots + 1):
-                out.append(f"ip rule add priority {p + idx} fwmark {f.encode(idx):#x}/{f.mask:#x} "
-                           f"lookup {self._table_id(idx)}   # and ip -6 rule")
-            for t in self.tables.values():
-                for r in t.routes:
-                    out.append(f"ip {'-6 ' if r.family == 6 else ''}route add {r.text} table {t.table_id}"
-                               f"   # table {t.name!r}")
-        for decl in self.policy.shaping_decls.values():
-            out += [" ".join(cmd) for cmd in tree_commands(decl, self.classes)]
-        return out
 
     # -- lifecycle ----------------------------------------------------------------------
     def setup(self) -> None:
@@ -176,7 +149,7 @@ class RouteShape:
             if self.settings.main_first:
                 ipr.rule("add", family=fam, priority=p, table=254, suppress_prefixlen=0, protocol=RTPROT_NFHOOKS)
             for idx in range(1, self.slots + 1):
-                ipr.rule("add", family=fam, priority=p + idx, table=self._table_id(idx),
+                ipr.rule("add", family=fam, priority=p + idx, table=self.plan.table_id(idx),
                          fwmark=f.encode(idx), fwmask=f.mask, protocol=RTPROT_NFHOOKS)
 
     def _sysctls(self) -> None:
@@ -279,17 +252,16 @@ def remove_owned() -> list[str]:
     return removed
 
 
-def start(ruleset: "RuleSet", restore: Restore | None = None) -> None:
-    """Engine.start: set up routing/shaping when the policy has any (a no-op otherwise).
+def start(rs: "RouteShape | None", restore: Restore | None = None) -> None:
+    """Engine.start: set up routing/shaping when the policy has any (``rs`` None: a no-op).
 
     Runs before the iptables rules are installed, so the ip rules, routes and qdiscs exist
     before any packet can carry a route or class mark. ``restore``: the engine's backend's
     (see install_nat).
     """
-    rs = getattr(ruleset, "routeshape", None)
     if rs is not None:
         rs.setup()
-        install_nat(ruleset, restore)
+        install_nat(rs, restore)
 
 
 def signature(rs: "RouteShape | None") -> Any:
@@ -301,40 +273,39 @@ def signature(rs: "RouteShape | None") -> Any:
     return tables, shaping, fields, rs.slots, vars(rs.settings), rs.classes
 
 
-def reload(old: "RuleSet", new: "RuleSet", restore: Restore | None = None) -> None:
-    """Hot reload, before ``install(new)``: the new generation takes over the running routing
-    and shaping when the policy changed neither (tables, routes, classes, settings, mark
-    fields); otherwise RouteShapeError, and the reload should fail with the old policy kept
-    (ip rules and qdiscs are not generation-aware: changing them needs a restart)."""
-    o, n = getattr(old, "routeshape", None), getattr(new, "routeshape", None)
+def reload(o: "RouteShape | None", n: "RouteShape | None", restore: Restore | None = None) -> None:
+    """Hot reload, before the new generation is installed: its runtime ``n`` takes over the
+    running routing and shaping of ``o`` when the policy changed neither (tables, routes,
+    classes, settings, mark fields); otherwise RouteShapeError, and the reload should fail with
+    the old policy kept (ip rules and qdiscs are not generation-aware: changing them needs a
+    restart)."""
     if signature(o) != signature(n):
         raise RouteShapeError("the new policy changes its routing tables, shaping classes or their mark bits; "
                               "hot reload keeps those as they are: restart the engine to change them")
     if o is None or n is None:
         return
     n.dynamic, n.failed, n.saved_sysctls, n.shapers, n.started = o.dynamic, o.failed, o.saved_sysctls, o.shapers, o.started
-    install_nat(new, restore)
+    install_nat(n, restore)
 
 
-def install_nat(ruleset: "RuleSet", restore: Restore | None) -> None:
-    """The uplink NAT chains (``ruleset.side``, compiled by routing_compile), through the
-    backend's ``restore`` (``ip(6)tables-*-restore --noflush``, one commit per family): the
-    legacy backend's python-iptables cannot create MASQUERADE/SNAT for both families in one
-    process (see backends/legacy.py), so Backend.install never sees them. The chain is
-    ``NFH-*`` and the jump tagged ``nfhooks``, so the backend's remove() removes them as usual.
-    ``restore``: the engine's backend's (``Backend.restore``); a feature never picks a backend.
-    The RuleSet is not changed."""
-    for side in ruleset.side:
+def install_nat(rs: "RouteShape", restore: Restore | None) -> None:
+    """The uplink NAT chains (``rs.side``: the RuleSet's side sets, compiled by routing_compile),
+    through the backend's ``restore`` (``ip(6)tables-*-restore --noflush``, one commit per
+    family): the legacy backend's python-iptables cannot create MASQUERADE/SNAT for both
+    families in one process (see backends/legacy.py), so Backend.install never sees them. The
+    chain is ``NFH-*`` and the jump tagged ``nfhooks``, so the backend's remove() removes them
+    as usual. ``restore``: the engine's backend's (``Backend.restore``); a feature never picks
+    a backend."""
+    for side in rs.side:
         if restore is None:
             raise RouteShapeError(f"{side.what} need the engine's rule backend (restore=...)")
         restore(side.family, side.restore_lines(), side.what)
 
 
-def stop(ruleset: "RuleSet", owned: bool = True) -> None:
+def stop(rs: "RouteShape | None", owned: bool = True) -> None:
     """Engine.stop: remove what start set up (safe when start failed or never ran). Never
     raises: the engine's own teardown must go on. ``owned`` False (another engine owns this
     namespace) touches nothing: the ip rules and routes carrying our tag would be its."""
-    rs = getattr(ruleset, "routeshape", None)
     if rs is None or not owned:
         return
     try:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from nfhooks.dispatch import Dispatcher
 from nfhooks.fake import FakeQueuedPacket, fake_bytes
+from nfhooks.features.base import EngineEnv
+from nfhooks.features.routeshape import RouteShapeFeature
 from nfhooks.metrics import Metrics
 from nfhooks.policy import Handler, Policy
 from nfhooks.rules import RuleSet, compile_policy
@@ -73,7 +75,11 @@ class FakeDispatch:
     @property
     def dispatcher(self) -> Dispatcher:
         if self._dispatcher is None:
-            self._dispatcher = Dispatcher(self.policy, self.ruleset, self.metrics, **self._dispatcher_kw)
+            kw = dict(self._dispatcher_kw)
+            if "encoders" not in kw:  # route/shape verdicts: the routing feature's runtime, as the engine makes it
+                f = RouteShapeFeature()
+                kw["encoders"] = f.encoders(f.runtime(EngineEnv(self.policy, self.ruleset, None, self.metrics)))
+            self._dispatcher = Dispatcher(self.policy, self.ruleset, self.metrics, **kw)
         return self._dispatcher
 
     def handler(self, which: int | str = 0) -> Handler:

@@ -8,12 +8,19 @@ from pathlib import Path
 import pytest
 
 from nfhooks import Policy, PolicyError, accept, load_policy, route, shape
+from nfhooks.features.base import EngineEnv
+from nfhooks.features.routeshape import RouteShapeFeature
 from nfhooks.hooks import PlacementError, check_verdict
 from nfhooks.routing import RouteShapeError, parse_route
 from nfhooks.rules import compile_policy
 from nfhooks.shaping import parse_rate, tree_commands
 
 POLICIES = Path(__file__).parents[2] / "policies"
+
+
+def runtime(policy, rs):
+    """The routing feature's runtime for (policy, rs), made as the engine makes it."""
+    return RouteShapeFeature().runtime(EngineEnv(policy, rs, None, None))
 
 
 # -- parsing ------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ def test_unknown_table_at_runtime_gives_the_default(dispatch):
     pk = d.send(proto="tcp", dport=80)
     assert pk.calls == ["accept"] and not any(rs.layout["route"].decode(m) for m in pk.set_marks)
     with pytest.raises(RouteShapeError, match="no routing table 'zz'"):
-        rs.routeshape.bits(None, route("zz"))
+        runtime(p, rs).bits(None, route("zz"))
 
 
 def test_route_verdict_values():
@@ -266,17 +273,19 @@ def test_route_verdict_values():
 def test_hot_reload_keeps_routing_only_when_unchanged():
     from nfhooks import routing
 
-    a = compile_policy(load_policy(POLICIES / "uplinks.py"))
-    b = compile_policy(load_policy(POLICIES / "uplinks.py"), generation=2)
-    assert routing._signature(a.routeshape) == routing._signature(b.routeshape)
+    def compiled(name, sets=None, generation=1):
+        pol = load_policy(POLICIES / name, sets)
+        rs = compile_policy(pol, generation=generation)
+        return rs, runtime(pol, rs)
+
+    (a, ra), (b, rb) = compiled("uplinks.py"), compiled("uplinks.py", generation=2)
+    assert routing._signature(ra) == routing._signature(rb)
     assert "NFH-RESTORE-2" in b.render()  # the second generation's chains do not clash
-    routing.reload(compile_policy(load_policy(POLICIES / "firewall.py")),
-                   compile_policy(load_policy(POLICIES / "firewall.py"), generation=2))  # neither routes: fine
-    for new in (compile_policy(load_policy(POLICIES / "shaping.py"), generation=2),
-                compile_policy(load_policy(POLICIES / "uplinks.py", {"gw2": "10.9.9.9"}), generation=2),
-                compile_policy(load_policy(POLICIES / "firewall.py"), generation=2)):
+    routing.reload(compiled("firewall.py")[1], compiled("firewall.py", generation=2)[1])  # neither routes: fine
+    for _, new in (compiled("shaping.py", generation=2), compiled("uplinks.py", {"gw2": "10.9.9.9"}, 2),
+                   compiled("firewall.py", generation=2)):
         with pytest.raises(RouteShapeError, match="restart the engine"):
-            routing.reload(a, new)
+            routing.reload(ra, new)
 
 
 def test_missing_qdisc_is_named():
