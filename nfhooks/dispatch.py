@@ -19,6 +19,9 @@ None       set the resume index to this handler's position, NF_REPEAT: the table
 accept     NF_ACCEPT; from a ``flow=True`` handler: action=flowsave and the handler's number in
            the mark, NF_REPEAT: our rules save the decision in the connmark (offload.py) and
            the rest of the connection is accepted in the kernel
+...(connection=True)  accept, drop, reject: action=connverdict, the position and the verdict's
+           code in the mark, NF_REPEAT: our rules keep it in the connmark, apply it to this
+           packet and, at this hook, to the rest of the connection (connverdict.py)
 drop       NF_DROP
 reject     action=reject in the mark; NF_REPEAT when queued from filter (our REJECT rule at
            the top of the chain fires), NF_ACCEPT when queued from mangle (filter, later at
@@ -59,8 +62,8 @@ from .nat import NatError, NatTargets
 from .packet import Malformed, parse
 from .policy import Handler, Policy
 from .rules import RuleSet, reject_action
-from .verdict import (NAT_KINDS, ROUTESHAPE_KINDS, Accept, Drop, Mangle, Mark, Nat, Reject, Verdict,
-                      placement_kind)
+from .verdict import (NAT_KINDS, ROUTESHAPE_KINDS, Accept, AcceptConnection, Drop, DropConnection, Mangle, Mark,
+                      Nat, Reject, RejectConnection, Verdict, placement_kind)
 from .watchdog import HandlerTimeout, Watchdog
 
 __all__ = ["Dispatcher", "RateLimitedLog", "trimmed_traceback", "NONE_LABEL", "VERDICT_LABELS",
@@ -320,6 +323,9 @@ class Dispatcher:
             if getattr(cls, "kind", None) in ROUTESHAPE_KINDS:
                 out[cls] = rs_apply
         out[Mangle] = self._mangle_applier(b, refused)
+        conn_apply = self._connection_applier(b, refused)
+        for cls in (AcceptConnection, DropConnection, RejectConnection):
+            out[cls] = conn_apply
 
         def other(nfpkt: Any, v: Any, pkt: Any, raw: bytes, mark: int, nbytes: int, ctr: dict) -> None:
             for cls, ap in out.items():  # a subclass of a verdict class (rare: a policy's own)
@@ -378,6 +384,27 @@ class Dispatcher:
             ctr[v.kind].count(nbytes)
             nfpkt.set_mark((mark & enc.clear_mask(v.kind)) | bits)
             nfpkt.accept()  # ACCEPT, not REPEAT: at OUTPUT only nf_reinject's ACCEPT re-routes
+
+        return apply  # type: ignore[return-value]
+
+    def _connection_applier(self, b: _Bound, refused: Callable[..., bool]) -> Applier:
+        """accept/drop/reject(connection=True): action=connverdict, the handler's position and
+        the verdict's code in the mark, NF_REPEAT: our rules keep it in the connmark and apply
+        it, to this packet and the rest of the connection (connverdict.py)."""
+        conn = self.offload.connection(b.handler) if self.offload is not None else None
+
+        def apply(nfpkt: Any, v: Verdict, pkt: Any, raw: bytes, mark: int, nbytes: int, ctr: dict) -> None:
+            if refused(nfpkt, v, mark, nbytes):
+                return
+            bits = conn.get(v.kind) if conn else None
+            if bits is None:
+                b.fail(nfpkt, mark, nbytes, f"returned {v}, but its source calls no {v.kind}(connection=...), so "
+                                            "nfhooks installed no connection rule for it; call "
+                                            f"{v.kind}(connection=True) in the handler itself", None)
+                return
+            ctr[v.kind].count(nbytes)
+            nfpkt.set_mark((mark & bits[1]) | bits[0])
+            nfpkt.repeat()
 
         return apply  # type: ignore[return-value]
 

@@ -26,6 +26,7 @@ ACTION_REJECT_ADMIN = 2    # REJECT --reject-with icmp-admin-prohibited
 ACTION_REJECT_HOST = 3     # REJECT --reject-with icmp-host-unreachable
 ACTION_CONNSAVE = 4        # CONNMARK --save-mark of the user bits, then ACCEPT
 ACTION_FLOWSAVE = 5        # a flow handler accepted: save the decision in the connmark (offload.py)
+ACTION_CONNVERDICT = 6     # a connection verdict: save it in the connmark, apply it (connverdict.py)
 ACTION_BITS = 3
 
 #: The ``gen`` field: which rule-set generation a packet belongs to (1 or 2; 0 = not yet seen

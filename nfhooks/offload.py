@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 from .features.offload_decl import (  # noqa: F401 -- re-exported: nfhooks.offload keeps its names
     PER_PACKET_FIELDS, REFUSED_KINDS, FlowError, check_flow, per_packet_reads,
 )
+from . import connverdict
 from .hooks import HOOKS
 from .marks import ACTION_FLOWSAVE, MarkLayout, bits_for
 from .owner import LOCK_DIR, netns_id
@@ -98,20 +99,21 @@ def field_name(hook: str, direction: str) -> str:
 
 
 def layout_fields(policy: "Policy") -> list[tuple[str, int]]:
-    """The mark fields flow offload needs (``extra`` of marks.core_layout); [] without flow handlers.
+    """The mark fields flow offload and connection verdicts need (``extra`` of
+    marks.core_layout); [] without flow handlers or connection verdicts.
 
-    They live in the connmark only (the packet mark never carries them), but share the layout
-    so they never overlap the user's bits or another nfhooks field.
+    They live in the connmark only (the packet mark never carries the flow fields), but share
+    the layout so they never overlap the user's bits or another nfhooks field.
     """
-    flows = flow_handlers(policy.handlers)
-    if not flows:
+    flows, conns = flow_handlers(policy.handlers), connverdict.layout_fields(policy)
+    if not flows and not conns:
         return []
     out = [(GEN_FIELD, FLOW_GEN_BITS)]
     for hook in HOOKS:
         k = sum(1 for h in flows if h.hook == hook)
         if k:
             out += [(field_name(hook, d), bits_for(k)) for _, d in DIRECTIONS]
-    return out
+    return out + conns
 
 
 def ordinals(policy: "Policy") -> dict[str, int]:
@@ -126,7 +128,7 @@ def ordinals(policy: "Policy") -> dict[str, int]:
 def all_flow_mask(layout: MarkLayout) -> int:
     mask = 0
     for name, f in layout.fields.items():
-        if name == GEN_FIELD or name.startswith("flow:"):
+        if name == GEN_FIELD or name.startswith(("flow:", connverdict.FIELD_PREFIX)):
             mask |= f.mask
     return mask
 
@@ -269,8 +271,9 @@ class FlowOffload:
         self.positions = dict(rs.positions)
         self.generation = rs.flow_generation
         self.handlers = {h.name: h for h in flow_handlers(policy.handlers)}
+        self.conn_handlers = {h.name: h for h in connverdict.conn_handlers(policy.handlers)}
         self._lock = threading.Lock()
-        self._cache: tuple[float, dict[str, dict[tuple[str, str], int]]] = (-1e9, {})
+        self._cache: tuple[float, dict[str, dict[tuple[str, ...], int]]] = (-1e9, {})
 
     def save(self, handler: "Handler") -> tuple[int, int] | None:
         if handler.name not in self.handlers:
@@ -279,27 +282,39 @@ class FlowOffload:
         bits = act.encode(ACTION_FLOWSAVE) | res.encode(self.positions[handler.name])
         return bits, ~(act.mask | res.mask) & 0xFFFFFFFF
 
-    def counters(self) -> dict[str, dict[tuple[str, str], int]]:
-        """{"offload": packets, "flowsave": flows} per (hook, handler), both families, all tables."""
+    def connection(self, handler: "Handler") -> dict[str, tuple[int, int]] | None:
+        """{verdict kind: (bits, mask to keep)} of ``handler``'s connection verdicts
+        (connverdict.packet_bits); None when its source returns none (no rules for it)."""
+        if handler.name not in self.conn_handlers:
+            return None
+        return connverdict.packet_bits(self.layout, handler, self.positions[handler.name])
+
+    def counters(self) -> dict[str, dict[tuple[str, ...], int]]:
+        """{"offload": packets, "flowsave": flows} per (hook, handler), both families, all tables;
+        {"conn": connections} per (hook, handler, verdict), {"connpkts": packets} per (hook, verdict)."""
         with self._lock:
             t, cached = self._cache
             if time.monotonic() - t < 1.0:
                 return cached
-            out: dict[str, dict[tuple[str, str], int]] = {
+            out: dict[str, dict[tuple[str, ...], int]] = {
                 kind: {(h.hook, h.name): 0 for h in self.handlers.values()} for kind in ("offload", "flowsave")}
+            hs = self.conn_handlers.values()
+            out["conn"] = {(h.hook, h.name, k): 0 for h in hs for k in connverdict.kinds(h)}
+            out["connpkts"] = {(h.hook, k): 0 for h in hs for k in connverdict.kinds(h)}
             for text in (self.saved() if self.saved is not None else ()):
                 add_counters(out, text, self.handlers)
+                connverdict.add_counters(out["conn"], out["connpkts"], text, self.conn_handlers)
             self._cache = (time.monotonic(), out)
             return out
 
 
-def add_counters(out: dict[str, dict[tuple[str, str], int]], saved: str, handlers: dict[str, "Handler"]) -> None:
+def add_counters(out: dict[str, dict[tuple[str, ...], int]], saved: str, handlers: dict[str, "Handler"]) -> None:
     """Add the packet counters of ``nfhooks offload|flowsave <handler>`` rules in
     ``iptables-save -c`` text to ``out[kind][(hook, handler)]``."""
     from .saved import counted_rules  # TODO(issue 14): top level once saved.py imports rulebuild, not rules
 
     for rule in counted_rules(saved):
-        for kind in out:
+        for kind in ("offload", "flowsave"):
             tag = f'--comment "nfhooks {kind} '
             i = rule.text.find(tag)
             if i < 0:
@@ -312,27 +327,37 @@ def add_counters(out: dict[str, dict[tuple[str, str], int]], saved: str, handler
 
 class OffloadCollector:
     """``nfhooks_offloaded_flows_total`` and ``nfhooks_offloaded_packets_total`` {hook, handler},
-    for the engine's current FlowOffload (``current()``; None: nothing to export). Like the
-    kernel counters they come from, they restart at 0 with a new rule set (restart, reload)."""
+    ``nfhooks_connection_verdicts_total`` {hook, handler, verdict} and
+    ``nfhooks_connection_verdict_packets_total`` {hook, verdict}, for the engine's current
+    FlowOffload (``current()``; None: nothing to export). Like the kernel counters they come
+    from, they restart at 0 with a new rule set (restart, reload)."""
 
     def __init__(self, current: Any) -> None:
         self.current = current
 
     @staticmethod
-    def _families() -> tuple[Any, Any]:
+    def _families() -> tuple[Any, Any, Any, Any]:
         from prometheus_client.core import CounterMetricFamily
         return (CounterMetricFamily("nfhooks_offloaded_flows",
                                     "Connections (per direction) a flow handler accepted and handed to "
                                     "the kernel: their later packets skip Python.", labels=["hook", "handler"]),
                 CounterMetricFamily("nfhooks_offloaded_packets",
                                     "Packets accepted by nfhooks' offload rules in the kernel (never "
-                                    "queued), from the rules' counters.", labels=["hook", "handler"]))
+                                    "queued), from the rules' counters.", labels=["hook", "handler"]),
+                CounterMetricFamily("nfhooks_connection_verdicts",
+                                    "Connections a handler decided with a connection verdict "
+                                    "(accept/drop/reject(connection=True)), from the kernel's save rules.",
+                                    labels=["hook", "handler", "verdict"]),
+                CounterMetricFamily("nfhooks_connection_verdict_packets",
+                                    "Later packets of such connections the kernel accepted, dropped or "
+                                    "rejected by itself (never queued), from the rules' counters.",
+                                    labels=["hook", "verdict"]))
 
     def describe(self) -> Iterator[Any]:
         return iter(self._families())
 
     def collect(self) -> Iterator[Any]:
-        flows, packets = self._families()
+        flows, packets, conns, conn_packets = self._families()
         off = self.current()
         if off is not None:
             c = off.counters()
@@ -340,5 +365,11 @@ class OffloadCollector:
                 flows.add_metric([hook, name], n)
             for (hook, name), n in c["offload"].items():
                 packets.add_metric([hook, name], n)
+            for (hook, name, verdict), n in c.get("conn", {}).items():
+                conns.add_metric([hook, name, verdict], n)
+            for (hook, verdict), n in c.get("connpkts", {}).items():
+                conn_packets.add_metric([hook, verdict], n)
         yield flows
         yield packets
+        yield conns
+        yield conn_packets

@@ -15,9 +15,11 @@ RejectWith = Literal["auto", "tcp-reset", "port-unreachable", "host-unreachable"
 
 
 class Verdict:
-    """Base of every verdict; ``kind`` names it in metrics, errors and hooks.PLACEMENTS."""
+    """Base of every verdict; ``kind`` names it in metrics, errors and hooks.PLACEMENTS.
+    ``connection``: the verdict is kept on the connection (connverdict.py), not just this packet."""
 
     kind: ClassVar[str] = "verdict"
+    connection: ClassVar[bool] = False
     __slots__ = ()
 
 
@@ -211,20 +213,68 @@ class Shape(Verdict):
         return f"shape({self.cls})"
 
 
+#: reject(connection=True): what the kernel's REJECT rule can send to every later packet
+CONNECTION_REJECTS = ("auto", "tcp-reset", "port-unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptConnection(Accept):
+    """accept(connection=True): this packet and the rest of its connection at this hook are
+    accepted; the later packets by a kernel rule on the connmark, never queued (connverdict.py)."""
+
+    connection: ClassVar[bool] = True
+
+    def __str__(self) -> str:
+        return "accept(connection=True)"
+
+
+@dataclass(frozen=True, slots=True)
+class DropConnection(Drop):
+    """drop(connection=True): the connection's later packets at this hook are dropped by the
+    kernel. Needs a connection conntrack has confirmed: a connection's very first packet,
+    dropped, leaves none to remember it on (connverdict.py)."""
+
+    connection: ClassVar[bool] = True
+
+    def __str__(self) -> str:
+        return "drop(connection=True)"
+
+
+@dataclass(frozen=True, slots=True)
+class RejectConnection(Reject):
+    """reject(connection=True): this and every later packet of the connection at this hook get
+    a TCP reset (TCP) or a port unreachable (other protocols) from the kernel."""
+
+    connection: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.with_ not in CONNECTION_REJECTS:
+            raise ValueError(f"reject(with_={self.with_!r}, connection=True): a connection is rejected with "
+                             "auto, tcp-reset or port-unreachable (the kernel rule keeps one reject kind)")
+
+    def __str__(self) -> str:
+        return "reject(connection=True)"
+
+
 ACCEPT = Accept()
 DROP = Drop()
+ACCEPT_CONNECTION = AcceptConnection()
+DROP_CONNECTION = DropConnection()
 
 
-def accept() -> Accept:
-    return ACCEPT
+def accept(*, connection: bool = False) -> Accept:
+    """Accept the packet; ``connection=True``: and the rest of its connection, in the kernel."""
+    return ACCEPT_CONNECTION if connection else ACCEPT
 
 
-def drop() -> Drop:
-    return DROP
+def drop(*, connection: bool = False) -> Drop:
+    """Drop the packet; ``connection=True``: and the rest of its connection, in the kernel."""
+    return DROP_CONNECTION if connection else DROP
 
 
-def reject(with_: RejectWith = "auto") -> Reject:
-    return Reject(with_)
+def reject(with_: RejectWith = "auto", *, connection: bool = False) -> Reject:
+    """Reject the packet; ``connection=True``: and every later packet of its connection, in the kernel."""
+    return RejectConnection(with_) if connection else Reject(with_)
 
 
 def mark(value: int, mask: int = 0xFFFFFFFF, *, connmark: bool = False) -> Mark:

@@ -1,5 +1,7 @@
 """Flow handlers checked when the policy loads: what ``flow=True`` refuses, with the line to
-blame (the design is in nfhooks/offload.py). Pure: reads the handler's parsed source."""
+blame (the design is in nfhooks/offload.py); and which connection verdicts
+(``accept(connection=True)``...: nfhooks/connverdict.py) a handler's source can return. Pure:
+reads the handler's parsed source."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from ..introspect import Source, parse
 if TYPE_CHECKING:
     from ..match import Match
 
-__all__ = ["PER_PACKET_FIELDS", "REFUSED_KINDS", "FlowError", "check_flow", "per_packet_reads"]
+__all__ = ["PER_PACKET_FIELDS", "REFUSED_KINDS", "CONNECTION_FACTORIES", "FlowError", "check_flow",
+           "per_packet_reads", "connection_kinds"]
 
 #: Packet-view attributes that differ from packet to packet of one connection: a flow handler
 #: that reads them would decide the whole connection from its first packet's value.
@@ -34,6 +37,10 @@ REFUSED_KINDS = {
     "masquerade": "NAT is already decided once per connection; flow=True adds nothing",
     "redirect": "NAT is already decided once per connection; flow=True adds nothing",
 }
+
+
+#: The verdict factories that take ``connection=True``, by the verdict kind they make.
+CONNECTION_FACTORIES = {"accept": "accept", "drop": "drop", "reject": "reject"}
 
 
 class FlowError(ValueError):
@@ -60,6 +67,11 @@ def check_flow(func: Any, hook: str, table: str, match: "Match", kinds: dict[str
     for kind, kline in sorted(kinds.items(), key=lambda kv: kv[1]):
         if kind in REFUSED_KINDS:
             raise FlowError(f"returns {kind} with flow=True: {REFUSED_KINDS[kind]}", kline)
+    conn = connection_kinds(func)
+    if conn:
+        kind, cline = min(conn.items(), key=lambda kv: kv[1])
+        raise FlowError(f"returns {kind}(connection=True) with flow=True: both keep the decision on the "
+                        "connection; drop flow=True (a connection verdict may read the payload)", cline)
     read = per_packet_reads(func)
     if read:
         attr, line = read[0]
@@ -84,3 +96,24 @@ def per_packet_reads(src: "Source | Any") -> list[tuple[str, int]]:
                 and node.value.id == arg and node.attr in PER_PACKET_FIELDS):
             found.append((node.attr, src.line(node)))
     return sorted(found, key=lambda x: x[1])
+
+
+def connection_kinds(src: "Source | Any") -> dict[str, int]:
+    """{verdict kind: file line} of each ``accept/drop/reject(..., connection=X)`` call in the
+    handler's source whose ``X`` is not the constant False (a variable may be True: counted).
+    What the compiler reserves connmark bits and kernel rules for (nfhooks/connverdict.py)."""
+    if not isinstance(src, Source):
+        src = parse(src)
+    found: dict[str, int] = {}
+    for node in src.walk():
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+        if name not in CONNECTION_FACTORIES:
+            continue
+        kw = next((k.value for k in node.keywords if k.arg == "connection"), None)
+        if kw is None or (isinstance(kw, ast.Constant) and not kw.value):
+            continue
+        found.setdefault(CONNECTION_FACTORIES[name], src.line(node))
+    return found
