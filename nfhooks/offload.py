@@ -44,11 +44,17 @@ refused connection (SYN retransmissions: a handful, spaced by backoff) asks Pyth
 A fall-through (``None``) is not offloaded either: the packet resumes in the kernel after the
 handler, exactly as without ``flow=True``.
 
+**The general form** is a connection verdict (nfhooks/connverdict.py): any handler -- one that
+reads the payload included, without ``flow=True`` -- returns ``accept(connection=True)``,
+``drop(connection=True)`` or ``reject(connection=True)``; it shares this module's ``flowgen``
+generation, and a drop decided on a later packet than the first sticks in the kernel.
+
 **What is refused** (at load time, with file:line): flow handlers in the raw table (no
 conntrack yet), with a ``ctstate`` or ``mark`` match (per-packet facts), returning mark,
 connmark, NAT or mangle verdicts (a rewrite or mark must be applied to every packet; NAT is
-already decided once per connection by the kernel's nat table), or reading per-packet fields
-of ``pkt`` (payload, scapy, tcp_flags, ttl, length, mark, ...).
+already decided once per connection by the kernel's nat table), returning a connection verdict
+(both decide the connection: use that one alone), or reading per-packet fields of ``pkt``
+(payload, scapy, tcp_flags, ttl, length, mark, ...).
 
 Metrics: ``nfhooks_offloaded_flows_total{hook,handler}`` (connections the engine handed to the
 kernel, counted in Python) and ``nfhooks_offloaded_packets_total{hook,handler}`` (packets that
