@@ -141,10 +141,10 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
     raise typer.Exit(code)
 
 
-def _queue_options(maxlen: int, rcvbuf: Optional[int], gso: bool):  # type: ignore[no-untyped-def]
+def _queue_options(maxlen: int, rcvbuf: Optional[int], gso: Optional[bool]):  # type: ignore[no-untyped-def]
     from .queue import QueueOptions
-    try:
-        return QueueOptions(maxlen=maxlen, rcvbuf=rcvbuf, gso=gso)
+    try:  # --gso / --no-gso force it; neither: auto (docs/gso.md)
+        return QueueOptions(maxlen=maxlen, rcvbuf=rcvbuf, gso="auto" if gso is None else gso)
     except ValueError as e:
         _fail(str(e))
 
@@ -170,8 +170,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                          "queue; beyond, the kernel drops (fail-closed) or accepts (fail-open)"),
         queue_rcvbuf: Optional[int] = typer.Option(None, "--queue-rcvbuf", help="netlink receive buffer "
                                                    "bytes per queue (SO_RCVBUFFORCE); default: room for a full queue"),
-        gso: bool = typer.Option(False, "--gso", help="queue GSO/GRO packets whole (NFQA_CFG_F_GSO) for "
-                                 "handlers that neither read nor rewrite the payload"),
+        gso: Optional[bool] = typer.Option(None, "--gso/--no-gso", help="GSO/GRO packets whole (NFQA_CFG_F_GSO) "
+                                           "for header-only handlers; default: auto, guarded (docs/gso.md)"),
         workers: int = typer.Option(1, "--workers", help="processes deciding packets; each handler's "
                                     "traffic is spread over N queues by address (--queue-balance)"),
         queue_cpu_fanout: bool = typer.Option(False, "--queue-cpu-fanout", help="with --workers: pick the "

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import KernelError
+from .gso import GsoGuard, GsoRepeat
 from .hooks import PLACEMENTS
 from .mangle import MangleError, TruncatedPacket, rewrite
 from .marks import ACTION_CONNSAVE, MarkLayout
@@ -187,6 +188,7 @@ class Dispatcher:
 
         b.fail = fail
         not_a_verdict = appliers[None]
+        gso = GsoGuard(name)  # inert unless queue.py binds this queue GSO, guarded (gso.py)
 
         def on_packet(nfpkt: Any) -> None:
             t0 = perf()
@@ -205,8 +207,12 @@ class Dispatcher:
                 nbytes = pkt.length  # the packet's own length: the copy may be headers only
                 try:
                     watch[0] = t0
-                    v = func(pkt)
+                    v = gso.call(func, pkt, nfpkt) if gso.active else func(pkt)
                     watch[0] = 0.0
+                except GsoRepeat:  # a payload read on a packet taken whole: queued again, segmented
+                    watch[0] = 0.0
+                    nfpkt.repeat()
+                    return
                 except HandlerTimeout as e:
                     overruns.inc()
                     fail(nfpkt, mark, nbytes, f"{e} (interrupted)", None, failed_timeout)
@@ -245,8 +251,9 @@ class Dispatcher:
         if self.audit is not None:  # --audit: the verdicts above are computed, every packet accepted
             on_packet = self.audit.wrap(on_packet, handler, res_f.mask)
         if self.tap is not None:  # --pcap: wraps the counters above; without it nothing changes
-            return self.tap.wrap(on_packet, counters, failed, b.handler.hook, table, name,
-                                 note=" audit=accepted" if self.audit is not None else "")
+            on_packet = self.tap.wrap(on_packet, counters, failed, b.handler.hook, table, name,
+                                      note=" audit=accepted" if self.audit is not None else "")
+        on_packet.gso = gso  # type: ignore[attr-defined] -- for queue.py's bind
         return on_packet
 
     # -- appliers: one per verdict class, bound once per queue ----------------------------

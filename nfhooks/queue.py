@@ -48,12 +48,12 @@ Overload (what happens when packets come faster than the handlers decide):
   copied (measured: a 5000-byte packet arriving on a veth with timestamps made a 4104-byte
   message at NetfilterQueue's own 4016). Longer packets arrive truncated, which packet.py
   sees (IP total length > captured bytes) and mangle.py refuses to rewrite.
-* GSO (``--gso``): see :func:`gso_safe`.
+* GSO (``--gso auto|on|off``, auto by default): a queue whose handler reads only headers
+  takes GSO/GRO super-packets whole (NFQA_CFG_F_GSO), guarded at run time: see gso.py.
 """
 
 from __future__ import annotations
 
-import ast
 import errno
 import logging
 import os
@@ -62,12 +62,11 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import KernelError
-from .introspect import Source
-from .introspect import parse as parse_source
+from .gso import GSO_MODES, GsoCollector, GsoGuard, decide, gso_safe  # noqa: F401 -- gso_safe re-exported
 from .kstats import DEFAULT_PROC_PATH, read_queue_stats
 from .overload import OverloadCollector, bypassed, rule_packets  # noqa: F401 -- re-exported
 
@@ -92,9 +91,15 @@ class QueueOptions:
 
     maxlen: int = DEFAULT_MAXLEN
     rcvbuf: int | None = None  # bytes; None: room for ``maxlen`` maximal messages
-    gso: bool = False  # NFQA_CFG_F_GSO on the queues whose handlers allow it (gso_safe)
+    #: NFQA_CFG_F_GSO (gso.decide): "auto" where the handler reads headers only, guarded at run
+    #: time; "on" (``--gso``) the same, unguarded; "off" (``--no-gso``). A bool means on/off.
+    gso: str | bool = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.gso, bool):
+            object.__setattr__(self, "gso", "on" if self.gso else "off")
+        if self.gso not in GSO_MODES:
+            raise ValueError(f"--gso {self.gso}: give one of {', '.join(GSO_MODES)}")
         if not 1 <= self.maxlen <= 1 << 20:
             raise ValueError(f"--queue-maxlen {self.maxlen}: give 1..1048576 packets")
         if self.rcvbuf is not None and not 4096 <= self.rcvbuf <= 1 << 30:
@@ -103,36 +108,6 @@ class QueueOptions:
     @property
     def socket_buffer(self) -> int:
         return self.rcvbuf if self.rcvbuf is not None else self.maxlen * MESSAGE_TRUESIZE
-
-
-_PAYLOAD_ATTRS = frozenset({"payload", "scapy", "raw", "captured", "truncated", "get_payload"})
-
-
-def gso_safe(handler: Any) -> tuple[bool, str]:
-    """May ``handler``'s queue take GSO super-packets whole? ``(ok, reason)``.
-
-    With NFQA_CFG_F_GSO the kernel queues a GSO/GRO packet (up to 64 KB) as one packet: its
-    copy is truncated to MAX_COPY bytes and its transport checksum may be unfinished
-    (CHECKSUM_PARTIAL: only the pseudo-header sum is in the field). Headers, ports,
-    addresses, the IP length and the conntrack state are all right, which is all most
-    handlers read. Not safe: a handler that can return a payload/header rewrite (the
-    rewrite needs the whole packet), or whose source reads the payload (``pkt.payload``,
-    ``pkt.scapy``, ``pkt.raw``...): it would see only the first MAX_COPY bytes of a
-    super-packet instead of one whole segment. A best-effort scan of the handler's own
-    source (a helper it calls is not followed), hence GSO only when asked for (``--gso``).
-    """
-    kinds = getattr(handler, "verdict_kinds", {}) or {}
-    if "mangle" in kinds:
-        return False, "it can rewrite packets"
-    src = getattr(handler, "source", None)
-    if not isinstance(src, Source) or not src.readable:
-        src = parse_source(getattr(handler, "func", None))
-    if not src.readable:
-        return False, "its source cannot be read"
-    for node in src.walk():
-        if isinstance(node, ast.Attribute) and node.attr in _PAYLOAD_ATTRS:
-            return False, f"it reads pkt.{node.attr}"
-    return True, "headers only"
 
 
 class _PassOver(Exception):
@@ -227,6 +202,7 @@ class BoundQueue:
     rcvbuf: int  # what the kernel granted (SO_RCVBUF reads back twice the value set)
     counter: _Budgeted
     bypassed_high: int = 0  # the derived bypass count exported so far (never goes down)
+    guard: GsoGuard | None = None  # a GSO queue verified at run time (gso.py)
 
 
 class QueueSet:
@@ -263,7 +239,10 @@ class QueueSet:
 
         opts = self.options
         maxlen = max_len if max_len is not None else opts.maxlen
-        gso, why = gso_safe(handler) if opts.gso and handler is not None else (False, "--gso not given")
+        gso, guarded, why = decide(str(opts.gso), handler) if handler is not None else (False, False, "no handler")
+        guard = getattr(callback, "gso", None) if guarded else None  # Dispatcher.callback's GsoGuard
+        if guarded and not isinstance(guard, GsoGuard):  # auto without the guard: today's segments
+            gso, guarded, guard, why = False, False, None, "no run-time guard for this queue's callback"
         hook, name = getattr(handler, "hook", ""), getattr(handler, "name", "")
         q = NetfilterQueue(af=socket.AF_INET)
         budgeted = _Budgeted(None)  # type: ignore[arg-type] -- its socket is set once bound
@@ -281,16 +260,23 @@ class QueueSet:
             ) from e
         self.queues[num] = q
         flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
+        mask = NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO
         try:
-            set_queue_config(q.get_fd(), num, flags=flags, mask=NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO,
-                             maxlen=maxlen)
+            try:
+                set_queue_config(q.get_fd(), num, flags=flags, mask=mask, maxlen=maxlen)
+            except NetlinkError:
+                if not guarded:  # asked for (--gso) or not set: the error below says which
+                    raise
+                # --gso auto on a kernel without NFQA_CFG_F_GSO (< 3.10): today's segments
+                gso, guard, why = False, None, "the kernel refused NFQA_CFG_F_GSO"
+                set_queue_config(q.get_fd(), num, flags=flags & ~NFQA_CFG_F_GSO, mask=mask, maxlen=maxlen)
         except NetlinkError as e:
             what = ", ".join(x for x in ("fail-open" if fail_open else "", "gso" if gso else "",
                                          f"queue length {maxlen}") if x)
             raise KernelError(
                 f"the kernel refused to configure NFQUEUE {num} ({what}): {e.strerror} "
                 f"(errno {e.errno}). Fail-open queues need Linux >= 3.6 and GSO >= 3.10: run "
-                "without --gso, or with --fail-closed"
+                "with --no-gso, or with --fail-closed"
             ) from e
         sock = socket.socket(fileno=os.dup(q.get_fd()))  # a dup: closing it leaves the queue's fd alone
         sock.setblocking(False)
@@ -305,15 +291,40 @@ class QueueSet:
         budgeted.fast = granted >= 2 * maxlen * MESSAGE_TRUESIZE
         self._ready[sock.fileno()] = (q, budgeted)
         self._epoll.register(sock.fileno(), select.EPOLLIN)
-        self._set_bound({**self.bound, num: BoundQueue(num, hook, name, fail_open, gso, maxlen, granted, budgeted)})
+        if guard is not None and gso:
+            guard.arm(lambda packet_id: self._gso_off(num, packet_id))
+        self._set_bound({**self.bound, num: BoundQueue(num, hook, name, fail_open, gso, maxlen, granted, budgeted,
+                                                       guard=guard)})
         log.debug("queue %d bound: maxlen %d, rcvbuf %d, %s, gso %s (%s)", num, maxlen, granted,
                   "fail-open" if fail_open else "fail-closed", "on" if gso else "off", why)
+
+    def _gso_off(self, num: int, packet_id: int) -> int | None:
+        """GsoGuard's switch: NFQA_CFG_F_GSO off on a live queue (no ACK read: packet messages
+        share the socket). Returns the highest id it may have queued whole, None if refused."""
+        from .netlink import NFQA_CFG_F_GSO, send_queue_config
+
+        q, b = self.queues.get(num), self.bound.get(num)
+        if q is None or b is None:
+            return None
+        try:
+            # netlink runs the config in this sendmsg(): every id handed out after it is segmented
+            send_queue_config(q.get_fd(), num, flags=0, mask=NFQA_CFG_F_GSO)
+        except OSError as e:
+            log.error("queue %d: cannot switch GSO off: %s", num, e)
+            return None
+        self._set_bound({**self.bound, num: replace(b, gso=False)})
+        st = read_queue_stats(PROC_QUEUES).get(num)
+        # unknown: no id beyond the queue's length past this packet can predate the switch
+        return st.id_sequence if st is not None else (packet_id + b.maxlen) & 0xFFFFFFFF
 
     def export(self, registry: Any) -> OverloadCollector:
         """Register this set's overload metrics on ``registry`` (unregistered by close())."""
         collector = OverloadCollector(self.bound)
         registry.register(collector)
         self._exported.append((registry, collector))
+        gso = GsoCollector(self.bound)
+        registry.register(gso)
+        self._exported.append((registry, gso))
         return collector
 
     def stop(self) -> None:

@@ -203,7 +203,7 @@ def test_gso_queues_super_packets_whole_and_they_arrive_intact(nfh_lab, tmp_path
     lab = nfh_lab
     pol = tmp_path / "gso.py"
     pol.write_text(_GSO_POLICY)
-    lab.start_engine(str(pol), *(["--gso"] if gso else []))
+    lab.start_engine(str(pol), "--gso" if gso else "--no-gso")
     server = lab.addr("server")
     lab.popen("server", "iperf3", "-s", "-1", "-B", server, stdout=subprocess.DEVNULL,
               stderr=subprocess.DEVNULL)

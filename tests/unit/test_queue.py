@@ -194,9 +194,10 @@ def test_gso_only_for_handlers_that_neither_read_nor_rewrite_payload():
 
 def test_queue_options_defaults_and_bounds():
     o = QueueOptions()
-    assert o.maxlen == 4096 and not o.gso and o.socket_buffer >= o.maxlen * 4096
+    assert o.maxlen == 4096 and o.gso == "auto" and o.socket_buffer >= o.maxlen * 4096
     assert QueueOptions(maxlen=64, rcvbuf=8192).socket_buffer == 8192
-    for bad in (dict(maxlen=0), dict(rcvbuf=100)):
+    assert (QueueOptions(gso=True).gso, QueueOptions(gso=False).gso) == ("on", "off")  # --gso / --no-gso
+    for bad in (dict(maxlen=0), dict(rcvbuf=100), dict(gso="maybe")):
         with pytest.raises(ValueError):
             QueueOptions(**bad)
     assert MAX_COPY + 128 == 4096  # NetfilterQueue's recv buffer: a longer message is cut short
