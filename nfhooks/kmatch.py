@@ -22,6 +22,8 @@ import pwd
 from dataclasses import dataclass
 from typing import Any
 
+from .introspect import option_value
+
 __all__ = ["KMatchError", "Rate", "Connlimit", "Owner", "parse_rate", "parse_connlimit", "parse_owner",
            "rate_text", "hashlimit_name", "hashlimit_expire_ms", "RATE_UNITS", "BURST_DEFAULT", "BURST_MAX"]
 
@@ -113,12 +115,8 @@ class Owner:
                         for n, r in (("uid", self.uid), ("gid", self.gid)) if r is not None)
 
 
-def _value(value: Any) -> Any:
-    return value.value if hasattr(value, "value") and hasattr(value, "option_name") else value
-
-
 def _rate(value: Any, what: str) -> tuple[int, int]:
-    value = _value(value)
+    value = option_value(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise KMatchError(f"{what}={value!r}: give a rate such as '10/second', '5/minute' (or an int: per second)")
     text = str(value).strip()
@@ -144,7 +142,7 @@ def _rate(value: Any, what: str) -> tuple[int, int]:
 def parse_rate(limit: Any = None, hashlimit: Any = None, burst: Any = None, over: Any = None,
                by: Any = None, port_proto: bool = False) -> Rate | None:
     """The handler's rate match from its keywords (None when it has none)."""
-    limit, hashlimit, burst, over, by = (_value(v) for v in (limit, hashlimit, burst, over, by))
+    limit, hashlimit, burst, over, by = (option_value(v) for v in (limit, hashlimit, burst, over, by))
     if limit is None and hashlimit is None:
         for name, v in (("burst", burst), ("limit_over", over), ("hashlimit_by", by)):
             if v is not None:
@@ -231,7 +229,7 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
 
 
 def parse_connlimit(value: Any, mask: Any, families: tuple[int, ...]) -> Connlimit | None:
-    value, mask = _value(value), _value(mask)
+    value, mask = option_value(value), option_value(mask)
     if value is None:
         if mask is not None:
             raise KMatchError("connlimit_mask= needs connlimit=N (the connection count it groups)")
@@ -253,7 +251,7 @@ def parse_connlimit(value: Any, mask: Any, families: tuple[int, ...]) -> Connlim
 
 
 def _id_range(value: Any, what: str, lookup: Any) -> tuple[int, int, bool] | None:
-    value = _value(value)
+    value = option_value(value)
     if value is None:
         return None
     negate = False

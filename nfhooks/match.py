@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .hooks import check_conntrack, check_ctstate, check_interfaces, check_owner
+from .introspect import option_value
 from .kmatch import Connlimit, KMatchError, Owner, Rate, parse_connlimit, parse_owner, parse_rate
 
 PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "any": None}
@@ -257,11 +258,6 @@ def _neg(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
-def _value(value: Any) -> Any:
-    """Options may stand in for match values; they are resolved when the policy is compiled."""
-    return value.value if hasattr(value, "value") and hasattr(value, "option_name") else value
-
-
 def _proto(proto: Any) -> str | None:
     if proto is None:
         return None
@@ -289,7 +285,7 @@ def _family(family: Any) -> int | None:
 
 
 def _addr(value: Any, what: str) -> Addr | None:
-    value = _value(value)
+    value = option_value(value)
     if value is None:
         return None
     if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
@@ -306,7 +302,7 @@ def _addr(value: Any, what: str) -> Addr | None:
 
 def _set_ref(value: Any) -> SetRef | None:
     """A declared set (``policy.set()``, or ``~set``) given as src/dst, else None."""
-    value = _value(value)
+    value = option_value(value)
     if isinstance(value, SetRef):
         return value
     ref = getattr(value, "set_ref", None)
@@ -331,7 +327,7 @@ def _set_family(fam: int | None, ss: SetRef | None, ds: SetRef | None, s: Addr |
 
 
 def _ports(value: Any, what: str) -> Ports | None:
-    value = _value(value)
+    value = option_value(value)
     if value is None:
         return None
     negate = False
@@ -368,7 +364,7 @@ def _ports(value: Any, what: str) -> Ports | None:
 
 
 def _iface(value: Any, what: str) -> Iface | None:
-    value = _value(value)
+    value = option_value(value)
     if value is None:
         return None
     text, negate = _neg(str(value))
@@ -378,7 +374,7 @@ def _iface(value: Any, what: str) -> Iface | None:
 
 
 def _ctstate(value: Any) -> tuple[str, ...] | None:
-    value = _value(value)
+    value = option_value(value)
     if value is None:
         return None
     items = [value] if isinstance(value, str) else list(value)
@@ -395,7 +391,7 @@ def _ctstate(value: Any) -> tuple[str, ...] | None:
 
 
 def _mark(value: Any, what: str = "mark") -> tuple[int, int, bool] | None:
-    value = _value(value)
+    value = option_value(value)
     if value is None:
         return None
     negate = False

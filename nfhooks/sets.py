@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from .errors import PolicyError
+from .introspect import is_option, option_value
 from .match import Match, MatchError, SetRef
 
 __all__ = ["AddressSet", "KernelVerdict", "SetError", "SetOps", "KINDS", "MAX_TIMEOUT", "declare_set",
@@ -147,17 +148,17 @@ class AddressSet:
         return self.set_ref.kernel_name(family)
 
     def source(self) -> str:
-        path = _resolve(self.file_arg)
+        path = option_value(self.file_arg)
         return f"file {path}" if path else "entries="
 
     def declared(self) -> list[tuple[int, str]]:
         """The declared entries (``entries=`` then ``file=``), read and checked once per path."""
-        path = _resolve(self.file_arg)
+        path = option_value(self.file_arg)
         key = f"{path}|{id(self.entries_arg)}"
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         out: list[tuple[int, str]] = []
-        items = _resolve(self.entries_arg) or ()
+        items = option_value(self.entries_arg) or ()
         if isinstance(items, str):
             items = [x for x in re.split(r"[\s,]+", items) if x] if self.kind != "ip,port" else items.split()
         for item in items:
@@ -257,10 +258,6 @@ class AddressSet:
         return self._local
 
 
-def _resolve(value: Any) -> Any:
-    return value.value if hasattr(value, "value") and hasattr(value, "option_name") else value
-
-
 def declare_set(sets: dict[str, AddressSet], name: str, *, kind: str = "ip", timeout: int | None = None,
                 size: int | None = None, family: Any = None, entries: Any = (), file: Any = None,
                 decl_file: str | None = None, decl_line: int | None = None) -> AddressSet:
@@ -282,7 +279,7 @@ def declare_set(sets: dict[str, AddressSet], name: str, *, kind: str = "ip", tim
     except ValueError as e:
         raise fail(str(e)) from None
     s = AddressSet(name, kind, fams, timeout, size, entries, file, decl_file, decl_line)
-    if not hasattr(file, "option_name") and not hasattr(entries, "option_name"):
+    if not is_option(file) and not is_option(entries):
         s.declared()  # errors now, at the declaration's line; an Option is read once --set applied
     sets[name] = s
     return s
