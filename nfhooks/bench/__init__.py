@@ -1,6 +1,15 @@
-"""`make bench`: what nfhooks costs per packet, next to what it is compared with, in one run.
+"""`make bench`: what nfhooks costs per packet, next to what it is compared with, on equal terms.
 
-Run as root: ``python -m nfhooks.bench [--seconds 5] [--quick] [--json PATH] [--profile PATH]``.
+Run as root: ``python -m nfhooks.bench [--rounds 3] [--seconds 4] [--quick] [--json PATH] [--profile PATH]``.
+
+Equal terms: every queue consumer is fail-closed (the bare script's queue, and every nfhooks
+engine runs ``--fail-closed``): a full queue drops, so what arrives is what the consumer
+decided; UDP throughput is packets *decided* per second (the queue's ids handed over), and
+what arrived undecided (``bypassed``, none when fail-closed) is reported apart. Every row runs
+in ``--rounds`` interleaved rounds (round 1: every row, round 2: every row, ...) and the
+tables show the median with min–max; every ratio is formed within one round, then its median
+(min–max) over the rounds is shown -- never a ratio of two medians from different minutes of
+a shared machine.
 
 Two lab namespaces joined by a veth (client -- router). iperf3 servers listen on the router,
 iperf3 clients in the client namespace send the same traffic through each consumer:
@@ -16,7 +25,10 @@ nfhooks nft     (every other row uses the bench's ``--backend``): what each rule
                 as a ratio of one run
 nfhooks fields  the same engine, the handler reads pkt.src / pkt.dport / pkt.proto first
 nfhooks 20      ``nfhooks run policies/bench20.py``: a realistic 20-handler INPUT policy; for the
-handlers        flood 19 kernel matches do not fire, one does (its handler accepts)
+handlers        flood 19 kernel matches do not fire, one does (its handler accepts); default
+                options, so TCP goes through GSO whole (docs/gso.md)
+nfhooks 20 h.   the same with ``--no-gso`` (TCP only): every GSO packet segmented before it
+no-gso          is queued, the default before GSO by default
 nfhooks flow    ``nfhooks run policies/bench_flow.py``, port 5203: ``flow=True`` handlers; Python
 offload         sees each connection's first packet, the kernel's offload rule accepts the rest
 nfhooks 2       ``nfhooks run --workers 2 policies/bench.py`` when ``run`` has ``--workers``
@@ -71,10 +83,10 @@ from .parse import (
     vm_hwm_kib,
 )
 from .report import DOCS_BEGIN, DOCS_END, chart, markdown, render, replace_block
-from .results import Row, added_latency, latency_stats, percentile, ratios
+from .results import Row, added_latency, latency_stats, percentile, ratios, round_ratios, summarize
 from .run import Bench
 
 __all__ = ["Bench", "DOCS_BEGIN", "DOCS_END", "IperfResult", "Row", "added_latency", "breakdown",
            "bucket_quantile", "chart", "cpu_ticks", "histogram_buckets", "latency_stats", "main",
            "markdown", "parse_iperf", "percentile", "queue_handled", "ratios", "render",
-           "replace_block", "summarize_collapsed", "vm_hwm_kib"]
+           "replace_block", "round_ratios", "summarize", "summarize_collapsed", "vm_hwm_kib"]

@@ -19,12 +19,13 @@ from typing import Any
 from ..lab.topology import Lab
 from .cases import DEFAULT_POLICY, LATENCY_RATE, NOT_AVAILABLE, ROOT, UDP_LEN
 from .report import chart, markdown, render, replace_block
-from .results import added_latency, ratios
+from .results import added_latency, round_ratios, summarize
 from .run import Bench, find_pyspy
 
 __all__ = ["DESCRIPTION", "main"]
 
-DESCRIPTION = "`make bench`: what nfhooks costs per packet, next to what it is compared with, in one run."
+DESCRIPTION = ("`make bench`: what nfhooks costs per packet, next to what it is compared with: every row in "
+               "interleaved rounds, median (min-max), ratios within a round.")
 
 
 def _meta(seconds: float) -> dict[str, Any]:
@@ -42,7 +43,9 @@ def _meta(seconds: float) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nfhooks.bench", description=DESCRIPTION)
-    ap.add_argument("--seconds", type=float, default=5.0, help="seconds per measurement (default 5)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement (default 4)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds: every row once per round (default 3; >= 3 for a median)")
     ap.add_argument("--quick", action="store_true", help="2 s per row, no 'nfhooks fields' rows")
     ap.add_argument("--json", default="bench-results.json", help="write results here (default %(default)s)")
     ap.add_argument("--proto", choices=("udp", "tcp", "both"), default="both")
@@ -82,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile and find_pyspy() is None:
         print("nfhooks bench: --profile needs py-spy (.venv/bin/pip install py-spy)", file=sys.stderr)
         return 2
-    seconds = 2.0 if args.quick and args.seconds == 5.0 else args.seconds
+    seconds = 2.0 if args.quick and args.seconds == 4.0 else args.seconds
+    if args.rounds < 1:
+        print("nfhooks bench: --rounds must be at least 1", file=sys.stderr)
+        return 2
     protos: tuple[str, ...] = ("udp", "tcp") if args.proto == "both" else (args.proto,)
     if args.only == "latency":
         if args.no_latency:
@@ -92,26 +98,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     meta = _meta(seconds)
     meta["backend"] = backend.name  # report.py names it in the markdown
+    meta["rounds"] = args.rounds
     t0 = time.monotonic()
     profile: dict[str, Any] | None = None
     with Lab() as lab:
-        print(f"nfhooks bench: lab {lab.id} (client -- router), {seconds:g} s per row", flush=True)
+        print(f"nfhooks bench: lab {lab.id} (client -- router), {seconds:g} s per row, {args.rounds} round(s)",
+              flush=True)
         bench = Bench(lab, seconds, args.policy, log=lambda s: print(s, flush=True))
         bench.build()
         latency: dict[str, Any] | None = None if args.no_latency else {}
         rows = bench.run(protos, fields=not args.quick, scapy=not args.no_scapy, more=not args.quick,
-                         latency=latency, rate=args.latency_rate)
+                         latency=latency, rate=args.latency_rate, rounds=args.rounds)
         if args.profile:
             try:
                 profile = bench.profile(args.profile, max(seconds, 5.0), args.profile_native)
             except Exception as e:  # noqa: BLE001 -- the measurements are still worth writing
                 print(f"nfhooks bench: profile failed: {e}", file=sys.stderr)
     meta["wall_seconds"] = round(time.monotonic() - t0, 1)
-    rat = ratios(rows)
-    render(rows, rat, meta)
-    doc: dict[str, Any] = {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": rat,
+    measured = rows  # every round's rows; the tables show the summary
+    rows = summarize(measured)
+    rat, span = round_ratios(measured)
+    render(rows, rat, meta, span)
+    doc: dict[str, Any] = {"meta": meta, "rows": [asdict(r) for r in rows], "ratios": rat, "ratio_ranges": span,
+                           "measurements": [asdict(r) for r in measured],
                            "latency": latency or {}, "latency_added": added_latency(latency or {})}
-    md = markdown(rows, latency or {}, meta)
+    md = markdown(rows, latency or {}, meta, rat, span)
     args.markdown.write_text(md)
     print(md)
     print(f"markdown: {args.markdown}")
@@ -121,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if str(args.chart) != "-":
         try:
             chart(rows, latency or {}, args.chart,
-                  f"nfhooks bench, one run: {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['time']}")
+                  f"nfhooks bench, median of {args.rounds} round(s): {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['time']}")
             print(f"chart: {args.chart}")
         except ImportError:
             print("nfhooks bench: no chart: matplotlib is not installed (pip install -e '.[docs]')", file=sys.stderr)

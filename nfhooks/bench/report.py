@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cases import CASES, NOT_AVAILABLE, UDP_LEN
-from .results import Row, added_latency, ratio
+from .results import Row, added_latency, ratios
 
 __all__ = ["DOCS_BEGIN", "DOCS_END", "chart", "describe_row", "fmt", "markdown", "render", "replace_block"]
 
@@ -24,8 +24,27 @@ def fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def spread(r: Row, name: str, spec: str) -> str:
+    """``value`` or, for a row summarized over rounds, ``median (min–max)``."""
+    v = getattr(r, name)
+    lo_hi = (r.extra.get("range") or {}).get(name)
+    if v is None or not lo_hi or r.extra.get("rounds", 1) < 2:
+        return fmt(v, spec)
+    return f"{fmt(v, spec)} ({fmt(lo_hi[0], spec)}–{fmt(lo_hi[1], spec)})"
+
+
+def _xs(key: str, rat: Mapping[str, float | None], span: Mapping[str, Sequence[float]]) -> str:
+    v = rat.get(key)
+    lo_hi = span.get(key)
+    if v is None or not lo_hi or lo_hi[0] == lo_hi[1]:
+        return _x(v)
+    return f"{_x(v)} ({lo_hi[0]:.2f}–{lo_hi[1]:.2f})"
+
+
 def describe_row(r: Row) -> str:
-    what = f"{fmt(r.pps, ',.0f')} pps" if r.proto == "udp" else f"{fmt(r.gbps, '.2f')} Gbit/s"
+    what = (f"{fmt(r.decided_pps if r.decided_pps is not None else r.pps, ',.0f')} pps"
+            f"{' decided' if r.decided_pps is not None else ''}"
+            if r.proto == "udp" else f"{fmt(r.gbps, '.2f')} Gbit/s")
     cpu = f", {fmt(r.cpu_us_per_packet, '.2f')} us CPU/pkt" if r.cpu_us_per_packet is not None else ""
     return f"  {r.case:<15} {r.proto}: {what}{cpu}"
 
@@ -34,30 +53,39 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> str:
-    """The results as markdown: throughput/CPU/RSS with ratios to kernel and bare, then latency."""
-    by = {(r.case, r.proto): r for r in rows}
+def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any],
+             rat: Mapping[str, float | None] | None = None, span: Mapping[str, Sequence[float]] | None = None) -> str:
+    """The results as markdown: throughput/CPU/RSS with ratios to kernel and bare, then latency.
+
+    ``rows`` are summarized rows (results.summarize: medians, ``extra["range"]``) or single
+    measurements; ``rat``/``span`` the round ratios (results.round_ratios; default: formed
+    from ``rows``). Throughput is what the consumer decided (UDP decided/s; TCP Gbit/s)."""
+    rat = ratios(rows) if rat is None else rat
+    span = span or {}
+    rounds = meta.get("rounds", 1)
     backend = (f" Rule backend of the rows not named after one: {meta['backend']}; 'nfhooks legacy' and "
                "'nfhooks nft' run the 'nfhooks' row's policy with --backend legacy / nft."
                if meta.get("backend") else "")
+    how = (f"{rounds} interleaved rounds, median (min–max), ratios formed within each round"
+           if rounds > 1 else "one round")
     out = [f"{meta.get('seconds', 0):g} s per row, {meta.get('cpus')} CPUs, kernel {meta.get('kernel')}, "
-           f"Python {meta.get('python')}, {meta.get('iperf3')}, {meta.get('time')}; one run.{backend}", "",
-           "| traffic | consumer | rx pps | rx Gbit/s | x kernel | x bare | decided in Python | "
+           f"Python {meta.get('python')}, {meta.get('iperf3')}, {meta.get('time')}; {how}; every queue "
+           f"fail-closed.{backend}", "",
+           "| traffic | consumer | decided/s | rx pps | rx Gbit/s | x kernel | x bare | bypassed | "
            "CPU us/pkt | CPU x bare | CPU % core | max RSS MiB |",
-           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
         if r.error:
-            out.append(f"| {traffic} | {r.case} | {r.error.splitlines()[0][:90]} |" + " |" * 8)
+            out.append(f"| {traffic} | {r.case} | {r.error.splitlines()[0][:90]} |" + " |" * 9)
             continue
         metric = "pps" if r.proto == "udp" else "gbps"
-        k, b = by.get(("kernel", r.proto)), by.get(("bare", r.proto))
-        xk = ratio(getattr(r, metric), getattr(k, metric, None)) if r.case != "kernel" else None
-        xb = ratio(getattr(r, metric), getattr(b, metric, None)) if r.case not in ("kernel", "bare") else None
-        cb = ratio(r.cpu_us_per_packet, getattr(b, "cpu_us_per_packet", None)) \
-            if r.case not in ("kernel", "bare") else None
-        out.append(f"| {traffic} | {r.case} | {fmt(r.pps, ',.0f')} | {fmt(r.gbps, '.3f')} | {_x(xk)} | {_x(xb)} "
-                   f"| {fmt(r.handled, ',')} | {fmt(r.cpu_us_per_packet, '.2f')} | {_x(cb)} "
+        xk = _xs(f"{r.proto}_{metric} {r.case}/kernel", rat, span) if r.case != "kernel" else "-"
+        xb = _xs(f"{r.proto}_{metric} {r.case}/bare", rat, span) if r.case not in ("kernel", "bare") else "-"
+        cb = _xs(f"{r.proto}_cpu_per_packet {r.case}/bare", rat, span) if r.case not in ("kernel", "bare") else "-"
+        out.append(f"| {traffic} | {r.case} | {spread(r, 'decided_pps', ',.0f')} | {spread(r, 'pps', ',.0f')} "
+                   f"| {spread(r, 'gbps', '.3f')} | {xk} | {xb} | {fmt(r.bypassed, ',')} "
+                   f"| {spread(r, 'cpu_us_per_packet', '.2f')} | {cb} "
                    f"| {fmt(r.cpu_core_pct, '.0f')} | {fmt(r.max_rss_mib, '.1f')} |")
     if lat:
         add = added_latency(lat)
@@ -159,13 +187,16 @@ def chart(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], path: Path,
     plt.close(fig)
 
 
-def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[str, Any]) -> None:
+def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[str, Any],
+           span: Mapping[str, Sequence[float]] | None = None) -> None:
     con = Console()
     if not con.is_terminal:
-        con = Console(width=160)  # piped to a file: do not squeeze the table to 80 columns
+        con = Console(width=180)  # piped to a file: do not squeeze the table to 80 columns
+    rounds = meta.get("rounds", 1)
     t = Table(title=f"nfhooks bench: {meta['seconds']:g} s per row, {meta['cpus']} CPUs, "
-                    f"kernel {meta['kernel']}, one run")
-    for col in ("traffic", "consumer", "tx pps", "rx pps", "rx Gbit/s", "lost %", "decided",
+                    f"kernel {meta['kernel']}, " + (f"median (min–max) of {rounds} rounds" if rounds > 1
+                                                    else "one round"))
+    for col in ("traffic", "consumer", "tx pps", "decided/s", "rx pps", "rx Gbit/s", "lost %", "bypassed",
                 "queue-full drops", "CPU us/pkt", "CPU % of a core", "max RSS MiB"):
         t.add_column(col, justify="left" if col in ("traffic", "consumer") else "right")
     for r in rows:
@@ -173,15 +204,18 @@ def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[s
         if r.error:
             style = "yellow" if r.error.startswith(NOT_AVAILABLE) else "red"
             what = "" if r.error.startswith(NOT_AVAILABLE) else "failed: "
-            t.add_row(traffic, r.case, f"[{style}]{what}{escape(r.error.splitlines()[0][:80])}[/{style}]", *[""] * 8)
+            t.add_row(traffic, r.case, f"[{style}]{what}{escape(r.error.splitlines()[0][:80])}[/{style}]", *[""] * 9)
             continue
-        t.add_row(traffic, r.case, fmt(r.tx_pps, ",.0f"), fmt(r.pps, ",.0f"), fmt(r.gbps, ".3f"),
-                  fmt(r.lost_pct, ".1f"), fmt(r.handled, ","), fmt(r.queue_dropped, ","),
-                  fmt(r.cpu_us_per_packet, ".2f"), fmt(r.cpu_core_pct, ".0f"), fmt(r.max_rss_mib, ".1f"))
+        t.add_row(traffic, r.case, fmt(r.tx_pps, ",.0f"), spread(r, "decided_pps", ",.0f"), spread(r, "pps", ",.0f"),
+                  spread(r, "gbps", ".3f"), fmt(r.lost_pct, ".1f"), fmt(r.bypassed, ","), fmt(r.queue_dropped, ","),
+                  spread(r, "cpu_us_per_packet", ".2f"), fmt(r.cpu_core_pct, ".0f"), fmt(r.max_rss_mib, ".1f"))
     con.print(t)
-    rt = Table(title="ratios (same run)")
+    span = span or {}
+    rt = Table(title="ratios (each formed within one round; median, min, max over the rounds)")
     rt.add_column("ratio")
-    rt.add_column("value", justify="right")
+    for col in ("median", "min", "max"):
+        rt.add_column(col, justify="right")
     for k, v in rat.items():
-        rt.add_row(k, fmt(v, ".3f"))
+        lo, hi = span.get(k, (None, None))
+        rt.add_row(k, fmt(v, ".3f"), fmt(lo, ".3f"), fmt(hi, ".3f"))
     con.print(rt)

@@ -7,14 +7,16 @@ Pure (no lab), so the arithmetic is unit-tested; the report formats what is comp
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .cases import NFHOOKS_CASES
 from .parse import IperfResult
 
-__all__ = ["Row", "added_latency", "latency_stats", "percentile", "ratio", "ratios"]
+__all__ = ["Row", "added_latency", "latency_stats", "percentile", "ratio", "ratios", "round_ratios", "summarize",
+           "throughput"]
 
 
 @dataclass
@@ -38,6 +40,11 @@ class Row:
     max_rss_mib: float | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: packets the consumer decided per second (the queue's ids handed over / the test's time):
+    #: the throughput of a queue consumer; UDP's ``pps`` is what arrived, decided or not
+    decided_pps: float | None = None
+    bypassed: int | None = None  # UDP: arrived without being decided (a fail-open queue's bypass)
+    round: int = 1  # which round of the run (1..rounds): ratios are formed within a round
 
     @classmethod
     def build(cls, case: str, res: IperfResult, *, wall: float | None = None, cpu: float | None = None,
@@ -50,6 +57,9 @@ class Row:
             r.handled = queue["handled"]
             r.queue_dropped = queue["queue_dropped"]
             r.user_dropped = queue["user_dropped"]
+            r.decided_pps = r.handled / res.seconds if res.seconds else None
+            if res.protocol == "udp" and res.packets is not None:
+                r.bypassed = max(0, res.packets - r.handled)
         if cpu is not None:
             r.cpu_seconds = cpu
             if wall:
@@ -70,11 +80,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
-    """Throughput and CPU ratios between consumers measured in the same run.
+def throughput(r: Row) -> float | None:
+    """What a row is compared by: TCP Gbit/s received; UDP packets decided per second for a
+    queue consumer (fail-closed, so nothing arrives undecided), received ones for the kernel."""
+    if r.proto == "tcp":
+        return r.gbps
+    return r.decided_pps if r.decided_pps is not None else r.pps
 
-    Keys like ``udp_pps nfhooks/bare``, ``tcp_gbps nfhooks/kernel`` and
-    ``udp_cpu_per_packet nfhooks/bare``; a missing or zero measurement gives None.
+
+def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
+    """Throughput and CPU ratios between consumers measured in the same round.
+
+    Keys like ``udp_pps nfhooks/bare`` (:func:`throughput`: decided per second),
+    ``tcp_gbps nfhooks/kernel`` and ``udp_cpu_per_packet nfhooks/bare``; a missing or zero
+    measurement gives None.
     """
     by = {(r.case, r.proto): r for r in rows if r.error is None}
     out: dict[str, float | None] = {}
@@ -86,7 +105,7 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
             ra, rb = by.get((a, proto)), by.get((b, proto))
             if ra is None or rb is None:
                 continue
-            out[f"{proto}_{metric} {a}/{b}"] = ratio(getattr(ra, metric), getattr(rb, metric))
+            out[f"{proto}_{metric} {a}/{b}"] = ratio(throughput(ra), throughput(rb))
     for proto in ("udp", "tcp"):
         for a, b in (("nfhooks", "bare"), ("scapy", "bare"), ("nfhooks fields", "nfhooks"),
                      BACKEND_PAIR,
@@ -96,6 +115,57 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
                 continue
             out[f"{proto}_cpu_per_packet {a}/{b}"] = ratio(ra.cpu_us_per_packet, rb.cpu_us_per_packet)
     return out
+
+
+#: Row fields summarized over rounds (median, min, max).
+_MEASURED = ("seconds", "rx_packets", "pps", "tx_pps", "gbps", "lost_pct", "handled", "queue_dropped",
+             "user_dropped", "cpu_seconds", "cpu_core_pct", "cpu_us_per_packet", "max_rss_mib", "decided_pps",
+             "bypassed")
+_INTS = {f.name for f in fields(Row) if f.name in _MEASURED and "int" in str(f.type)}
+
+
+def summarize(rows: Sequence[Row]) -> list[Row]:
+    """One row per (case, proto), in first-seen order: each measured field the median over the
+    rounds that succeeded, ``extra["range"][field] = [min, max]``, ``extra["rounds"]`` how
+    many rounds it holds and ``extra["failed_rounds"]`` how many failed. A row that failed in
+    every round is its first failure."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.case, r.proto), []).append(r)
+    out = []
+    for group in groups.values():
+        ok = [r for r in group if r.error is None]
+        if not ok:
+            out.append(replace(group[0], extra={**group[0].extra, "rounds": 0, "failed_rounds": len(group)}))
+            continue
+        med = replace(ok[0], round=0, extra={**ok[0].extra, "rounds": len(ok), "failed_rounds": len(group) - len(ok),
+                                             "range": {}})
+        for name in _MEASURED:
+            vals = [getattr(r, name) for r in ok if getattr(r, name) is not None]
+            if not vals:
+                continue
+            m = statistics.median(vals)
+            setattr(med, name, round(m) if name in _INTS else m)
+            med.extra["range"][name] = [min(vals), max(vals)]
+        out.append(med)
+    return out
+
+
+def round_ratios(rows: Sequence[Row]) -> tuple[dict[str, float | None], dict[str, list[float]]]:
+    """Every ratio formed within each round (:func:`ratios`), then over the rounds: the
+    medians and, per key, ``[min, max]`` -- never a ratio of medians from different rounds."""
+    per: dict[str, list[float]] = {}
+    keys: list[str] = []
+    for rnd in sorted({r.round for r in rows}):
+        for k, v in ratios([r for r in rows if r.round == rnd]).items():
+            if k not in per:
+                per[k] = []
+                keys.append(k)
+            if v is not None:
+                per[k].append(v)
+    med = {k: (statistics.median(per[k]) if per[k] else None) for k in keys}
+    span = {k: [min(per[k]), max(per[k])] for k in keys if per[k]}
+    return med, span
 
 
 def percentile(sorted_values: Sequence[float], pct: float) -> float | None:

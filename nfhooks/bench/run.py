@@ -34,7 +34,7 @@ from .cases import (
     NOT_AVAILABLE,
     PORT,
     UDP_LEN,
-    backend_args,
+    engine_args,
 )
 from .parse import IperfResult, breakdown, bucket_quantile, cpu_ticks, histogram_buckets, parse_iperf
 from .parse import queue_handled, summarize_collapsed, vm_hwm_kib
@@ -242,7 +242,7 @@ class Bench:
     def start_engine(self, *extra: str) -> Any:
         return self.lab.start_engine(str(self.policy), "--set", f"port={PORT}",
                                      "--set", f"fields_port={FIELDS_PORT}",
-                                     "--set", f"echo_port={ECHO_PORT}", *backend_args("nfhooks"), *extra,
+                                     "--set", f"echo_port={ECHO_PORT}", *engine_args("nfhooks"), *extra,
                                      node="router", ready_timeout=30)
 
     def engine_rows(self, protos: Sequence[str], fields: bool,
@@ -272,7 +272,7 @@ class Bench:
     def policy_rows(self, case: str, policy: Path, port: int, protos: Sequence[str]) -> list[Row]:
         """Rows of one more engine running ``policy`` (``--set port=<port>``)."""
         try:
-            engine = self.lab.start_engine(str(policy), "--set", f"port={port}", *backend_args(case),
+            engine = self.lab.start_engine(str(policy), "--set", f"port={port}", *engine_args(case),
                                            node="router", ready_timeout=30)
         except Exception as e:  # noqa: BLE001
             self.log(f"  {case}: engine did not start: {e}")
@@ -379,9 +379,12 @@ class Bench:
             return Row(case, proto, error=f"{type(e).__name__}: {e}")
 
     def run(self, protos: Sequence[str], fields: bool, scapy: bool, *, more: bool = True,
-            latency: dict[str, Any] | None = None, rate: float = LATENCY_RATE) -> list[Row]:
-        """Every row; ``more``: also the 20-handler, flow offload and workers rows.
-        ``latency`` (a dict) receives the latency probes: kernel, bare, nfhooks."""
+            latency: dict[str, Any] | None = None, rate: float = LATENCY_RATE, rounds: int = 1) -> list[Row]:
+        """Every row, ``rounds`` times over: round 1 measures every row, then round 2 every
+        row, ... (so a slow minute of a shared machine hits one round of every row, not every
+        round of one row); each Row says its round. ``more``: also the 20-handler, flow offload
+        and workers rows. ``latency`` (a dict) receives the latency probes, taken once, in round
+        1: kernel, bare, nfhooks."""
         rows: list[Row] = []
         if latency is not None:
             latency["kernel"] = self._guard_latency("kernel", rate)
@@ -390,6 +393,18 @@ class Bench:
             if latency is not None:
                 self.engine_rows((), False, latency=latency, rate=rate)
             return rows
+        for rnd in range(1, rounds + 1):
+            self.log(f"round {rnd}/{rounds}")
+            batch = self._round(protos, fields, scapy, more, latency if rnd == 1 else None, rate)
+            for r in batch:
+                r.round = rnd
+            rows += batch
+        return rows
+
+    def _round(self, protos: Sequence[str], fields: bool, scapy: bool, more: bool,
+               latency: dict[str, Any] | None, rate: float) -> list[Row]:
+        """One round: every row once (each consumer started once, measured for each proto)."""
+        rows: list[Row] = []
         for proto in protos:
             rows.append(self._guard("kernel", proto, lambda: self.kernel(proto)))
             rows.append(self._guard("bare", proto, lambda: self.script_consumer("bare", proto)))
@@ -400,6 +415,8 @@ class Bench:
             rows += self.policy_rows(case, self.policy, PORT, protos)
         if more:
             rows += self.policy_rows("nfhooks 20 handlers", BENCH20_POLICY, PORT, protos)
+            if "tcp" in protos:  # what the default GSO gains: the same policy with --no-gso
+                rows += self.policy_rows("nfhooks 20 handlers no-gso", BENCH20_POLICY, PORT, ("tcp",))
             rows += self.policy_rows("nfhooks flow offload", FLOW_POLICY, FLOW_PORT, protos)
             rows += self.workers_rows(protos)
         order = {c: i for i, c in enumerate(CASES)}

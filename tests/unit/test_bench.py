@@ -200,7 +200,8 @@ def test_markdown_and_docs_block():
     lat["nfhooks"] = {**lat["kernel"], "p50_us": 50.0, "p99_us": 150.0}
     md = markdown(rows, lat, {"seconds": 5, "cpus": 2})
     line = next(x for x in md.splitlines() if x.startswith("| UDP 64 B | nfhooks |"))
-    assert "| 0.20x | 0.80x | 1,000 | 5.00 | 2.50x |" in line
+    assert "| 80,000 | - | 0.20x | 0.80x | - | 5.00 | 2.50x |" in line
+    assert "one round; every queue fail-closed" in md
     assert "| nfhooks 2 workers | not available" in md
     assert "| nfhooks | 10 | 10 | 50 | 40 | 150 | 90 | +20 | +70 |" in md
     doc = replace_block("# Perf\n\ntext\n", md)
@@ -226,3 +227,73 @@ def test_decision_quantiles_from_two_scrapes():
     assert bucket_quantile(h0, h1, 0.99) == float("inf")  # 98 <= 25 us, the 99th is beyond
     assert bucket_quantile(h0, h1, 0.98) == 2.5e-05
     assert bucket_quantile(h1, h1, 0.5) is None
+
+
+def test_udp_throughput_is_what_the_consumer_decided_and_bypasses_are_apart():
+    """A fail-open queue "delivers" what the kernel accepted unasked; the row's throughput is
+    the decided count (queue ids handed over), the difference is reported as bypassed."""
+    res = IperfResult("udp", 2.0, 3000, 0, 1e6, 3000)  # 3000 arrived
+    r = Row.build("nfhooks", res, cpu=0.01, queue={"handled": 2000, "queue_dropped": 0, "user_dropped": 0})
+    assert r.decided_pps == 1000.0 and r.pps == 1500.0 and r.bypassed == 1000
+    bare = Row.build("bare", res, cpu=0.01, queue={"handled": 4000, "queue_dropped": 9, "user_dropped": 0})
+    assert bare.bypassed == 0  # fail-closed: more decided than arrived (some were dropped)
+    assert ratios([r, bare])["udp_pps nfhooks/bare"] == pytest.approx(0.5)  # 1000 / 2000 decided per s
+    kernel = Row.build("kernel", res)
+    assert kernel.decided_pps is None and ratios([r, kernel])["udp_pps nfhooks/kernel"] == pytest.approx(1000 / 1500)
+
+
+def test_every_engine_row_is_fail_closed_and_the_no_gso_row_says_so():
+    from nfhooks.bench.cases import CASES, engine_args
+
+    for case in CASES[3:]:
+        assert engine_args(case)[0] == "--fail-closed"
+    assert "--no-gso" in engine_args("nfhooks 20 handlers no-gso")
+    assert "--no-gso" not in engine_args("nfhooks 20 handlers")  # default options: GSO where safe
+    assert engine_args("nfhooks nft") == ["--fail-closed", "--backend", "nft"]
+
+
+def _rounds():
+    # three rounds; round 2 is a noisy minute for everyone
+    out = []
+    for rnd, (k, b, n) in enumerate(((400e3, 100e3, 80e3), (200e3, 50e3, 45e3), (380e3, 110e3, 77e3)), 1):
+        out += [Row("kernel", "udp", pps=k, round=rnd),
+                Row("bare", "udp", decided_pps=b, cpu_us_per_packet=2.0, round=rnd),
+                Row("nfhooks", "udp", decided_pps=n, cpu_us_per_packet=2.0 + rnd, handled=int(n), round=rnd)]
+    out.append(Row("scapy", "udp", error="boom", round=1))
+    return out
+
+
+def test_summarize_gives_median_and_range_per_row():
+    from nfhooks.bench import summarize
+
+    s = {(r.case, r.proto): r for r in summarize(_rounds())}
+    n = s[("nfhooks", "udp")]
+    assert n.decided_pps == 77e3 and n.extra["range"]["decided_pps"] == [45e3, 80e3]
+    assert n.cpu_us_per_packet == 4.0 and n.extra["rounds"] == 3 and n.handled == 77000
+    assert isinstance(n.handled, int)
+    assert s[("scapy", "udp")].error == "boom" and s[("scapy", "udp")].extra["rounds"] == 0
+    assert [r.case for r in summarize(_rounds())] == ["kernel", "bare", "nfhooks", "scapy"]  # first-seen order
+
+
+def test_ratios_are_formed_within_a_round_then_their_median():
+    from nfhooks.bench import round_ratios
+
+    med, span = round_ratios(_rounds())
+    per_round = [80 / 100, 45 / 50, 77 / 110]
+    assert med["udp_pps nfhooks/bare"] == pytest.approx(sorted(per_round)[1])  # 0.8
+    assert span["udp_pps nfhooks/bare"] == pytest.approx([min(per_round), max(per_round)])
+    # not the ratio of the medians (77e3 / 100e3 = 0.77): the rows' medians come from different rounds
+    assert med["udp_pps nfhooks/bare"] != pytest.approx(0.77)
+    assert med["udp_cpu_per_packet nfhooks/bare"] == pytest.approx(2.0)  # 1.5, 2.0, 2.5
+
+
+def test_markdown_shows_median_with_range_and_round_ratios():
+    from nfhooks.bench import markdown, round_ratios, summarize
+
+    measured = _rounds()
+    med, span = round_ratios(measured)
+    md = markdown(summarize(measured), {}, {"seconds": 2, "cpus": 2, "rounds": 3}, med, span)
+    assert "3 interleaved rounds, median (min–max), ratios formed within each round" in md
+    line = next(x for x in md.splitlines() if x.startswith("| UDP 64 B | nfhooks |"))
+    assert "| 77,000 (45,000–80,000) |" in line and "| 0.80x (0.70–0.90) |" in line
+    assert "| 4.00 (3.00–5.00) |" in line
