@@ -26,7 +26,8 @@ __all__ = ["Backend", "generation_chains", "stamp_deletions", "check_queue_suppo
 def generation_chains(generation: int) -> set[str]:
     """Names of every chain a generation may own (its hooks' chains and its CONNSAVE)."""
     return {chain_name(h, generation)
-            for h in (*HOOKS, "CONNSAVE", "RESTORE", "SAVE", "ROUTE-NAT", *(f"FLOW-{h}" for h in HOOKS))}
+            for h in (*HOOKS, "CONNSAVE", "RESTORE", "SAVE", "ROUTE-NAT", *(f"FLOW-{h}" for h in HOOKS),
+                      *(f"CONN-{h}" for h in HOOKS))}  # connverdict.conn_chain
 
 
 def stamp_deletions(rs: RuleSet, family: int) -> tuple[list[str], int]:

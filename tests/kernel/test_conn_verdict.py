@@ -11,13 +11,12 @@ IPv4 and IPv6, both rule backends (conftest.py).
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 
 import pytest
 
-from .conftest import POLICIES, metric, rule_counter
+from .conftest import POLICIES, metric, nfh_lines, rule_counter
 
 PORT = 8080
 BODY = 1_000_000
@@ -167,8 +166,7 @@ def gate_lab(nfh_lab):
     ready = lab.tmpdir / "tcp.ready"
     lab.popen("router", sys.executable, "-c", HTTP_SERVER, 7201, 1000, ready)
     lab.wait_for(ready.exists, what="TCP server on the router")
-    lab.start_engine(str(policy))
-    return lab
+    return lab, lab.start_engine(str(policy))
 
 
 def udp_flow(lab, family: int, *payloads: str) -> list[str]:
@@ -179,7 +177,7 @@ def udp_flow(lab, family: int, *payloads: str) -> list[str]:
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_dropped_connection_stays_dropped_in_the_kernel(gate_lab, family):
-    lab = gate_lab
+    lab, _ = gate_lab
     lab.udp_server("router", 7202, family)
     to_router = lab.addr("router", family)
     # TCP: the request decides; the client's retransmissions of it are dropped by the kernel
@@ -203,3 +201,46 @@ def test_a_dropped_connection_stays_dropped_in_the_kernel(gate_lab, family):
     assert rule_counter(lab, "conn accept", family=family) >= 10
     lab.wait_for(lambda: metric(lab, "nfhooks_connection_verdict_packets_total", hook="INPUT",
                                 verdict="drop") >= 5, timeout=5, what="the kernel's drops exported")
+
+
+UDP_PHASES = r"""
+import os, socket, sys, time
+host, port, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1.0)
+for p in sys.argv[4:]:
+    if p == "|":  # wait for the test to say go (one flow, one socket, across the pause)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        continue
+    s.sendto(p.encode(), (host, port))
+    try:
+        print(s.recv(2048).decode(), flush=True)
+    except OSError:
+        print("-", flush=True)
+"""
+
+
+def test_a_reload_decides_every_connection_again(gate_lab):
+    lab, eng = gate_lab
+    lab.udp_server("router", 7202, 4)
+    go, out = lab.tmpdir / "reload.go", lab.tmpdir / "reload.out"
+    with open(out, "w") as f:
+        proc = lab.popen("client", sys.executable, "-c", UDP_PHASES, lab.addr("router"), 7202, go,
+                         "hello", "ok", "d1", "|", "d2", "d3", "d4", stdout=f)
+    lab.wait_for(lambda: len(out.read_text().split()) == 3, timeout=15, what="the flow decided, d1 echoed")
+    assert handled(lab, "udp_gate") == 2  # hello (plain accept), ok (accept(connection=True))
+    r = lab.exec("router", sys.executable, "-m", "nfhooks", "reload", check=False, timeout=60)
+    assert r.returncode == 0 and "generation 2" in r.stderr, r.stderr
+    lab.wait_for(lambda: "NFH-CONN-INPUT " not in "\n".join(nfh_lines(lab)), timeout=15,
+                 what="the retired generation's NFH-CONN-INPUT chains removed")
+    go.touch()
+    assert proc.wait(30) == 0
+    assert out.read_text().split() == ["hello", "ok", "d1", "d2", "d3", "d4"]
+    # the reloaded policy asked Python once more (d2: its connmark had the old generation), then
+    # the kernel took the rest again
+    assert handled(lab, "udp_gate") == 3
+    assert rule_counter(lab, "conn accept") >= 2
+    eng.stop()
+    assert nfh_lines(lab) == []  # every chain of ours went, NFH-CONN-* included
