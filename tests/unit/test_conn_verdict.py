@@ -225,3 +225,27 @@ def test_check_says_which_handlers_decide_connections():
     assert r.exit_code == 0, r.output
     assert "# connection verdicts: http (accept/reject), http_forward (accept/reject)" in r.output
     assert '--dport 8080' in r.output and '"nfhooks conn reject" -j REJECT --reject-with tcp-reset' in r.output
+
+
+def test_the_handler_sees_only_the_user_bits_of_the_mark(dispatch):
+    p = Policy("t")
+
+    @p.input(proto="tcp", dport=80)
+    def web(pkt):
+        return accept(connection=True) if pkt.mark == 0x12 else drop()
+
+    d = dispatch(p, flow_generation=5)
+    d = d.use(offload=FlowOffload(d.ruleset, d.policy))
+    L = d.ruleset.layout
+    nfh_bits = L["conn:INPUT:filter"].encode(3) | L["flowgen"].encode(5)  # as a restored connmark could carry
+    assert d.send(proto="tcp", dport=80, handler="web", mark=0x12 | nfh_bits).calls == ["repeat"]
+
+
+def test_the_engine_gives_a_connection_verdict_policy_a_new_generation_per_compile():
+    from nfhooks.engine import Engine
+    from nfhooks.metrics import Metrics
+
+    e = Engine(web_policy(), metrics=Metrics(CollectorRegistry()), flow_generation=7)
+    assert e.ruleset.flow_generation == 7 and e.dispatcher.offload is not None
+    assert e.dispatcher.offload.connection(e.policy.handlers[0])["accept"][0] & e.ruleset.layout["action"].mask
+    assert e._flow_args(web_policy()) == {"flow_generation": 1}  # a reload: 7 -> 1, old decisions forgotten
