@@ -244,3 +244,21 @@ def test_a_reload_decides_every_connection_again(gate_lab):
     assert rule_counter(lab, "conn accept") >= 2
     eng.stop()
     assert nfh_lines(lab) == []  # every chain of ours went, NFH-CONN-* included
+
+
+def test_connection_verdicts_under_workers(nfh_lab):
+    """--workers: each worker's dispatcher keeps decisions in the same kernel rules; the main
+    process exports the counts (it reads the rules)."""
+    lab = nfh_lab
+    policy = lab.tmpdir / "gate.py"
+    policy.write_text(GATE)
+    policy.chmod(0o644)
+    lab.udp_server("router", 7202, 4)
+    lab.start_engine(str(policy), "--workers", "2")
+    later = [f"d{i}" for i in range(8)]
+    assert udp_flow(lab, 4, "hello", "ok", *later) == ["hello", "ok", *later]
+    assert udp_flow(lab, 4, "hello", "bad", "again") == ["hello", "-", "-"]
+    assert rule_counter(lab, "conn accept") >= 8 and rule_counter(lab, "conn drop") >= 1
+    exported(lab, "nfhooks_connection_verdicts_total", 1, handler="udp_gate", verdict="accept")
+    exported(lab, "nfhooks_connection_verdicts_total", 1, handler="udp_gate", verdict="drop")
+    assert handled(lab, "udp_gate") == 4
