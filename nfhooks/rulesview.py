@@ -36,6 +36,8 @@ PLUMBING = {
     "flowsave": "flow save",
     "flow": "flow save",
     "route-shape": "route/shape mark",
+    "conn": "connection verdict save",
+    "connverdict": "connection verdict save",
 }
 
 _COMMENT = re.compile(r' -m comment --comment ("[^"]*"|\S+)')
@@ -114,6 +116,8 @@ def classify(c: Counted) -> Row:
     if first == "offload" and rest:
         return Row("handler", rest, "accept (offloaded)", _OFFLOAD_DIR.sub("", match).strip(),
                    c.packets, c.bytes, before)
+    if first == "conn" and rest in ("accept", "drop", "reject"):  # a decided connection's packets (connverdict.py)
+        return Row("handler", "(connections)", f"{rest} (decided)", "", c.packets, c.bytes, before)
     if first in ("nat", "route") and rest:  # the mark that selects the target is nfhooks' own
         return Row("handler", f"{first} {rest}", action, _MARK.sub("", " " + match).strip(), c.packets, c.bytes,
                    before)
@@ -122,7 +126,8 @@ def classify(c: Counted) -> Row:
     elif not c.chain.startswith(CHAIN_PREFIX):
         kind = "jump"
     else:  # the body of a side chain, tagged plain "nfhooks": named by the chain it is in
-        kind = "connmark save" if "CONNSAVE" in c.chain else "flow save" if "FLOW-" in c.chain else "side chain"
+        kind = ("connmark save" if "CONNSAVE" in c.chain else "flow save" if "FLOW-" in c.chain
+                else "connection verdict save" if "CONN-" in c.chain else "side chain")
     return Row(kind, f"({kind})", action, match, c.packets, c.bytes, before)
 
 

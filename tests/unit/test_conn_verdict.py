@@ -249,3 +249,16 @@ def test_the_engine_gives_a_connection_verdict_policy_a_new_generation_per_compi
     assert e.ruleset.flow_generation == 7 and e.dispatcher.offload is not None
     assert e.dispatcher.offload.connection(e.policy.handlers[0])["accept"][0] & e.ruleset.layout["action"].mask
     assert e._flow_args(web_policy()) == {"flow_generation": 1}  # a reload: 7 -> 1, old decisions forgotten
+
+
+def test_nfhooks_rules_shows_what_the_kernel_decided_for_decided_connections():
+    from nfhooks.rulesview import sections
+    from nfhooks.saved import counted_rules
+
+    rs = compile_policy(web_policy(), flow_generation=1)
+    text = "\n".join(f"[9:900] {x}" if x.startswith("-A") else x for x in rs.render([4]).splitlines())
+    inp = next(s for s in sections(counted_rules(text, 4)) if s.hook == "INPUT")
+    rows = [(r.handler, r.action, r.packets) for r in inp.rows if r.kind == "handler"]
+    assert rows[:3] == [("(connections)", "accept (decided)", 9), ("(connections)", "reject (decided)", 9),
+                        ("(connections)", "reject (decided)", 9)]  # TCP reset + port unreachable: one line shown
+    assert {r.kind for r in inp.rows if r.kind != "handler"} >= {"connection verdict save"}
