@@ -27,6 +27,7 @@ from .obs_series import StableRegistry
 from .policy_metrics import PolicyMetrics
 from .features.base import EngineEnv
 from .features.registry import FEATURES
+from .lifecycle import Lifecycle, Undo
 from .policy import Policy, self_marked
 from .rules import RuleSet, compile_policy
 from .watchdog import DEFAULT_BUDGET, DEFAULT_TIMEOUT, Watchdog
@@ -97,11 +98,13 @@ class Engine:
         self._use(policy, ruleset or compile_policy(policy, queue_base=queue_base, **self.compile_args,
                                                     **self._flow_args(policy)))
         self.queues: Any = None
-        self.owner: Any = None
-        self.installed = False
         self.failed: BaseException | None = None  # what ended serve(), if not a signal
-        self.left_installed = False  # stop() left the rules as a kill -9 would (after an error)
         self.rule_watch: Any = None  # an integrity.RuleWatch once started
+        # start/stop as one transaction (lifecycle.py); what stop() undoes, the last first:
+        self.lifecycle = Lifecycle(self.backend)
+        self.lifecycle.on_stop(self._unlink_status)
+        self.lifecycle.on_stop(self._close_queues)
+        self.lifecycle.on_stop(self._stop_features, with_rules=True)  # not while rules that mark packets stay
         self._failpoint = os.environ.get("NFHOOKS_FAILPOINT", "")  # tests: simulate an internal error
 
     def _use(self, policy: Policy, ruleset: RuleSet) -> None:
@@ -150,18 +153,27 @@ class Engine:
         self.metrics.set_policy(self.policy.name or "policy", self.policy.version,
                                 [(n, h.hook, h.name) for n, h in sorted(queues.items())], source_hash(self.policy))
 
+    @property
+    def installed(self) -> bool:
+        return self.lifecycle.installed
+
+    @property
+    def owner(self) -> Any:
+        return self.lifecycle.owner  # an owner.Ownership while the namespace is ours
+
+    @property
+    def left_installed(self) -> bool:
+        """stop() left the rules as a kill -9 would (after an error)."""
+        return self.lifecycle.left_installed
+
     def start(self) -> None:
-        from .backends import other_backends_with_ours
-        from .owner import Ownership
+        """Take the namespace, then one transaction (a failure undoes it all: stop()): remove
+        a stale set, bind every queue (before any rule can feed it), start the features, install."""
         from .queue import QueueSet
 
-        self.backend.check_kernel()
-        self.owner = Ownership.acquire()
+        self.lifecycle.begin()
         try:
-            for b in [self.backend, *other_backends_with_ours(self.backend)]:
-                if b.has_ours():
-                    log.warning("removing a stale nfhooks rule set (backend %s) left by an engine that is gone: %s",
-                                b.name, "; ".join(b.remove()))
+            self.lifecycle.remove_stale()
             self.queues = QueueSet(self.queue_options)
             self._bind(self.ruleset, [])
             # queue series by (hook, handler), not by the number a reload changes (obs_series.py)
@@ -170,8 +182,7 @@ class Engine:
             self._publish()
             for f in FEATURES:  # ip rules, routes, qdiscs exist before any rule marks a packet
                 f.start(self.env)
-            self.backend.install(self.ruleset)
-            self.installed = True
+            self.lifecycle.install(self.ruleset)
             self._watch_rules()
             self._write_status(True, f"policy {self.policy.name} started (generation {self.ruleset.generation})")
         except BaseException:
@@ -217,6 +228,16 @@ class Engine:
             return self._reload_done(False, f"reload failed, policy {old_policy.name} (generation "
                                             f"{old_rs.generation}) keeps running: {e}")
         bound: list[int] = []
+
+        def keep_old() -> None:
+            self.policy, self.ruleset, self.nat, self.dispatcher = old_policy, old_rs, old_nat, old_disp
+            self.env, self.runtimes, self.offload = old_env, old_runtimes, old_offload
+            self.policy_metrics.bind(old_policy)
+
+        undo = Undo()  # a refused new generation is taken down again, newest step first
+        undo.push(keep_old)
+        undo.push(lambda: [self.queues.unbind(num) for num in bound])
+        undo.push(lambda: self.backend.remove_generation(rs.generation))  # its chains, a feature's too
         try:
             self._use(policy, rs)
             self._bind(rs, bound)
@@ -224,14 +245,7 @@ class Engine:
                 f.reload(old_env, self.env)
             self.backend.install(rs)
         except Exception as e:  # noqa: BLE001 -- kernel refusal: undo the new half, keep the old
-            try:
-                self.backend.remove_generation(rs.generation)
-            finally:
-                for num in bound:
-                    self.queues.unbind(num)
-                self.policy, self.ruleset, self.nat, self.dispatcher = old_policy, old_rs, old_nat, old_disp
-                self.env, self.runtimes, self.offload = old_env, old_runtimes, old_offload
-                self.policy_metrics.bind(old_policy)
+            undo.unwind()
             return self._reload_done(False, f"reload failed installing generation {rs.generation}, policy "
                                             f"{old_policy.name} keeps running: {e}")
         try:
@@ -383,49 +397,39 @@ class Engine:
             log.warning("stopping: %d queued packet(s) not answered within %.1f s are dropped", left, took)
         else:
             log.info("stopping: every queued packet answered (%.2f s)", took)
-        removed = self.backend.remove()
-        if removed:
-            log.info("removed: %s", "; ".join(removed))
-        self.installed = False
+        self.lifecycle.remove()
         self.retiring = []
         return left
 
     def stop(self) -> None:
-        """Remove what start() set up. After an error ended serve() (``self.failed``), the
-        rules stay, as after a kill -9: fail-closed hooks keep dropping (their queue rules
-        have no listener), fail-open ones let traffic through, until the next start removes
-        the stale set or ``nfhooks flush`` does."""
+        """Undo what start() did (lifecycle.py: rules, features, queues, status, lock). After
+        an error ended serve() (``self.failed``), the rules stay, as after a kill -9: fail-closed
+        hooks keep dropping (their queue rules have no listener), fail-open ones let traffic
+        through, until the next start removes the stale set or ``nfhooks flush`` does."""
         if self.rule_watch is not None:
             self.rule_watch.enabled = False
-        if self.failed is not None and self.installed:
-            closed = sorted(h for h, o in self.ruleset.fail_open.items() if not o and
-                            any(x.hook == h for x in self.ruleset.queues.values()))
-            log.error("the engine stopped on an error (%s: %s); leaving its rules in place as a kill -9 "
-                      "would: fail-closed hooks (%s) drop what they would queue, fail-open hooks let it "
-                      "through, until `nfhooks run` starts again or `nfhooks flush` removes them",
-                      type(self.failed).__name__, self.failed, ", ".join(closed) or "none")
-            self.installed = False
-            self.left_installed = True
-        try:
-            if not self.left_installed and (self.installed or self.owner is not None):
-                removed = self.backend.remove()
-                if removed:
-                    log.info("removed: %s", "; ".join(removed))
-                self.installed = False
-                self.retiring = []
-        finally:
-            if not self.left_installed:  # after the rules that mark packets
-                for f in reversed(FEATURES):  # never raises: the teardown goes on
-                    f.stop(self.env, owned=self.owner is not None)
-            if self.queues is not None:
-                self.queues.close()
-                self.queues = None
-            if self.status_file:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.status_file)
-            if self.owner is not None:
-                self.owner.release()
-                self.owner = None
+        closed = sorted(h for h, o in self.ruleset.fail_open.items() if not o and
+                        any(x.hook == h for x in self.ruleset.queues.values()))
+        why = f"{type(self.failed).__name__}: {self.failed}" if self.failed is not None else ""
+        if not self.lifecycle.end(self.failed, leaving=(
+                f"the engine stopped on an error ({why}); leaving its rules in place as a kill -9 "
+                f"would: fail-closed hooks ({', '.join(closed) or 'none'}) drop what they would queue, "
+                "fail-open hooks let it through, until `nfhooks run` starts again or `nfhooks flush` removes them")):
+            self.retiring = []
+
+    def _stop_features(self) -> None:
+        for f in reversed(FEATURES):  # never raises: the teardown goes on
+            f.stop(self.env, owned=self.owner is not None)
+
+    def _close_queues(self) -> None:
+        if self.queues is not None:
+            self.queues.close()
+            self.queues = None
+
+    def _unlink_status(self) -> None:
+        if self.status_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self.status_file)
 
 
 def hooks_summary(rs: RuleSet) -> list[str]:

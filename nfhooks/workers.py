@@ -256,17 +256,17 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.process_collector import ProcessCollector
 
-    from .backends import get_backend, other_backends_with_ours
+    from .backends import get_backend
     from .exporter import is_loopback, parse_listen_addr
     from .integrity import RuleWatch, reinstall
+    from .lifecycle import Lifecycle
     from .nat import backend_installer
-    from .owner import Ownership
 
     check_supported(rs, workers, policy)
     brs, per_worker = balance(rs, workers, cpu_fanout)
     backend = backend or get_backend()
-    backend.check_kernel()
-    owner = Ownership.acquire()
+    lc = Lifecycle(backend)  # the engine's transaction (lifecycle.py): the main process owns the rules
+    lc.begin()
     pool: Pool | None = None
     nat: NatServer | None = None
     server = None
@@ -295,12 +295,36 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
             pass
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    serving = stopped = False
+
+    def stop_pool() -> None:  # each worker closes its queues to new packets and answers what they hold
+        if pool is not None:
+            pool.stop()
+
+    def close_nat() -> None:  # no nat rule added while or after the rules are removed
+        if nat is not None:
+            nat.close()
+
+    def shutdown() -> None:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def restore_signals() -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+        os.close(wake_r)
+        os.close(wake_w)
+
+    # what the end undoes, the last first: the workers drain, then NAT closes, with every rule in
+    # place; then the rules go (or stay, after an error), the endpoint, the signals, the lock
+    lc.on_stop(restore_signals)
+    lc.on_stop(shutdown)
+    lc.on_stop(close_nat, before_rules=True)
+    lc.on_stop(stop_pool, before_rules=True)
+    serving = False
+    failed: BaseException | None = None
     try:
-        for b in [backend, *other_backends_with_ours(backend)]:
-            if b.has_ours():
-                log.warning("removing a stale nfhooks rule set (backend %s) left by an engine that is gone: %s",
-                            b.name, "; ".join(b.remove()))
+        lc.remove_stale()
         pool = Pool(policy, brs, per_worker, options, (budget, timeout))
         if pool.nat_conns:  # started after the fork, before any packet is queued
             targets = NatTargets(brs.layout, brs.nat_targets, generation=brs.generation,
@@ -310,7 +334,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         pool.wait_ready()
         supervisor = Supervisor(pool, on_start=nat.add if nat is not None else (lambda i, conn: None),
                                 fail_modes={q: brs.fail_open[h.hook] for q, h in brs.queues.items()})
-        backend.install(brs)
+        lc.install(brs)
         where = "off"
         if metrics_addr != "off":  # started after the fork: no worker inherits its threads
             host, port = parse_listen_addr(metrics_addr)
@@ -356,31 +380,12 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
                 supervisor.tick()
                 if watch.due():
                     watch.check()  # rules removed under us (flush --force): put them back
-        stopped = True
         return 0
+    except BaseException as e:
+        if serving:  # ended by an error: leave the rules as a kill -9 would
+            failed = e
+        raise
     finally:
-        if pool is not None:
-            pool.stop()  # each worker closes its queues to new packets and answers what they hold
-            pool = None
-        if nat is not None:
-            nat.close()  # no nat rule added while or after the rules are removed
-        try:
-            if serving and not stopped:  # ended by an error: leave the rules as a kill -9 would
-                log.error("the --workers main process stopped on an error; leaving its rules in place as a "
-                          "kill -9 would (fail-closed hooks drop, fail-open ones pass) until `nfhooks run` "
-                          "starts again or `nfhooks flush` removes them")
-            else:
-                removed = backend.remove()
-                if removed:
-                    log.info("removed: %s", "; ".join(removed))
-        finally:
-            if pool is not None:
-                pool.stop()
-            if server is not None:
-                server.shutdown()
-                server.server_close()
-            for s, h in old.items():
-                signal.signal(s, h)
-            os.close(wake_r)
-            os.close(wake_w)
-            owner.release()
+        lc.end(failed, leaving="the --workers main process stopped on an error; leaving its rules in place as a "
+                               "kill -9 would (fail-closed hooks drop, fail-open ones pass) until `nfhooks run` "
+                               "starts again or `nfhooks flush` removes them")
