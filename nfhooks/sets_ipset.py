@@ -82,13 +82,24 @@ def destroy_ours(keep: Iterable[str] = ()) -> list[str]:
 
 class IpsetShell:
     """One ``ipset -exist -`` process; ``run(line)`` returns its answer, thread-safe (the
-    engine loop and a metrics scrape share it). Started on first use, ended by ``close()``."""
+    engine loop and a metrics scrape share it). Started on first use, ended by ``close()``.
+
+    Per process: a ``--workers`` worker is forked with the main process's shell object, and two
+    processes writing one shell's stdin would read each other's answers. So a process that did
+    not start the shell it holds starts its own (with a fresh lock: the inherited one may have
+    been held by a thread that does not exist in the child) and never ends the other's."""
 
     TIMEOUT = 5.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._owner = os.getpid()
+
+    def _mine(self) -> None:
+        """Forget a shell (and lock) inherited from the process this one was forked from."""
+        if self._owner != os.getpid():
+            self._lock, self._proc, self._owner = threading.Lock(), None, os.getpid()
 
     def _start(self) -> subprocess.Popen[bytes]:
         _need()
@@ -119,6 +130,7 @@ class IpsetShell:
         """The answer to one command: '' for a quiet success, ipset's message otherwise."""
         if "\n" in line:
             raise ValueError("one ipset command per line")
+        self._mine()
         with self._lock:
             p = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
             assert p.stdin is not None
@@ -136,6 +148,7 @@ class IpsetShell:
             p.wait()
 
     def close(self) -> None:
+        self._mine()
         with self._lock:
             p, self._proc = self._proc, None
         if p is None:

@@ -158,3 +158,23 @@ def test_a_100k_list_is_read_and_checked_quickly(tmp_path) -> None:
           "tests/kernel/test_sets_kernel.py)")
     assert len(s.declared()) == 100_000
     assert s.maxelem(4) == 262144 and s.maxelem(6) == 65536
+
+
+def test_a_forked_process_never_uses_or_ends_the_shell_it_inherited():
+    """--workers: a worker holds the main process's IpsetShell object after fork; writing the
+    same ipset's stdin from two processes would mix their answers."""
+    import os
+
+    from nfhooks.sets_ipset import IpsetShell
+
+    sh = IpsetShell()
+    theirs, their_lock = object(), sh._lock
+    sh._proc = theirs  # type: ignore[assignment]  # as if started by the process we were forked from
+    sh._owner = os.getpid() + 1
+    their_lock.acquire()  # held by a thread that does not exist in a forked child
+    sh.close()  # must not quit the other process's shell (nor wait for its lock)
+    assert sh._proc is None and sh._lock is not their_lock and sh._owner == os.getpid()
+    their_lock.release()
+    sh._proc = theirs  # type: ignore[assignment]
+    sh._mine()  # our own process's shell is kept
+    assert sh._proc is theirs
