@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cases import CASES, NOT_AVAILABLE, UDP_LEN
-from .results import Row, added_latency, ratios
+from .results import Row, added_latency, ratios, throughput
 
 __all__ = ["DOCS_BEGIN", "DOCS_END", "chart", "describe_row", "fmt", "markdown", "render", "replace_block"]
 
@@ -72,20 +72,23 @@ def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Ma
            f"Python {meta.get('python')}, {meta.get('iperf3')}, {meta.get('time')}; {how}; every queue "
            f"fail-closed.{backend}", "",
            "| traffic | consumer | decided/s | rx pps | rx Gbit/s | x kernel | x bare | bypassed | "
-           "CPU us/pkt | CPU x bare | CPU % core | max RSS MiB |",
-           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+           "CPU us/pkt | CPU x bare | CPU us/MB | CPU/MB x bare | CPU % core | max RSS MiB |",
+           "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
         if r.error:
-            out.append(f"| {traffic} | {r.case} | {r.error.splitlines()[0][:90]} |" + " |" * 9)
+            out.append(f"| {traffic} | {r.case} | {r.error.splitlines()[0][:90]} |" + " |" * 11)
             continue
         metric = "pps" if r.proto == "udp" else "gbps"
         xk = _xs(f"{r.proto}_{metric} {r.case}/kernel", rat, span) if r.case != "kernel" else "-"
         xb = _xs(f"{r.proto}_{metric} {r.case}/bare", rat, span) if r.case not in ("kernel", "bare") else "-"
         cb = _xs(f"{r.proto}_cpu_per_packet {r.case}/bare", rat, span) if r.case not in ("kernel", "bare") else "-"
+        mb = _xs(f"tcp_cpu_per_mb {r.case}/bare", rat, span) if r.proto == "tcp" and r.case not in ("kernel", "bare") \
+            else "-"
         out.append(f"| {traffic} | {r.case} | {spread(r, 'decided_pps', ',.0f')} | {spread(r, 'pps', ',.0f')} "
                    f"| {spread(r, 'gbps', '.3f')} | {xk} | {xb} | {fmt(r.bypassed, ',')} "
                    f"| {spread(r, 'cpu_us_per_packet', '.2f')} | {cb} "
+                   f"| {spread(r, 'cpu_us_per_mb', '.0f') if r.proto == 'tcp' else '-'} | {mb} "
                    f"| {fmt(r.cpu_core_pct, '.0f')} | {fmt(r.max_rss_mib, '.1f')} |")
     if lat:
         add = added_latency(lat)
@@ -137,7 +140,7 @@ def chart(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], path: Path,
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     panels = (
         (axes[0][0], "tcp", "gbps", 1.0, "TCP Gbit/s (receiver)"),
-        (axes[0][1], "udp", "pps", 1e-3, f"UDP {UDP_LEN} B: thousand packets/s received"),
+        (axes[0][1], "udp", "pps", 1e-3, f"UDP {UDP_LEN} B: thousand packets/s decided (fail-closed)"),
         (axes[1][0], None, "cpu_us_per_packet", 1.0, "consumer CPU us per packet (UDP | TCP)"),
     )
     colors = {"kernel": "#777777", "bare": "#4c72b0", "scapy": "#dd8452"}
@@ -154,14 +157,14 @@ def chart(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], path: Path,
             ax.set_yticks(range(len(cases)), cases)
             ax.legend()
         else:
-            sel = [r for c in CASES for r in ok if r.case == c and r.proto == proto and getattr(r, attr)]
-            base = next((getattr(r, attr) for r in sel if r.case == "kernel"), None)
-            vals = [getattr(r, attr) * scale for r in sel]
+            sel = [r for c in CASES for r in ok if r.case == c and r.proto == proto and throughput(r)]
+            base = next((throughput(r) for r in sel if r.case == "kernel"), None)
+            vals = [(throughput(r) or 0.0) * scale for r in sel]
             ax.barh(range(len(sel)), vals, color=[colors.get(r.case, "#c44e52") for r in sel])
             ax.set_yticks(range(len(sel)), [r.case for r in sel])
-            for y, r in enumerate(sel):
+            for y, (r, v) in enumerate(zip(sel, vals)):
                 if base:
-                    ax.text(getattr(r, attr) * scale, y, f" {getattr(r, attr) / base:.2f}x kernel", va="center", fontsize=8)
+                    ax.text(v, y, f" {v / scale / base:.2f}x kernel", va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_title(label, fontsize=10)
     ax = axes[1][1]
@@ -197,18 +200,19 @@ def render(rows: Sequence[Row], rat: Mapping[str, float | None], meta: Mapping[s
                     f"kernel {meta['kernel']}, " + (f"median (min–max) of {rounds} rounds" if rounds > 1
                                                     else "one round"))
     for col in ("traffic", "consumer", "tx pps", "decided/s", "rx pps", "rx Gbit/s", "lost %", "bypassed",
-                "queue-full drops", "CPU us/pkt", "CPU % of a core", "max RSS MiB"):
+                "queue-full drops", "CPU us/pkt", "CPU us/MB", "CPU % of a core", "max RSS MiB"):
         t.add_column(col, justify="left" if col in ("traffic", "consumer") else "right")
     for r in rows:
         traffic = f"UDP {UDP_LEN} B" if r.proto == "udp" else "TCP"
         if r.error:
             style = "yellow" if r.error.startswith(NOT_AVAILABLE) else "red"
             what = "" if r.error.startswith(NOT_AVAILABLE) else "failed: "
-            t.add_row(traffic, r.case, f"[{style}]{what}{escape(r.error.splitlines()[0][:80])}[/{style}]", *[""] * 9)
+            t.add_row(traffic, r.case, f"[{style}]{what}{escape(r.error.splitlines()[0][:80])}[/{style}]", *[""] * 10)
             continue
         t.add_row(traffic, r.case, fmt(r.tx_pps, ",.0f"), spread(r, "decided_pps", ",.0f"), spread(r, "pps", ",.0f"),
                   spread(r, "gbps", ".3f"), fmt(r.lost_pct, ".1f"), fmt(r.bypassed, ","), fmt(r.queue_dropped, ","),
-                  spread(r, "cpu_us_per_packet", ".2f"), fmt(r.cpu_core_pct, ".0f"), fmt(r.max_rss_mib, ".1f"))
+                  spread(r, "cpu_us_per_packet", ".2f"), fmt(r.cpu_us_per_mb, ".0f"), fmt(r.cpu_core_pct, ".0f"),
+                  fmt(r.max_rss_mib, ".1f"))
     con.print(t)
     span = span or {}
     rt = Table(title="ratios (each formed within one round; median, min, max over the rounds)")

@@ -44,6 +44,9 @@ class Row:
     #: the throughput of a queue consumer; UDP's ``pps`` is what arrived, decided or not
     decided_pps: float | None = None
     bypassed: int | None = None  # UDP: arrived without being decided (a fail-open queue's bypass)
+    #: consumer CPU per MB received: TCP's per-packet figure is per *decision*, and with GSO a
+    #: decided packet is a super-packet of up to 64 KB, so per byte is the fair comparison
+    cpu_us_per_mb: float | None = None
     round: int = 1  # which round of the run (1..rounds): ratios are formed within a round
 
     @classmethod
@@ -67,6 +70,9 @@ class Row:
             n = r.handled or r.rx_packets
             if n:
                 r.cpu_us_per_packet = 1e6 * cpu / n
+            mb = (r.gbps or 0.0) * 1e9 / 8 * res.seconds / 1e6
+            if mb:
+                r.cpu_us_per_mb = 1e6 * cpu / mb
         if rss_kib is not None:
             r.max_rss_mib = rss_kib / 1024
         return r
@@ -80,12 +86,13 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def throughput(r: Row) -> float | None:
+def throughput(r: Row, delivered: bool = False) -> float | None:
     """What a row is compared by: TCP Gbit/s received; UDP packets decided per second for a
-    queue consumer (fail-closed, so nothing arrives undecided), received ones for the kernel."""
+    queue consumer (fail-closed, so nothing arrives undecided), received ones for the kernel
+    row, which decides nothing (``delivered``: received ones for every row, to compare with it)."""
     if r.proto == "tcp":
         return r.gbps
-    return r.decided_pps if r.decided_pps is not None else r.pps
+    return r.decided_pps if r.decided_pps is not None and not delivered else r.pps
 
 
 def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
@@ -105,7 +112,8 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
             ra, rb = by.get((a, proto)), by.get((b, proto))
             if ra is None or rb is None:
                 continue
-            out[f"{proto}_{metric} {a}/{b}"] = ratio(throughput(ra), throughput(rb))
+            k = "kernel" in (a, b)  # against the kernel: what was delivered, on both sides
+            out[f"{proto}_{metric} {a}/{b}"] = ratio(throughput(ra, k), throughput(rb, k))
     for proto in ("udp", "tcp"):
         for a, b in (("nfhooks", "bare"), ("scapy", "bare"), ("nfhooks fields", "nfhooks"),
                      BACKEND_PAIR,
@@ -114,13 +122,15 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
             if ra is None or rb is None:
                 continue
             out[f"{proto}_cpu_per_packet {a}/{b}"] = ratio(ra.cpu_us_per_packet, rb.cpu_us_per_packet)
+            if proto == "tcp":
+                out[f"tcp_cpu_per_mb {a}/{b}"] = ratio(ra.cpu_us_per_mb, rb.cpu_us_per_mb)
     return out
 
 
 #: Row fields summarized over rounds (median, min, max).
 _MEASURED = ("seconds", "rx_packets", "pps", "tx_pps", "gbps", "lost_pct", "handled", "queue_dropped",
              "user_dropped", "cpu_seconds", "cpu_core_pct", "cpu_us_per_packet", "max_rss_mib", "decided_pps",
-             "bypassed")
+             "bypassed", "cpu_us_per_mb")
 _INTS = {f.name for f in fields(Row) if f.name in _MEASURED and "int" in str(f.type)}
 
 

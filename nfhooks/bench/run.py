@@ -179,6 +179,11 @@ class Bench:
             row.extra["offloaded_packets"] = off
             n = (row.rx_packets if proto == "udp" else None) or (row.handled or 0) + off
             row.cpu_us_per_packet = 1e6 * cpu / n if n else None
+            # decided: by Python (the first packets) or by the offload rule (the rest): not bypassed
+            decided = (row.handled or 0) + off
+            row.decided_pps = decided / row.seconds if row.seconds else None
+            if row.bypassed is not None and row.rx_packets is not None:
+                row.bypassed = max(0, row.rx_packets - decided)
         self.log(describe_row(row))
         return row
 

@@ -239,7 +239,20 @@ def test_udp_throughput_is_what_the_consumer_decided_and_bypasses_are_apart():
     assert bare.bypassed == 0  # fail-closed: more decided than arrived (some were dropped)
     assert ratios([r, bare])["udp_pps nfhooks/bare"] == pytest.approx(0.5)  # 1000 / 2000 decided per s
     kernel = Row.build("kernel", res)
-    assert kernel.decided_pps is None and ratios([r, kernel])["udp_pps nfhooks/kernel"] == pytest.approx(1000 / 1500)
+    # the kernel decides nothing: against it, what was delivered on both sides
+    assert kernel.decided_pps is None and ratios([r, kernel])["udp_pps nfhooks/kernel"] == pytest.approx(1.0)
+
+
+def test_tcp_cpu_per_megabyte_compares_super_packets_with_segments():
+    """With GSO a decision is a super-packet: CPU per decided packet is up, CPU per byte down."""
+    seg = Row.build("bare", IperfResult("tcp", 2.0, None, None, 2e9, None), cpu=1.0,
+                    queue={"handled": 300_000, "queue_dropped": 0, "user_dropped": 0})
+    gso = Row.build("nfhooks", IperfResult("tcp", 2.0, None, None, 16e9, None), cpu=1.0,
+                    queue={"handled": 60_000, "queue_dropped": 0, "user_dropped": 0})
+    assert seg.cpu_us_per_mb == pytest.approx(1e6 / 500) and gso.cpu_us_per_mb == pytest.approx(1e6 / 4000)
+    r = ratios([seg, gso])
+    assert r["tcp_cpu_per_packet nfhooks/bare"] == pytest.approx(5.0)
+    assert r["tcp_cpu_per_mb nfhooks/bare"] == pytest.approx(0.125)
 
 
 def test_every_engine_row_is_fail_closed_and_the_no_gso_row_says_so():
