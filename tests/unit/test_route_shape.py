@@ -278,7 +278,7 @@ def test_hot_reload_keeps_routing_only_when_unchanged():
         rs = compile_policy(pol, generation=generation)
         return rs, runtime(pol, rs)
 
-    (a, ra), (b, rb) = compiled("uplinks.py"), compiled("uplinks.py", generation=2)
+    (_, ra), (b, rb) = compiled("uplinks.py"), compiled("uplinks.py", generation=2)
     assert routing._signature(ra) == routing._signature(rb)
     assert "NFH-RESTORE-2" in b.render()  # the second generation's chains do not clash
     routing.reload(compiled("firewall.py")[1], compiled("firewall.py", generation=2)[1])  # neither routes: fine
