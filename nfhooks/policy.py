@@ -337,8 +337,9 @@ class Policy:
         A handler that opens a connection itself (a lookup, say) would otherwise have its own
         packets queued behind the packet it is deciding -- in the same single-threaded engine:
         a deadlock. The socket's SO_MARK carries nfhooks' "self" bit, which every queue rule
-        excludes (the engine serving this policy gives it: :func:`self_marked`). Hook defaults
-        still apply to it.
+        excludes (the engine serving this policy gives it: :func:`self_marked`, in the thread
+        that runs the handlers; a thread the handler starts has a context of its own: start it
+        with ``contextvars.copy_context().run`` to keep the mark). Hook defaults still apply.
         """
         import socket as _socket
 
