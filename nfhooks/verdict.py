@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
+from .introspect import option_value
+
 RejectWith = Literal["auto", "tcp-reset", "port-unreachable", "host-unreachable", "admin-prohibited"]
 
 
@@ -321,7 +323,7 @@ def _addr_range(text: str, what: str) -> tuple[str, int]:
 def _nat_to(to: Any, port: Any, what: str) -> tuple[str, str | None, int]:
     """Parse a NAT destination: '10.0.2.10:8080', '[fd00::1]:80', 'fd00::1', an address
     object, or an Option holding one of those; ``port`` may give the port separately."""
-    to = getattr(to, "value", to) if hasattr(to, "option_name") else to  # a policy Option
+    to = option_value(to)  # a policy Option
     if isinstance(to, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         to = str(to)
     if not isinstance(to, str) or not to.strip():
@@ -346,7 +348,7 @@ def dnat(to: Any, port: Any = None) -> Dnat:
     ``to``: '10.0.2.10:8080', '10.0.2.10', '[fd00::1]:80', a range 'a-b', an address object,
     a Dnat (so ``policy.option(..., type=dnat)`` checks an option at load), or such an Option.
     """
-    to = getattr(to, "value", to) if hasattr(to, "option_name") else to
+    to = option_value(to)
     if isinstance(to, Dnat) and port is None:
         return to
     addr, ports, family = _nat_to(to, port, "dnat")
@@ -355,7 +357,7 @@ def dnat(to: Any, port: Any = None) -> Dnat:
 
 def snat(to: Any, port: Any = None) -> Snat:
     """Source NAT to a fixed address (iptables -j SNAT --to-source): POSTROUTING or INPUT."""
-    to = getattr(to, "value", to) if hasattr(to, "option_name") else to
+    to = option_value(to)
     if isinstance(to, Snat) and port is None:
         return to
     addr, ports, family = _nat_to(to, port, "snat")
@@ -375,14 +377,14 @@ def redirect(ports: Any = None) -> Redirect:
 def route(table: Any = None, *, via: Any = None, dev: str | None = None) -> Route:
     """Route by a declared table (``route("uplink2")``) or a next hop (``route(via=..., dev=...)``):
     PREROUTING (forwarded traffic) or OUTPUT (local traffic), before routing is final."""
-    table = getattr(table, "value", table) if hasattr(table, "option_name") else table
-    via = getattr(via, "value", via) if hasattr(via, "option_name") else via
+    table = option_value(table)
+    via = option_value(via)
     return Route(table, None if via is None else str(via), dev)
 
 
 def shape(cls: Any) -> Shape:
     """Send the packet's connection through the declared shaping class ``cls``."""
-    cls = getattr(cls, "value", cls) if hasattr(cls, "option_name") else cls
+    cls = option_value(cls)
     return Shape(cls)
 
 
