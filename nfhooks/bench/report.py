@@ -164,7 +164,9 @@ def chart(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], path: Path,
             ax.set_yticks(range(len(sel)), [r.case for r in sel])
             for y, (r, v) in enumerate(zip(sel, vals)):
                 if base:
-                    ax.text(v, y, f" {v / scale / base:.2f}x kernel", va="center", fontsize=8)
+                    # UDP: decided over what the kernel row delivered (it decides nothing)
+                    ax.text(v, y, f" {v / scale / base:.2f}x kernel{' rx' if proto == 'udp' else ''}",
+                            va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_title(label, fontsize=10)
     ax = axes[1][1]
