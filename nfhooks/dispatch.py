@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -58,7 +59,8 @@ from .hooks import PLACEMENTS
 from .mangle import MangleError, TruncatedPacket, rewrite
 from .marks import ACTION_CONNSAVE, MarkLayout
 from .metrics import Metrics
-from .obs_verdicts import returnable
+from .lazypacket import parse_lazy
+from .obs_verdicts import reads_packet, returnable
 from .nat import NatError, NatTargets
 from .packet import Malformed, parse
 from .policy import Handler, Policy
@@ -158,6 +160,10 @@ class Dispatcher:
         m = self.metrics
         # series only for what the handler can return (obs_verdicts); the rest appear when used
         kinds = returnable(handler)
+        # a handler that never names its packet gets one parsed on first read (lazypacket.py),
+        # and no GSO view (gso.py): it cannot read a payload. Not for rewrites, which read it.
+        blind = not reads_packet(handler) and kinds is not None and not kinds & {"mangle", *NAT_KINDS}
+        parse_pkt = parse_lazy if blind else parse
         counters = {v: m.bind_verdict(hook, table, name, v) if kinds is None or v in kinds
                     else m.lazy_verdict(hook, table, name, v)
                     for v in (*VERDICT_LABELS, *(r for r in REWRITE_LABELS if r in allowed))}
@@ -165,10 +171,13 @@ class Dispatcher:
         failed_error, failed_invalid = failed["error"], failed["invalid"]
         failed_malformed, failed_overrun, failed_timeout = failed["malformed"], failed["overrun"], failed["timeout"]
         histogram = m.decision_histogram(hook)
+        # FastHistogram.observe inlined (one call less per packet): its bucket list and bounds
+        h_counts, h_bounds = histogram.counts, histogram.bounds
         errors = m.handler_errors(hook, name)
         malformed = m.malformed(hook)
         errlog, pfile = self.errlog, handler.file
-        watch = self.watchdog.current if self.watchdog is not None else [0.0]
+        watching = self.watchdog is not None
+        watch = self.watchdog.current if watching else [0.0]
         budget = self.budget
         overruns = m.handler_overruns(hook, name)
         perf = time.perf_counter
@@ -190,25 +199,32 @@ class Dispatcher:
         not_a_verdict = appliers[None]
         gso = GsoGuard(name)  # inert unless queue.py binds this queue GSO, guarded (gso.py)
 
+        #: the fast paths' counters, bound after --pcap's wrap below replaced the dict's entries
+        accept_count: Callable[[int], None] = counters["accept"].count
+        continue_count: Callable[[int], None] = counters[NONE_LABEL].count
+
         def on_packet(nfpkt: Any) -> None:
             t0 = perf()
             mark = nfpkt.mark
             nbytes = 0
             try:
                 raw = nfpkt.get_payload()
-                nbytes = len(raw)
                 try:
-                    pkt = parse(raw, hook, mark & user_bits, nfpkt.indev, nfpkt.outdev)
+                    pkt = parse_pkt(raw, hook, mark & user_bits, nfpkt.indev, nfpkt.outdev)
                 except Malformed as e:
+                    nbytes = len(raw)
                     malformed.inc()
                     errlog.error(f"malformed:{hook}", f"malformed packet at {hook}: {e}; applied the default", None, pfile)
                     apply_default(nfpkt, default, None, raw, mark, nbytes, failed_malformed)
                     return
                 nbytes = pkt.length  # the packet's own length: the copy may be headers only
                 try:
-                    watch[0] = t0
-                    v = gso.call(func, pkt, nfpkt) if gso.active else func(pkt)
-                    watch[0] = 0.0
+                    if watching:
+                        watch[0] = t0
+                        v = gso.call(func, pkt, nfpkt) if not blind and gso.active else func(pkt)
+                        watch[0] = 0.0
+                    else:
+                        v = gso.call(func, pkt, nfpkt) if not blind and gso.active else func(pkt)
                 except GsoRepeat:  # a payload read on a packet taken whole: queued again, segmented
                     watch[0] = 0.0
                     nfpkt.repeat()
@@ -231,10 +247,10 @@ class Dispatcher:
                     apply_default(nfpkt, default, pkt, raw, mark, nbytes, failed_overrun)
                     return
                 if type(v) is Accept and fast_accept:  # no checks, no applier: see docs/performance.md
-                    counters["accept"].count(nbytes)
+                    accept_count(nbytes)
                     nfpkt.accept()
                 elif v is None:
-                    counters[NONE_LABEL].count(nbytes)
+                    continue_count(nbytes)
                     nfpkt.set_mark((mark & res_clear) | resume_bits)
                     nfpkt.repeat()
                 else:
@@ -246,13 +262,16 @@ class Dispatcher:
                 except BaseException:  # noqa: BLE001 -- verdict already given
                     pass
             finally:
-                histogram.observe(perf() - t0)
+                dt = perf() - t0
+                h_counts[bisect_left(h_bounds, dt)] += 1  # FastHistogram.observe(dt), inlined
+                histogram.sum += dt
 
         if self.audit is not None:  # --audit: the verdicts above are computed, every packet accepted
             on_packet = self.audit.wrap(on_packet, handler, res_f.mask)
         if self.tap is not None:  # --pcap: wraps the counters above; without it nothing changes
             on_packet = self.tap.wrap(on_packet, counters, failed, b.handler.hook, table, name,
                                       note=" audit=accepted" if self.audit is not None else "")
+            accept_count, continue_count = counters["accept"].count, counters[NONE_LABEL].count
         on_packet.gso = gso  # type: ignore[attr-defined] -- for queue.py's bind
         return on_packet
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .verdict import FACTORIES
 
-__all__ = ["CONTINUE", "returnable"]
+__all__ = ["CONTINUE", "reads_packet", "returnable"]
 
 CONTINUE = "continue"  # the label of a fall-through (None), as dispatch.NONE_LABEL
 
@@ -52,11 +52,43 @@ def _kinds(node: ast.expr | None) -> set[str]:
     raise _Unknown
 
 
+#: Calls that reach a function's locals without naming them.
+_FRAME_CALLS = frozenset(("locals", "vars", "eval", "exec", "_getframe", "currentframe"))
+
+
+def _function(handler: Any) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    src = getattr(handler, "source", None)
+    return src.function() if src is not None and src.readable else None
+
+
+def reads_packet(handler: Any) -> bool:
+    """False only when ``handler``'s own body never names a parameter of its own (nor calls
+    ``locals()``, ``eval`` and the like): ``return accept()`` behind a kernel match. True
+    whenever the source does not say (unreadable, a lambda). The lazy packet parses itself on
+    any read, so a wrong False would cost speed -- and, on a guarded GSO queue, skip the
+    payload guard (gso.py), which the dispatcher gives only handlers that read their packet."""
+    fn = _function(handler)
+    if fn is None:
+        return True
+    a = fn.args
+    names = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x is not None}
+    if not names:
+        return True
+    for stmt in fn.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Name) and node.id in names:
+                return True
+            if isinstance(node, ast.Call):
+                f = node.func
+                if (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else "") in _FRAME_CALLS:
+                    return True
+    return False
+
+
 def returnable(handler: Any) -> frozenset[str] | None:
     """The verdict labels ``handler`` can give (``continue`` for None), or None when its
     source does not say (then every verdict series is bound)."""
-    src = getattr(handler, "source", None)
-    fn = src.function() if src is not None and src.readable else None
+    fn = _function(handler)
     if fn is None:
         return None
     kinds: set[str] = set()
