@@ -125,15 +125,16 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
     from .owner import OwnedElsewhere
     from .workers import run_workers
 
-    if tap is not None or getattr(engine, "audit", None) is not None:
-        _fail(f"--{'pcap' if tap is not None else 'audit'} cannot be combined with --workers yet")
+    if tap is not None:
+        _fail("--pcap cannot be combined with --workers yet")
     for line in hooks_summary(engine.ruleset):
         say(f"  {line}")
     try:
         code = run_workers(engine.policy, engine.ruleset, workers, options=engine.queue_options,
                            cpu_fanout=cpu_fanout, metrics_addr=metrics_addr, backend=engine.backend,
                            allow_public=public_metrics, budget=getattr(engine, "handler_budget", 0.0),
-                           timeout=getattr(getattr(engine, "watchdog", None), "timeout", None), say=say)
+                           timeout=getattr(getattr(engine, "watchdog", None), "timeout", None), say=say,
+                           runtimes=engine.runtimes, audit=engine.audit)
     except (KernelError, OwnedElsewhere, ValueError, OSError) as e:
         _fail(str(e))
         return

@@ -65,8 +65,14 @@ SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]  # family, sample name,
 
 def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any], options: Any,
                 limits: tuple[float, float | None], nat_conn: Any = None,
-                inherited: tuple[int, ...] = ()) -> None:
-    """The body of worker ``index`` (a forked child): bind, report ready, serve, answer."""
+                inherited: tuple[int, ...] = (), runtimes: dict[str, Any] | None = None,
+                audit: bool = False) -> None:
+    """The body of worker ``index`` (a forked child): bind, report ready, serve, answer.
+
+    ``runtimes``: the main process's feature runtimes (features/), inherited by the fork; a
+    feature with ``per_worker_collector`` exports this process's counts of it (an address
+    set's add()s: its ipset shell is per process, sets_ipset.IpsetShell). ``audit``: run
+    --audit, each worker's Dispatcher accepts every packet and counts what it overrode."""
     for fd in inherited:  # the main process's descriptors: never keep another worker's pipe open
         try:
             os.close(fd)
@@ -98,8 +104,9 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
         offload = FlowOffload(rs, policy) if getattr(rs, "flow_generation", 0) else None
         nat = (NatClient(nat_conn, rs.layout, rs.nat_targets, generation=rs.generation)
                if nat_conn is not None else None)
+        audited = _worker_collectors(metrics.registry, runtimes or {}, audit)
         disp = Dispatcher(policy=policy, ruleset=rs, metrics=metrics, budget=budget, watchdog=watchdog,
-                          offload=offload, nat=nat)
+                          offload=offload, nat=nat, audit=audited)
         qs = QueueSet(options)
         for num, h in sorted(queues.items()):
             qs.bind(num, disp.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
@@ -149,6 +156,23 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
     os._exit(0)
 
 
+def _worker_collectors(registry: Any, runtimes: dict[str, Any], audit: bool) -> Any:
+    """Register a worker's per-process feature collectors (and --audit's); its Audit or None."""
+    from .features.registry import FEATURES
+    from .obs_audit import Audit, AuditCollector
+
+    for f in FEATURES:
+        if f.per_worker_collector and runtimes.get(f.name) is not None:
+            c = f.collector(lambda name=f.name: runtimes.get(name))
+            if c is not None:
+                registry.register(c)
+    if not audit:
+        return None
+    made = Audit()
+    registry.register(AuditCollector(lambda: made))
+    return made
+
+
 class Pool:
     """The worker processes, started by fork, each with a duplex pipe to the main process
     (control: ready, metrics, stop) and, when the policy has a ``nat`` mark field, a second
@@ -160,9 +184,11 @@ class Pool:
     """
 
     def __init__(self, policy: Any, rs: Any, per_worker: list[dict[int, Any]], options: Any,
-                 limits: tuple[float, float | None] = (0.0, None)) -> None:
+                 limits: tuple[float, float | None] = (0.0, None), runtimes: dict[str, Any] | None = None,
+                 audit: bool = False) -> None:
         self.ctx = multiprocessing.get_context("fork")
         self.args = (policy, rs, options, limits)
+        self.more = {"runtimes": runtimes, "audit": audit}  # worker_main's keyword arguments
         self.per_worker = per_worker
         n = len(per_worker)
         self.with_nat = "nat" in rs.layout
@@ -198,7 +224,7 @@ class Pool:
         own = tuple(c.fileno() for c in (parent, nat_parent) if c is not None)  # its own pipes' main ends
         p = self.ctx.Process(target=worker_main, name=f"nfhooks-worker-{i}", daemon=False,
                              args=(i, child, policy, rs, self.per_worker[i], options, limits, nat_child,
-                                   self._inherited(i) + own))
+                                   self._inherited(i) + own), kwargs=self.more)
         try:
             with self.fork_lock:
                 p.start()

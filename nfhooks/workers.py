@@ -40,6 +40,18 @@ gets a NatClient: a local cache of target -> index; on a miss it sends the targe
 its own pipe (made before the fork) and blocks for the index (or the error, raised as
 NatError). Only a new target's first packet in each worker pays the round trip.
 
+Address sets and kernel verdicts work with workers: the main process starts the features
+(features/) with the policy's runtimes before the rules -- the sets are created, stale ones
+destroyed -- and stops them after the rules are removed; the kernel-verdict rules are ordinary
+rules of the set it installs. A worker's handler calls ``banned.add(...)`` through the runtime
+it inherited, whose ipset shell is per process (sets_ipset.IpsetShell); a feature with
+``per_worker_collector`` is exported by each worker (its own additions) and by the main process
+(the kernel's entry count, which replaces the workers', and the declared entries), summed.
+
+``--audit`` works with workers: the rule set already accepts (Engine applied Audit.ruleset),
+each worker's Dispatcher gets its own obs_audit.Audit, the main process sums
+``nfhooks_audit_overridden_packets_total`` and exports ``nfhooks_audit_mode`` once.
+
 Not supported with workers, refused at start with the reason: routing/shaping (shared state
 in the main process that workers would have to ask for), pcap, hot reload (SIGHUP is ignored
 with a warning).
@@ -78,8 +90,6 @@ def check_supported(rs: Any, workers: int, policy: Any = None) -> None:
     why = []
     if getattr(rs, "routeshape", None) is not None:
         why.append("routing/shaping")
-    if policy is not None and (getattr(policy, "sets", None) or getattr(policy, "kernel_verdicts", None)):
-        why.append("address sets")  # the sets feature's kernel state lives in the engine
     if why:
         raise WorkersError(f"--workers cannot serve a policy with {', '.join(why)} yet; run it "
                            "without --workers")
@@ -122,8 +132,9 @@ def balance(rs: Any, workers: int, cpu_fanout: bool = False) -> tuple[Any, list[
 # --------------------------------------------------------------------------- NAT targets
 
 
-_MAX_COMBINED = ("nfhooks_up",)
-_MAIN_ONLY = ("nfhooks_nat_targets",)  # the main process's own value replaces the workers'
+_MAX_COMBINED = ("nfhooks_up", "nfhooks_audit_mode")
+#: the main process's own value replaces the workers' (read once from the kernel, not N times)
+_MAIN_ONLY = ("nfhooks_nat_targets", "nfhooks_set_entries")
 
 
 _BALANCE_TARGET = re.compile(r"-j NFQUEUE --queue-balance (\d+):(\d+)(?: |$)")
@@ -154,7 +165,7 @@ class WorkerMetrics:
 
     def __init__(self, pool: Pool, ranges: list[tuple[int, int, str, str, bool]] = (),  # type: ignore[assignment]
                  proc_path: str | None = None, saved: Callable[[], list[str]] | None = None,
-                 nat_targets: Callable[[], int] = lambda: 0) -> None:
+                 nat_targets: Callable[[], int] = lambda: 0, own: tuple[Any, ...] = ()) -> None:
         from .kstats import DEFAULT_PROC_PATH
         from .overload import no_counters
 
@@ -165,6 +176,9 @@ class WorkerMetrics:
         self.saved = saved or no_counters
         self._high: dict[tuple[int, int], int] = {}
         self.carry = CounterCarry()  # counters stay monotonic when a worker is restarted
+        #: the main process's collectors whose samples are added to the workers' (an address
+        #: set's declared entries and kernel count, nfhooks_audit_mode)
+        self.own = own
 
     def _bypass_inputs(self) -> tuple[dict[tuple[int, int], int], dict[int, Any]]:
         from .kstats import read_queue_stats
@@ -205,6 +219,14 @@ class WorkerMetrics:
                         per[key] = max(per[key], s.value)
                     else:
                         per[key] += s.value
+        own = [fam for c in self.own for fam in c.collect()]
+        for fam in own:
+            fams.setdefault(fam.name, (fam.documentation, fam.type))
+            per = values.setdefault(fam.name, {})
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                use_max = fam.type == "gauge" and fam.name in _MAX_COMBINED
+                per[key] = max(per.get(key, s.value), s.value) if use_max else per.get(key, 0.0) + s.value
         for name, more in self.carry.extra(scraped).items():  # restarted workers' earlier counts
             fams.setdefault(name, self.carry.fams[name])
             per = values.setdefault(name, {})
@@ -247,10 +269,15 @@ class WorkerMetrics:
 
 def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_fanout: bool = False,
                 metrics_addr: str = "off", allow_public: bool = False, budget: float = 0.0,
-                timeout: float | None = None, say: Callable[[str], None] = print, backend: Any = None) -> int:
+                timeout: float | None = None, say: Callable[[str], None] = print, backend: Any = None,
+                runtimes: dict[str, Any] | None = None, audit: Any = None) -> int:
     """Serve ``rs`` with ``workers`` processes until SIGINT/SIGTERM; the exit status.
 
     ``backend``: where the rules go (a backends.Backend; None: $NFHOOKS_BACKEND, else auto).
+    ``runtimes``: the features' runtimes of the policy (Engine.runtimes; None: made here):
+    the main process starts the features with them before the rules (an address set is
+    created) and stops them after; the workers inherit them. ``audit``: the engine's
+    obs_audit.Audit under --audit (``rs`` already has its accepting defaults), else None.
     Raises WorkersError / KernelError / OwnedElsewhere for the caller to print.
     """
     from prometheus_client import CollectorRegistry, start_http_server
@@ -258,6 +285,8 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
 
     from .backends import get_backend
     from .exporter import is_loopback, parse_listen_addr
+    from .features.base import EngineEnv
+    from .features.registry import FEATURES
     from .integrity import RuleWatch, reinstall
     from .lifecycle import Lifecycle
     from .nat import backend_installer
@@ -321,11 +350,23 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
     lc.on_stop(shutdown)
     lc.on_stop(close_nat, before_rules=True)
     lc.on_stop(stop_pool, before_rules=True)
+    env = EngineEnv(policy, brs, backend, None, {} if runtimes is None else runtimes)
+    if runtimes is None:
+        env.runtimes.update({f.name: f.runtime(env) for f in FEATURES if f.per_worker_collector})
+
+    def stop_features() -> None:  # after the rules (not while rules left in place use them)
+        for f in reversed(FEATURES):
+            f.stop(env, owned=lc.owned)
+
+    lc.on_stop(stop_features, with_rules=True)
     serving = False
     failed: BaseException | None = None
     try:
         lc.remove_stale()
-        pool = Pool(policy, brs, per_worker, options, (budget, timeout))
+        for f in FEATURES:  # e.g. the address sets exist before a rule or a worker uses them
+            f.start(env)
+        pool = Pool(policy, brs, per_worker, options, (budget, timeout), runtimes=env.runtimes,
+                    audit=audit is not None)
         if pool.nat_conns:  # started after the fork, before any packet is queued
             targets = NatTargets(brs.layout, brs.nat_targets, generation=brs.generation,
                                  installer=backend_installer(backend, brs.layout, brs.generation))
@@ -350,7 +391,13 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
 
             # the default rules' decisions (read here: the main process has the backend), in the
             # packet families the workers' sums export (a family appears once: obs_defaults.Merged)
-            registry.register(Merged(WorkerMetrics(pool, ranges, saved=backend.counter_texts, nat_targets=nat_count),
+            from .obs_audit import AuditCollector
+
+            own = [f.collector(lambda name=f.name: env.runtimes.get(name)) for f in FEATURES
+                   if f.per_worker_collector and env.runtimes.get(f.name) is not None]
+            own.append(AuditCollector(lambda: audit))
+            registry.register(Merged(WorkerMetrics(pool, ranges, saved=backend.counter_texts, nat_targets=nat_count,
+                                                   own=tuple(c for c in own if c is not None)),
                                      DefaultRuleCollector(DefaultRuleCounts(backend.counter_texts))))
             registry.register(supervisor)
             if getattr(brs, "flow_generation", 0):  # from the kernel's rule counters: once, here

@@ -86,6 +86,9 @@ class Feature:
     #: Where ``nfhooks check`` prints this feature's lines (lowest first): that output is pinned
     #: byte for byte and predates the registry's order.
     check_order = 0
+    #: ``run --workers``: each worker registers this feature's collector over the runtime it
+    #: inherited (counts made in that process) and the main process sums them with its own.
+    per_worker_collector = False
 
     # -- compile (pure) ---------------------------------------------------------------------
     def used(self, ctx: CompileContext) -> bool:

@@ -25,6 +25,7 @@ timed-out entries until the kernel's garbage collection removes them.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -49,9 +50,18 @@ class SetsRuntime:
     def __init__(self, sets: dict[str, AddressSet]) -> None:
         self.sets = sets
         self.shell = sets_ipset.IpsetShell()
-        self.additions: Counter[str] = Counter()
+        self._additions: Counter[str] = Counter()
+        self._pid = os.getpid()
         for s in sets.values():
             s.bind(self)
+
+    @property
+    def additions(self) -> Counter[str]:
+        """This process's additions: a ``--workers`` worker forked with the main process's
+        runtime counts from 0 (the main process counts the declared entries, once)."""
+        if self._pid != os.getpid():
+            self._additions, self._pid = Counter(), os.getpid()
+        return self._additions
 
     def _run(self, line: str) -> str:
         out = self.shell.run(line)
@@ -153,6 +163,7 @@ def _verdict_rules(chain: str, family: int, kv: Any, m: Any) -> list[Rule]:
 class SetsFeature(Feature):
     name = "sets"
     check_order = 3  # after offload: policies without sets print nothing (golden output)
+    per_worker_collector = True  # the workers' add()s, summed; entries: the main process's kernel count
 
     def used(self, ctx: CompileContext) -> bool:
         return bool(ctx.policy.sets or ctx.policy.kernel_verdicts)
