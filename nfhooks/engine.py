@@ -27,7 +27,7 @@ from .obs_series import StableRegistry
 from .policy_metrics import PolicyMetrics
 from .features.base import EngineEnv
 from .features.registry import FEATURES
-from .lifecycle import Lifecycle, Undo
+from .lifecycle import Lifecycle, Undo, retire_due
 from .policy import Policy, self_marked
 from .rules import RuleSet, compile_policy
 from .watchdog import DEFAULT_BUDGET, DEFAULT_TIMEOUT, Watchdog
@@ -202,8 +202,8 @@ class Engine:
         """Signal-safe: only sets a flag; the loop reloads between packets."""
         self._reload_wanted = True
 
-    def _next_queue_base(self, count: int) -> int:
-        used = set(self.ruleset.queues) | {n for rs, _, _ in self.retiring for n in rs.queues}
+    def _next_queue_base(self, count: int, running: Any = ()) -> int:
+        used = set(self.ruleset.queues) | {n for rs, _, _ in self.retiring for n in rs.queues} | set(running)
         base = self.queue_base
         while any(n in used for n in range(base, base + count)):
             base += 1
@@ -218,12 +218,7 @@ class Engine:
         old_rs, old_policy, old_nat, old_disp = self.ruleset, self.policy, self.nat, self.dispatcher
         old_env, old_runtimes, old_offload = self.env, self.runtimes, self.offload
         try:
-            if self.loader is None:
-                raise PolicyError("this engine was started without a policy file to reload")
-            policy = self.loader()
-            gen = 2 if old_rs.generation == 1 else 1
-            rs = compile_policy(policy, queue_base=self._next_queue_base(len(policy.handlers)),
-                                generation=gen, **self.compile_args, **self._flow_args(policy))
+            policy, rs = self.compile_next(2 if old_rs.generation == 1 else 1)
         except PolicyError as e:
             return self._reload_done(False, f"reload failed, policy {old_policy.name} (generation "
                                             f"{old_rs.generation}) keeps running: {e}")
@@ -258,6 +253,19 @@ class Engine:
         return self._reload_done(True, f"reloaded policy {policy.name} {policy.version}".rstrip()
                                        + f" as generation {rs.generation}: {len(rs.queues)} handler queue(s)")
 
+    def compile_next(self, generation: int, width: int = 1, running: Any = ()) -> tuple[Policy, RuleSet]:
+        """The policy file loaded again and compiled as ``generation`` (raises PolicyError):
+        its queues clear of this engine's and of ``running`` (``width`` per handler: the
+        queues --workers balances over). The first step of reload() and of --workers' reload."""
+        from .policy import PolicyError
+
+        if self.loader is None:
+            raise PolicyError("this engine was started without a policy file to reload")
+        policy = self.loader()
+        rs = compile_policy(policy, queue_base=self._next_queue_base(len(policy.handlers) * width, running),
+                            generation=generation, **self.compile_args, **self._flow_args(policy))
+        return policy, rs
+
     def _reload_done(self, ok: bool, message: str) -> tuple[bool, str]:
         self.reloads += 1
         self.last_reload = message
@@ -276,12 +284,9 @@ class Engine:
         now = time.monotonic()
         keep = []
         for rs, since, empty_since in self.retiring:
-            empty = all(waiting.get(n, 0) == 0 for n in rs.queues)
-            if empty and not empty_since:
-                empty_since = now
-            elif not empty:
-                empty_since = 0.0
-            if force or now - since > self.RETIRE_TIMEOUT or (empty_since and now - empty_since >= self.RETIRE_GRACE):
+            go, empty_since = retire_due(rs.queues, waiting, now, since, empty_since, force,
+                                         self.RETIRE_GRACE, self.RETIRE_TIMEOUT)
+            if go:
                 try:
                     removed = self.backend.remove_generation(rs.generation)
                 except Exception as e:  # noqa: BLE001 -- keep serving; try again on the next tick

@@ -23,9 +23,9 @@ all of them, even if one raises (the first error is raised at the end). A hot re
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["Lifecycle", "Undo"]
+__all__ = ["Lifecycle", "Undo", "retire_due"]
 
 log = logging.getLogger("nfhooks.engine")
 
@@ -54,6 +54,20 @@ class Undo:
                 first = first or e
         if first is not None:
             raise first
+
+
+def retire_due(queues: Iterable[int], waiting: Mapping[int, int], now: float, since: float, empty_since: float,
+               force: bool, grace: float, timeout: float) -> tuple[bool, float]:
+    """A hot reload's old generation (retired at ``since``): whether it goes now, and when its
+    ``queues`` were first seen empty (0.0: not empty now). It goes once they stayed empty for
+    ``grace`` seconds (a packet the old chains stamped may still be on its way to them), after
+    ``timeout`` anyway, or when ``force``d. ``waiting``: queue -> packets waiting (kstats)."""
+    empty = all(waiting.get(n, 0) == 0 for n in queues)
+    if empty and not empty_since:
+        empty_since = now
+    elif not empty:
+        empty_since = 0.0
+    return force or now - since > timeout or bool(empty_since and now - empty_since >= grace), empty_since
 
 
 class Lifecycle:
