@@ -3,11 +3,12 @@
 A queue per handler, so the queue number already tells which handler's kernel match fired:
 each queue gets one callback (``Dispatcher.callback``), built once with its metric children,
 default verdict and allowed verdict kinds bound in. Per packet it does: parse headers (struct,
-no scapy), call the handler inside an error guard (mitmproxy's ``safecall``: anything it
-raises -- ``SystemExit`` and ``KeyboardInterrupt`` included --, a wrong return type or an
-impossible verdict becomes the hook's default, logged with a trimmed traceback, rate-limited,
-and counted), then hand the verdict to its **applier**. NetfilterQueue would leave a packet
-without a verdict if the callback raised, so nothing may escape the callback.
+no scapy; on first read for a handler that never names its packet, lazypacket.py), call the
+handler inside an error guard (mitmproxy's ``safecall``: anything it raises -- ``SystemExit``
+and ``KeyboardInterrupt`` included --, a wrong return type or an impossible verdict becomes
+the hook's default, logged with a trimmed traceback, rate-limited, and counted), then hand
+the verdict to its **applier**. NetfilterQueue would leave a packet without a verdict if the
+callback raised, so nothing may escape the callback.
 
 Appliers are bound once per queue, one per verdict class (``_appliers``): the per-packet path
 is a type lookup, not a chain of checks. How each verdict is applied (the mark layout is in
