@@ -64,12 +64,12 @@ def _function(handler: Any) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
 def reads_packet(handler: Any) -> bool:
     """False only when ``handler``'s own body never names a parameter of its own (nor calls
     ``locals()``, ``eval`` and the like): ``return accept()`` behind a kernel match. True
-    whenever the source does not say (unreadable, a lambda). The lazy packet parses itself on
+    whenever the source does not say (unreadable, a lambda, a wrapped function). The lazy packet parses itself on
     any read, so a wrong False would cost speed -- and, on a guarded GSO queue, skip the
     payload guard (gso.py), which the dispatcher gives only handlers that read their packet."""
     fn = _function(handler)
-    if fn is None:
-        return True
+    if fn is None or hasattr(getattr(handler, "func", None), "__wrapped__"):
+        return True  # a decorator's wrapper is what runs, and the source read is the inner function's
     a = fn.args
     names = {x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x is not None}
     if not names:

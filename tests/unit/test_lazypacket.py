@@ -5,6 +5,7 @@ leave every count, the latency histogram and the GSO guard of packet-reading han
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import struct
 
@@ -127,6 +128,19 @@ def test_reads_packet_only_false_for_a_body_that_never_names_its_packet():
         assert reads_packet(_named(pol, fn)) is True, fn.__name__
     pol.input(proto="udp", dport=54)(lambda pkt: accept())
     assert reads_packet(pol.handlers[-1]) is True  # no def to read: assume it reads
+
+    def logs(func):
+        @functools.wraps(func)
+        def wrapper(pkt):
+            print(pkt.payload)
+            return func(pkt)
+        return wrapper
+
+    @logs
+    def wrapped(pkt):
+        return accept()
+
+    assert reads_packet(_named(pol, wrapped)) is True  # the wrapper runs, and it reads
 
 
 def _helper(pkt):
