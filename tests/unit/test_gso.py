@@ -179,3 +179,35 @@ def test_inert_guard_and_collector():
     assert [(s.labels["handler"], s.value) for s in fams["nfhooks_queue_gso_switch_offs"].samples
             if s.name.endswith("_total")] == [("dpi", 1)]
     assert list(GsoCollector({}).collect()) == []
+
+
+def test_the_dispatcher_answers_a_tripped_packet_with_one_repeat_and_no_mark_change(dispatch):
+    """Through Dispatcher.callback, as queue.py arms it: the packet taken whole gets exactly one
+    verdict, NF_REPEAT, its mark untouched (the queue rule queues it again, segmented) and no
+    verdict counted; a header-only packet on the same armed queue is decided as usual."""
+    def first_bytes(pkt):
+        return pkt.payload[:1]
+
+    def dpi(pkt):
+        first_bytes(pkt)
+        return accept()
+
+    d = dispatch().add("INPUT", dpi, proto="tcp", dport=80)
+    cb = d.callback("dpi")
+    guard = cb.gso
+    assert isinstance(guard, GsoGuard) and not guard.active  # inert until bound with GSO
+    switched = []
+    guard.arm(lambda packet_id: switched.append(packet_id) or 7)
+
+    from nfhooks.fake import FakeQueuedPacket
+    whole = FakeQueuedPacket(_tcp4(length=60000), mark=0x5)
+    whole.id = 3  # type: ignore[attr-defined]
+    cb(whole)
+    assert whole.calls == ["repeat"] and whole.set_marks == [] and switched == [3]
+    labels = {"hook": "INPUT", "table": "filter", "verdict": "accept"}
+    assert not d.sample("nfhooks_packets_total", labels)
+    seg = FakeQueuedPacket(_tcp4())
+    seg.id = 8  # type: ignore[attr-defined] -- past the switch: the guard steps aside
+    cb(seg)
+    assert seg.calls == ["accept"] and not guard.active
+    assert d.sample("nfhooks_packets_total", labels) == 1
