@@ -134,7 +134,7 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
                            cpu_fanout=cpu_fanout, metrics_addr=metrics_addr, backend=engine.backend,
                            allow_public=public_metrics, budget=getattr(engine, "handler_budget", 0.0),
                            timeout=getattr(getattr(engine, "watchdog", None), "timeout", None), say=say,
-                           runtimes=engine.runtimes, audit=engine.audit)
+                           runtimes=engine.runtimes, audit=engine.audit, compile_next=engine.compile_next)
     except (KernelError, OwnedElsewhere, ValueError, OSError) as e:
         _fail(str(e))
         return

@@ -68,11 +68,9 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
                 inherited: tuple[int, ...] = (), runtimes: dict[str, Any] | None = None,
                 audit: bool = False) -> None:
     """The body of worker ``index`` (a forked child): bind, report ready, serve, answer.
-
-    ``runtimes``: the main process's feature runtimes (features/), inherited by the fork; a
-    feature with ``per_worker_collector`` exports this process's counts of it (an address
-    set's add()s: its ipset shell is per process, sets_ipset.IpsetShell). ``audit``: run
-    --audit, each worker's Dispatcher accepts every packet and counts what it overrode."""
+    ``runtimes``: the main process's feature runtimes, inherited; a ``per_worker_collector``
+    feature's counts of this process are exported (an address set's add()s, made through a
+    per-process ipset shell). ``audit``: run --audit (this worker's own obs_audit.Audit)."""
     for fd in inherited:  # the main process's descriptors: never keep another worker's pipe open
         try:
             os.close(fd)
@@ -161,11 +159,10 @@ def _worker_collectors(registry: Any, runtimes: dict[str, Any], audit: bool) -> 
     from .features.registry import FEATURES
     from .obs_audit import Audit, AuditCollector
 
-    for f in FEATURES:
-        if f.per_worker_collector and runtimes.get(f.name) is not None:
-            c = f.collector(lambda name=f.name: runtimes.get(name))
-            if c is not None:
-                registry.register(c)
+    for c in [f.collector(lambda name=f.name: runtimes.get(name)) for f in FEATURES
+              if f.per_worker_collector and runtimes.get(f.name) is not None]:
+        if c is not None:
+            registry.register(c)
     if not audit:
         return None
     made = Audit()
@@ -185,7 +182,7 @@ class Pool:
 
     def __init__(self, policy: Any, rs: Any, per_worker: list[dict[int, Any]], options: Any,
                  limits: tuple[float, float | None] = (0.0, None), runtimes: dict[str, Any] | None = None,
-                 audit: bool = False) -> None:
+                 audit: bool = False, fork_lock: Any = None, extra_fds: list[int] | None = None) -> None:
         self.ctx = multiprocessing.get_context("fork")
         self.args = (policy, rs, options, limits)
         self.more = {"runtimes": runtimes, "audit": audit}  # worker_main's keyword arguments
@@ -197,8 +194,8 @@ class Pool:
         self.nat_conns: list[Any] = [None] * n if self.with_nat else []
         self.locks = [threading.Lock() for _ in range(n)]
         self.pids = [0] * n
-        self.extra_fds: list[int] = []  # more main-process descriptors a restarted worker closes
-        self.fork_lock = threading.Lock()  # see the module docstring
+        self.extra_fds: list[int] = list(extra_fds or [])  # more main-process descriptors a worker closes
+        self.fork_lock = fork_lock or threading.Lock()  # see the module docstring (one for every pool)
         for i in range(n):
             self.start(i)
 
@@ -215,6 +212,17 @@ class Pool:
             except OSError:
                 continue
         return tuple(fds)
+
+    def main_fds(self) -> list[int]:
+        """The main ends of every worker's pipes (a worker of another pool closes them too)."""
+        out = []
+        for c in [*self.conns, *self.nat_conns]:
+            try:
+                if c is not None and not c.closed:
+                    out.append(c.fileno())
+            except OSError:
+                continue
+        return out
 
     def start(self, i: int) -> Any:
         """Fork worker ``i`` with fresh pipes; returns its NAT pipe's main end (or None)."""
@@ -459,11 +467,11 @@ class CounterCarry:
     """
 
     def __init__(self) -> None:
-        self.last: dict[int, tuple[int, dict[SampleKey, float]]] = {}
+        self.last: dict[Any, tuple[int, dict[SampleKey, float]]] = {}  # worker slot -> (pid, last counts)
         self.retired: dict[SampleKey, float] = {}
         self.fams: dict[str, tuple[str, str]] = {}  # family -> (documentation, type)
 
-    def seen(self, i: int, pid: int, fams: list[Any]) -> None:
+    def seen(self, i: Any, pid: int, fams: list[Any]) -> None:
         """Worker ``i`` (``pid``) answered a scrape with these families."""
         mono: dict[SampleKey, float] = {}
         for fam in fams:
@@ -479,7 +487,7 @@ class CounterCarry:
                 self.retired[k] = self.retired.get(k, 0.0) + v
         self.last[i] = (pid, mono)
 
-    def extra(self, scraped: set[int]) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    def extra(self, scraped: set[Any]) -> dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
         """Per family, what to add to this scrape's sums: retired workers' counts and the last
         counts of the workers that did not answer now."""
         out: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}

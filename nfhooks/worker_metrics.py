@@ -9,7 +9,7 @@ from typing import Any
 
 from .supervise import CounterCarry, Pool
 
-__all__ = ["WorkerMetrics", "balance_rule_packets"]
+__all__ = ["Current", "Reloads", "WorkerMetrics", "balance_rule_packets"]
 
 _MAX_COMBINED = ("nfhooks_up", "nfhooks_audit_mode")
 #: the main process's own value replaces the workers' (read once from the kernel, not N times)
@@ -58,6 +58,7 @@ class WorkerMetrics:
         #: the main process's collectors whose samples are added to the workers' (an address
         #: set's declared entries and kernel count, nfhooks_audit_mode)
         self.own = own
+        self.pools: list[tuple[int, Any]] = []  # (generation tag, pool) of each live one; []: ``pool``
 
     def _bypass_inputs(self) -> tuple[dict[tuple[int, int], int], dict[int, Any]]:
         from .kstats import read_queue_stats
@@ -67,21 +68,37 @@ class WorkerMetrics:
         rules = balance_rule_packets(self.saved())
         return rules, read_queue_stats(self.proc_path)
 
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+    def _answers(self) -> Iterator[tuple[Any, int, str]]:
+        """(slot, pid, text) of every live generation's ready workers; a slot is (generation
+        tag, worker), so an old generation's last counts stand in for good once it is gone."""
+        for tag, pool in self.pools or [(0, self.pool)]:
+            scrape = getattr(pool, "scrape", None)  # a pool without it (a test's fake): no carry
+            answers = scrape() if scrape is not None else ((i, 0, t) for i, t in enumerate(pool.texts()))
+            for i, pid, text in answers:
+                yield (tag, i), pid, text
+
+    @staticmethod
+    def _parsed(text: str) -> list[Any]:
         from prometheus_client.parser import text_string_to_metric_families
 
+        return [fam for fam in text_string_to_metric_families(text)  # per process: the main process's
+                if not fam.name.startswith(("process_", "python_")) and fam.name not in _MAIN_ONLY]
+
+    def last_scrape(self, tag: int, pool: Any) -> None:
+        """A generation about to stop (hot reload): its workers' counts, kept (CounterCarry)."""
+        for i, pid, text in pool.scrape():
+            self.carry.seen((tag, i), pid, self._parsed(text))
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
         from .overload import bypassed
 
         rules, stats = self._bypass_inputs()  # before the workers' counters (see above)
         fams: dict[str, tuple[str, str]] = {}
         values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
         scraped = set()
-        scrape = getattr(self.pool, "scrape", None)  # a pool without it (a test's fake): no carry
-        answers = scrape() if scrape is not None else ((i, 0, t) for i, t in enumerate(self.pool.texts()))
-        for i, pid, text in answers:
-            parsed = [fam for fam in text_string_to_metric_families(text)  # per process: the main
-                      if not fam.name.startswith(("process_", "python_")) and fam.name not in _MAIN_ONLY]
+        for i, pid, text in self._answers():
+            parsed = self._parsed(text)
             self.carry.seen(i, pid, parsed)
             scraped.add(i)
             for fam in parsed:
@@ -100,6 +117,8 @@ class WorkerMetrics:
                         per[key] += s.value
         own = [fam for c in self.own for fam in c.collect()]
         for fam in own:
+            if not fam.samples:  # e.g. no address set in the current generation
+                continue
             fams.setdefault(fam.name, (fam.documentation, fam.type))
             per = values.setdefault(fam.name, {})
             for s in fam.samples:
@@ -141,3 +160,28 @@ class WorkerMetrics:
         for i, p in enumerate(self.pool.procs):
             up.add_metric([str(i), str(p.pid)], 1 if p.is_alive() else 0)
         yield up
+
+
+class Current:
+    """A collector over whatever ``get()`` returns now (the current generation's supervisor)."""
+
+    def __init__(self, get: Callable[[], Any]) -> None:
+        self.get = get
+
+    def collect(self) -> Any:
+        c = self.get()
+        return iter(()) if c is None else c.collect()
+
+
+class Reloads:
+    """The main process's reload counters (the workers export theirs as 0: summed)."""
+
+    def __init__(self) -> None:
+        self.ok = self.failed = 0
+
+    def collect(self) -> Any:
+        from prometheus_client.metrics_core import CounterMetricFamily
+
+        yield CounterMetricFamily("nfhooks_policy_reloads", "Policy reloads that succeeded.", value=self.ok)
+        yield CounterMetricFamily("nfhooks_policy_reload_errors", "Policy reloads that failed (the previous "
+                                  "policy stays in force).", value=self.failed)

@@ -4,11 +4,14 @@ client (and server) to the router; both rule backends (conftest.py)."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 
 import pytest
 
-from .conftest import POLICIES, metric, rule_counter
+from .conftest import POLICIES, metric, nfh_lines, rule_counter
+from .test_reload import TOGGLE, nfhooks, write
 from .test_ssh_guard import members, ssh_packets
 
 needs_ipset = pytest.mark.skipif(shutil.which("ipset") is None,
@@ -84,4 +87,84 @@ def test_audit_with_workers_accepts_drops_and_counts_them(nfh_lab, tmp_path):
     assert metric(lab, "nfhooks_worker_up") == 2
     assert eng.running(), eng.log()[-3000:]
     eng.stop()
+    assert "Traceback" not in eng.log()
+
+
+# --------------------------------------------------------------------------- hot reload
+
+def _worker_pids(log: str) -> set[int]:
+    return {int(m) for m in re.findall(r"worker \d+ pid (\d+): queues", log)}
+
+
+def test_reload_with_workers_swaps_the_verdict_and_keeps_it_on_errors(nfh_lab, tmp_path):
+    lab = nfh_lab
+    pol = tmp_path / "toggle.py"
+    write(pol, TOGGLE.format(tag=1, verdict="drop"))
+    router = lab.addr("router", facing="client")
+    eng = lab.start_engine(str(pol), "--workers", "2", "--queue-base", "40")
+    lab.tcp_server("router", 8080, bind="0.0.0.0")
+    assert lab.tcp_connect("client", router, 8080, timeout=1.0) == "timeout"
+    first = _worker_pids(eng.log())
+    assert len(first) == 2, eng.log()
+
+    write(pol, TOGGLE.format(tag=2, verdict="accept"))
+    r = nfhooks(lab, "reload")
+    assert r.returncode == 0, r.stderr + eng.log()[-3000:]
+    assert "reloaded policy toggle2" in r.stderr and "generation 2" in r.stderr
+    assert lab.tcp_connect("client", router, 8080) == "ok"  # decided by the new generation's workers
+    lab.wait_for(lambda: not any(line.startswith(":NFH-INPUT ") for line in nfh_lines(lab)),
+                 timeout=15, what="generation 1 chains removed")
+    assert any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab))
+    lab.wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in first), timeout=15,
+                 what="the old generation's workers stopped")
+    assert metric(lab, "nfhooks_worker_up") == 2  # the new generation's
+    assert "generation 1 retired, its workers stopped" in eng.log()
+    assert metric(lab, "nfhooks_handler_packets_total", handler="port8080_2", verdict="accept") >= 1
+
+    # a broken file: the command says so (file:line), the running policy stays in force
+    write(pol, "from nfhooks import Policy\npolicy = Policy()\n\n@policy.input(\ndef oops(:\n")
+    r = nfhooks(lab, "reload")
+    assert r.returncode == 1 and "reload failed" in r.stderr and f"{pol}:5" in r.stderr, r.stderr
+    assert lab.tcp_connect("client", router, 8080) == "ok"
+    assert metric(lab, "nfhooks_policy_reload_errors_total") == 1
+    assert metric(lab, "nfhooks_policy_reloads_total") == 1
+    assert metric(lab, "nfhooks_policy_info", policy="toggle2") == 1
+
+    # SIGHUP to the main process does the same; back to generation 1 and to dropping
+    write(pol, TOGGLE.format(tag=3, verdict="drop"))
+    eng.proc.send_signal(1)
+    eng.wait_log("reloaded policy toggle3", timeout=30)
+    assert lab.tcp_connect("client", router, 8080, timeout=1.0) == "timeout"
+    lab.wait_for(lambda: not any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab)),
+                 timeout=15, what="generation 2 chains removed")
+    assert metric(lab, "nfhooks_policy_reloads_total") == 2
+    assert eng.running(), eng.log()[-3000:]
+    assert eng.stop() == 0
+    assert nfh_lines(lab) == []
+    assert "Traceback" not in eng.log()
+
+
+@needs_ipset
+@pytest.mark.timeout(120)
+def test_reload_with_workers_keeps_a_ban_and_the_new_workers_add_to_the_set(nfh_lab):
+    lab = nfh_lab
+    eng = lab.start_engine(str(POLICIES / "ssh_guard.py"), "--workers", "2", "--queue-base", "20",
+                           "--set", f"port={PORT}", "--set", f"max_new={MAX_NEW}", "--set", "ban=60")
+    lab.tcp_server("router", PORT, 4, bind="0.0.0.0")
+    for node in ("client", "server"):  # each source banned by the worker its address hashes to
+        to_router = lab.addr("router", facing=node)
+        if node == "server":
+            r = nfhooks(lab, "reload")  # between the two bans: the set and its entry stay
+            assert r.returncode == 0, r.stderr + eng.log()[-3000:]
+            assert members(lab, "nfh-banned-4") == [lab.addr("client")]
+            assert lab.tcp_connect("client", lab.addr("router", facing="client"), PORT, timeout=0.5) == "timeout"
+        for i in range(MAX_NEW):
+            assert lab.tcp_connect(node, to_router, PORT, timeout=2.0) == "ok", (node, i)
+        assert lab.tcp_connect(node, to_router, PORT, timeout=0.5) == "timeout", node
+    assert sorted(members(lab, "nfh-banned-4")) == sorted([lab.addr("client"), lab.addr("server")])
+    assert metric(lab, "nfhooks_set_entries", set="banned") == 2
+    assert metric(lab, "nfhooks_set_additions_total", set="banned") == 2  # one per generation's worker
+    assert eng.running(), eng.log()[-3000:]
+    eng.stop()
+    assert our_sets(lab) == []
     assert "Traceback" not in eng.log()

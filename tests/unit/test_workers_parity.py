@@ -64,3 +64,16 @@ def test_a_forked_process_counts_its_own_additions_from_zero():
     os.close(r)
     assert got == "0 1"
     assert rt.additions["banned"] == 7  # the main process's count is its own
+
+
+def test_an_old_generation_goes_once_its_queues_stayed_empty_for_the_grace():
+    from nfhooks.lifecycle import retire_due
+
+    args = dict(force=False, grace=0.2, timeout=10.0)
+    assert retire_due([5, 6], {5: 1}, 1.0, 0.0, 0.0, **args) == (False, 0.0)  # a packet waits
+    assert retire_due([5, 6], {}, 1.0, 0.0, 0.0, **args) == (False, 1.0)  # empty since now
+    assert retire_due([5, 6], {}, 1.1, 0.0, 1.0, **args) == (False, 1.0)
+    assert retire_due([5, 6], {}, 1.25, 0.0, 1.0, **args) == (True, 1.0)
+    assert retire_due([5, 6], {6: 3}, 1.25, 0.0, 1.0, **args) == (False, 0.0)  # not empty again
+    assert retire_due([5], {5: 3}, 10.5, 0.0, 0.0, **args)[0]  # after the timeout anyway
+    assert retire_due([5], {5: 3}, 0.5, 0.0, 0.0, **{**args, "force": True})[0]
