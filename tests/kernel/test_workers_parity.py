@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from .conftest import POLICIES, metric, nfh_lines, rule_counter
-from .test_reload import TOGGLE, nfhooks, write
+from .test_reload import SENDER, STREAM, TOGGLE, nfhooks, write
 from .test_ssh_guard import members, ssh_packets
 
 needs_ipset = pytest.mark.skipif(shutil.which("ipset") is None,
@@ -168,3 +170,150 @@ def test_reload_with_workers_keeps_a_ban_and_the_new_workers_add_to_the_set(nfh_
     eng.stop()
     assert our_sets(lab) == []
     assert "Traceback" not in eng.log()
+
+
+@pytest.mark.timeout(180)
+def test_reload_with_workers_under_traffic_decides_every_packet_once(nfh_lab, tmp_path):
+    """test_reload.py's stream under --workers 2: a PREROUTING verdict of one generation and an
+    INPUT verdict of the other would drop the datagram; none is lost, none decided twice."""
+    lab = nfh_lab
+    pol = tmp_path / "stream.py"
+    write(pol, STREAM.format(tag=1))
+    eng = lab.start_engine(str(pol), "--workers", "2", "--queue-base", "50")
+    server = lab.udp_server("router", 7000, bind="0.0.0.0")
+    n, rate = 3000, 1000.0
+    sender = lab.popen("client", sys.executable, "-c", SENDER, lab.addr("router", facing="client"), str(n),
+                       str(rate), text=True, stdout=subprocess.PIPE)
+    tags = [2, 1, 2, 1]
+    try:
+        for tag in tags:
+            seen = len(server.datagrams())
+            lab.wait_for(lambda: len(server.datagrams()) >= seen + 200, timeout=20,
+                         what="traffic under the current generation")
+            write(pol, STREAM.format(tag=tag))
+            r = nfhooks(lab, "reload")
+            assert r.returncode == 0, r.stderr + eng.log()[-3000:]
+        assert sender.wait(timeout=60) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    got = server.wait_datagrams(n, timeout=20)
+    seqs = {int(p.split()[1]) for _, p in got}
+    assert seqs == set(range(n)), f"{n - len(seqs)} datagram(s) never arrived"
+    lab.wait_for(lambda: "generation 2 retired" in eng.log().rsplit("reloaded policy stream1", 1)[-1],
+                 timeout=20, what="the last old generation retired")
+
+    def decided(prefix, verdict):
+        return sum(metric(lab, "nfhooks_handler_packets_total", handler=f"{prefix}{t}", verdict=verdict)
+                   for t in (1, 2))
+
+    assert decided("pre", "mark") == n  # one PREROUTING verdict per packet, summed over generations
+    assert decided("in", "accept") == n  # and one INPUT verdict, from the same generation
+    assert decided("in", "drop") == 0
+    for t in (1, 2):
+        assert metric(lab, "nfhooks_handler_packets_total", handler=f"in{t}") > 100
+    assert metric(lab, "nfhooks_policy_reloads_total") == len(tags)
+    assert eng.stop() == 0
+    assert "Traceback" not in eng.log()
+
+
+SET_POLICY = '''\
+from nfhooks import Policy, {verdict}
+
+policy = Policy("workers-set-{verdict}")
+seen = policy.set("seen", kind="ip", timeout={timeout})
+
+@policy.input(proto="tcp", dport=8080)
+def web(pkt):
+    seen.add(pkt.src)
+    return {verdict}()
+'''
+
+
+@needs_ipset
+@pytest.mark.timeout(120)
+def test_a_reload_the_kernel_refuses_is_undone_and_the_old_workers_keep_serving(nfh_lab, tmp_path):
+    lab = nfh_lab
+    pol = tmp_path / "set_policy.py"
+    write(pol, SET_POLICY.format(verdict="accept", timeout=60))
+    router = lab.addr("router", facing="client")
+    eng = lab.start_engine(str(pol), "--workers", "2", "--queue-base", "60")
+    lab.tcp_server("router", 8080, bind="0.0.0.0")
+    assert lab.tcp_connect("client", router, 8080) == "ok"
+    first = _worker_pids(eng.log())
+    write(pol, SET_POLICY.format(verdict="drop", timeout=30))  # the set's timeout changed: refused
+    r = nfhooks(lab, "reload")
+    assert r.returncode == 1 and "reload failed installing generation 2" in r.stderr, r.stderr
+    assert "set 'seen' changed" in r.stderr, r.stderr
+    assert lab.tcp_connect("client", router, 8080) == "ok"  # the old policy, the old workers
+    assert not any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab))
+    assert metric(lab, "nfhooks_worker_up") == 2
+    assert all(os.path.exists(f"/proc/{p}") for p in first)
+    assert members(lab, "nfh-seen-4") == [lab.addr("client")]
+    assert metric(lab, "nfhooks_policy_reload_errors_total") == 1
+    assert eng.running(), eng.log()[-3000:]
+    assert eng.stop() == 0
+    assert nfh_lines(lab) == [] and our_sets(lab) == []
+    assert "Traceback" not in eng.log()
+
+
+HOLD_QUEUE = '''\
+import sys, time
+from netfilterqueue import NetfilterQueue
+q = NetfilterQueue()
+q.bind(int(sys.argv[1]), lambda p: p.accept())
+print("bound", flush=True)
+time.sleep(120)
+'''
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.add(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_new_generation_whose_worker_cannot_bind_is_taken_down_again(nfh_lab, tmp_path):
+    lab = nfh_lab
+    pol = tmp_path / "toggle.py"
+    write(pol, TOGGLE.format(tag=1, verdict="accept"))
+    router = lab.addr("router", facing="client")
+    eng = lab.start_engine(str(pol), "--workers", "2", "--queue-base", "60")
+    lab.tcp_server("router", 8080, bind="0.0.0.0")
+    assert lab.tcp_connect("client", router, 8080) == "ok"
+    first = _worker_pids(eng.log())
+    main = eng.pid
+    assert _children(main) == first
+    # the next generation's balanced queues are 62:63 (clear of 60:61): another program holds 62
+    holder = lab.popen("router", sys.executable, "-c", HOLD_QUEUE, "62", text=True, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "bound"
+        write(pol, TOGGLE.format(tag=2, verdict="drop"))
+        r = nfhooks(lab, "reload")
+        assert r.returncode == 1, r.stderr
+        assert "reload failed installing generation 2" in r.stderr and "cannot bind NFQUEUE 62" in r.stderr, r.stderr
+        assert lab.tcp_connect("client", router, 8080) == "ok"  # the old policy, the old workers
+        assert not any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab))
+        lab.wait_for(lambda: _children(main) == first, timeout=15, what="the new generation's workers gone")
+        assert metric(lab, "nfhooks_worker_up") == 2
+        holder.kill()
+        holder.wait()
+        r = nfhooks(lab, "reload")  # the queue is free again: the same file now loads
+        assert r.returncode == 0, r.stderr + eng.log()[-3000:]
+        assert lab.tcp_connect("client", router, 8080, timeout=1.0) == "timeout"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert eng.running(), eng.log()[-3000:]
+    assert eng.stop() == 0
+    assert nfh_lines(lab) == []
