@@ -72,6 +72,13 @@ def test_a_lazy_packet_reads_as_the_parsed_one(name, first):
     assert repr(got) == repr(want)
 
 
+def test_the_lazy_shapes_are_parse_s_own():
+    """lazypacket keeps its own copy of the IPv6 extension headers parse() walks: they must agree."""
+    from nfhooks import lazypacket, packet
+
+    assert lazypacket._V6_EXT == packet._V6_EXT
+
+
 @pytest.mark.parametrize("raw", [b"", b"\x45" + bytes(10), b"\x44" + bytes(30), b"\x60" + bytes(20),
                                  b"\x45\x00\x00\x10" + bytes(16), b"\x70" + bytes(40)])
 def test_a_lazy_parse_refuses_what_parse_refuses(raw):
