@@ -125,8 +125,6 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
     from .owner import OwnedElsewhere
     from .workers import run_workers
 
-    if tap is not None:
-        _fail("--pcap cannot be combined with --workers yet")
     for line in hooks_summary(engine.ruleset):
         say(f"  {line}")
     try:
@@ -134,7 +132,7 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
                            cpu_fanout=cpu_fanout, metrics_addr=metrics_addr, backend=engine.backend,
                            allow_public=public_metrics, budget=getattr(engine, "handler_budget", 0.0),
                            timeout=getattr(getattr(engine, "watchdog", None), "timeout", None), say=say,
-                           runtimes=engine.runtimes, audit=engine.audit, compile_next=engine.compile_next)
+                           runtimes=engine.runtimes, audit=engine.audit, compile_next=engine.compile_next, pcap=tap)
     except (KernelError, OwnedElsewhere, ValueError, OSError) as e:
         _fail(str(e))
         return

@@ -66,11 +66,12 @@ SampleKey = tuple[str, str, tuple[tuple[str, str], ...]]  # family, sample name,
 def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, Any], options: Any,
                 limits: tuple[float, float | None], nat_conn: Any = None,
                 inherited: tuple[int, ...] = (), runtimes: dict[str, Any] | None = None,
-                audit: bool = False) -> None:
+                audit: bool = False, pcap: Any = None) -> None:
     """The body of worker ``index`` (a forked child): bind, report ready, serve, answer.
     ``runtimes``: the main process's feature runtimes, inherited; a ``per_worker_collector``
     feature's counts of this process are exported (an address set's add()s, made through a
-    per-process ipset shell). ``audit``: run --audit (this worker's own obs_audit.Audit)."""
+    per-process ipset shell). ``audit``: run --audit (this worker's own obs_audit.Audit);
+    ``pcap``: run --pcap (path, max bytes, files): this worker's own capture (worker_extras)."""
     for fd in inherited:  # the main process's descriptors: never keep another worker's pipe open
         try:
             os.close(fd)
@@ -85,12 +86,13 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
     from .policy import self_marked
     from .policy_metrics import PolicyMetrics
     from .queue import QueueSet
+    from .worker_extras import worker_extras
     from .worker_nat import NatClient
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: main decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler, until bound
-    qs = None
+    qs = tap = None
     budget, timeout = limits
     watchdog = None
     try:
@@ -102,9 +104,9 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
         offload = FlowOffload(rs, policy) if getattr(rs, "flow_generation", 0) else None
         nat = (NatClient(nat_conn, rs.layout, rs.nat_targets, generation=rs.generation)
                if nat_conn is not None else None)
-        audited = _worker_collectors(metrics.registry, runtimes or {}, audit)
+        audited, tap = worker_extras(index, rs.generation, metrics.registry, runtimes or {}, audit, pcap)
         disp = Dispatcher(policy=policy, ruleset=rs, metrics=metrics, budget=budget, watchdog=watchdog,
-                          offload=offload, nat=nat, audit=audited)
+                          offload=offload, nat=nat, audit=audited, tap=tap)
         qs = QueueSet(options)
         for num, h in sorted(queues.items()):
             qs.bind(num, disp.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
@@ -113,8 +115,9 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
                            [(n, h.hook, h.name) for n, h in sorted(queues.items())], source_hash(policy))
     except Exception as e:  # noqa: BLE001 -- reported to the main process, which explains it
         conn.send(("error", f"worker {index}: {e}"))
-        if qs is not None:
-            qs.close()
+        for done in (qs, tap):
+            if done is not None:
+                done.close()
         os._exit(2)
     lock = threading.Lock()
 
@@ -151,23 +154,9 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
         if watchdog is not None:
             watchdog.stop()
         qs.close()
+        if tap is not None:
+            tap.close()  # flushed: every packet answered is in the file
     os._exit(0)
-
-
-def _worker_collectors(registry: Any, runtimes: dict[str, Any], audit: bool) -> Any:
-    """Register a worker's per-process feature collectors (and --audit's); its Audit or None."""
-    from .features.registry import FEATURES
-    from .obs_audit import Audit, AuditCollector
-
-    for c in [f.collector(lambda name=f.name: runtimes.get(name)) for f in FEATURES
-              if f.per_worker_collector and runtimes.get(f.name) is not None]:
-        if c is not None:
-            registry.register(c)
-    if not audit:
-        return None
-    made = Audit()
-    registry.register(AuditCollector(lambda: made))
-    return made
 
 
 class Pool:
@@ -182,10 +171,11 @@ class Pool:
 
     def __init__(self, policy: Any, rs: Any, per_worker: list[dict[int, Any]], options: Any,
                  limits: tuple[float, float | None] = (0.0, None), runtimes: dict[str, Any] | None = None,
-                 audit: bool = False, fork_lock: Any = None, extra_fds: list[int] | None = None) -> None:
+                 audit: bool = False, fork_lock: Any = None, extra_fds: list[int] | None = None,
+                 pcap: Any = None) -> None:
         self.ctx = multiprocessing.get_context("fork")
         self.args = (policy, rs, options, limits)
-        self.more = {"runtimes": runtimes, "audit": audit}  # worker_main's keyword arguments
+        self.more = {"runtimes": runtimes, "audit": audit, "pcap": pcap}  # worker_main's keyword arguments
         self.per_worker = per_worker
         n = len(per_worker)
         self.with_nat = "nat" in rs.layout

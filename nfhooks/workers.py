@@ -48,9 +48,9 @@ it inherited, whose ipset shell is per process (sets_ipset.IpsetShell); a featur
 ``per_worker_collector`` is exported by each worker (its own additions) and by the main process
 (the kernel's entry count, which replaces the workers', and the declared entries), summed.
 
-``--audit`` works with workers: the rule set already accepts (Engine applied Audit.ruleset),
-each worker's Dispatcher gets its own obs_audit.Audit, the main process sums
-``nfhooks_audit_overridden_packets_total`` and exports ``nfhooks_audit_mode`` once.
+``--audit``: the rule set already accepts (Engine applied Audit.ruleset), each worker's
+Dispatcher has its own Audit; the main process sums the overrides, exports the mode once.
+``--pcap FILE``: one capture per worker, ``FILE.w<worker>`` (worker_extras.py).
 
 Hot reload (``nfhooks reload`` / SIGHUP to the main process; :class:`Reloader`) is
 Engine.reload's with processes: Engine.compile_next first (an error keeps the running policy),
@@ -59,7 +59,7 @@ features handed over, its rules installed in front --, the old one stops stampin
 its queues stayed empty, its rules go and its workers drain and stop.
 
 Not supported with workers, refused at start (or at reload) with the reason: routing/shaping
-(shared state in the main process that workers would have to ask for), pcap.
+(shared state in the main process that workers would have to ask for).
 """
 
 from __future__ import annotations
@@ -160,15 +160,14 @@ class Generation:
         self.offload: Any = None  # the main process's FlowOffload: nfhooks_offloaded_* from the rule counters
         self.tag = 0  # which generation since the start (its workers' slots in WorkerMetrics)
 
-    def start(self, options: Any, limits: tuple[float, float | None], audit: bool, fork_lock: Any = None,
-              extra_fds: list[int] | None = None) -> None:
+    def start(self, pool_args: dict[str, Any], fork_lock: Any = None, extra_fds: list[int] | None = None) -> None:
         """Fork the workers, start the NAT server (after the fork, before any packet is queued),
         wait until every worker has bound its queues. ``stop()`` undoes a part done."""
         from .nat import backend_installer
 
         brs, backend = self.brs, self.env.backend
-        self.pool = Pool(self.policy, brs, self.per_worker, options, limits, runtimes=self.env.runtimes,
-                         audit=audit, fork_lock=fork_lock, extra_fds=extra_fds)
+        self.pool = Pool(self.policy, brs, self.per_worker, runtimes=self.env.runtimes, fork_lock=fork_lock,
+                         extra_fds=extra_fds, **pool_args)
         if self.pool.nat_conns:
             targets = NatTargets(brs.layout, brs.nat_targets, generation=brs.generation,
                                  installer=backend_installer(backend, brs.layout, brs.generation))
@@ -201,14 +200,14 @@ class Generation:
 class Reloader:
     """The main process's generations -- the current one, old ones retiring -- and the hot
     reload that makes the next: Engine.reload's steps, with processes for queues (see the
-    module docstring). ``start_args``: (options, limits, audited, cpu_fanout) of each start."""
+    module docstring). ``pool_args``: each generation's Pool(options, limits, audit, pcap)."""
 
     def __init__(self, gen: Generation, backend: Any, compile_next: Callable[..., tuple[Any, Any]] | None,
-                 audit: Any, start_args: tuple[Any, Any, bool, bool], base_fds: list[int]) -> None:
+                 audit: Any, pool_args: dict[str, Any], cpu_fanout: bool, base_fds: list[int]) -> None:
         self.current = gen
         self.retiring: list[tuple[Generation, float, float]] = []  # (generation, since, empty since)
         self.backend, self.compile_next, self.audit = backend, compile_next, audit
-        self.start_args = start_args
+        self.pool_args, self.cpu_fanout = pool_args, cpu_fanout
         self.base_fds = base_fds  # the main process's descriptors every worker closes (wake pipe, endpoint)
         self.fork_lock: Any = None  # the first pool's, shared by every later one
         self.metrics: WorkerMetrics | None = None  # the endpoint's, pointed at the current pool
@@ -249,7 +248,6 @@ class Reloader:
             self.retire(force=True)
         cur = self.current
         name, g = cur.policy.name, cur.brs.generation
-        options, limits, audited, cpu_fanout = self.start_args
         try:
             if self.compile_next is None:
                 raise PolicyError("this engine was started without a policy file to reload")
@@ -257,7 +255,7 @@ class Reloader:
             check_supported(rs, cur.workers, policy)
             if self.audit is not None:
                 self.audit.ruleset(rs)  # as Engine._use does: the default rules accept
-            new = Generation(policy, rs, self.backend, cur.workers, cpu_fanout)
+            new = Generation(policy, rs, self.backend, cur.workers, self.cpu_fanout)
             new.tag = cur.tag + 1
         except (PolicyError, WorkersError) as e:
             return self._done(False, f"reload failed, policy {name} (generation {g}) keeps running: {e}")
@@ -267,7 +265,7 @@ class Reloader:
         try:
             for f in FEATURES:  # e.g. address sets handed over (or the reload refused)
                 f.reload(cur.env, new.env)
-            new.start(options, limits, audited, self.fork_lock, self._fds())
+            new.start(self.pool_args, self.fork_lock, self._fds())
             self.backend.install(new.brs)
         except Exception as e:  # noqa: BLE001 -- undo the new half, keep the old
             try:
@@ -350,7 +348,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
                 metrics_addr: str = "off", allow_public: bool = False, budget: float = 0.0,
                 timeout: float | None = None, say: Callable[[str], None] = print, backend: Any = None,
                 runtimes: dict[str, Any] | None = None, audit: Any = None,
-                compile_next: Callable[..., tuple[Any, Any]] | None = None) -> int:
+                compile_next: Callable[..., tuple[Any, Any]] | None = None, pcap: Any = None) -> int:
     """Serve ``rs`` with ``workers`` processes until SIGINT/SIGTERM; the exit status.
 
     ``backend``: where the rules go (a backends.Backend; None: $NFHOOKS_BACKEND, else auto).
@@ -380,8 +378,13 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
-    rl = Reloader(gen, backend, compile_next, audit, (options, (budget, timeout), audit is not None, cpu_fanout),
-                  [wake_r, wake_w])
+    spec = None if pcap is None else (pcap.path, pcap.max_bytes, pcap.files)
+    if pcap is not None:  # the main process records nothing: each worker its own file (worker_extras)
+        pcap.close()
+        os.unlink(pcap.path)
+        say(f"nfhooks: with --workers each worker records to its own file: {pcap.path}.w0 ... (worker_extras.py)")
+    rl = Reloader(gen, backend, compile_next, audit, dict(options=options, limits=(budget, timeout),
+                  audit=audit is not None, pcap=spec), cpu_fanout, [wake_r, wake_w])
 
     def on_signal(signum: int, frame: Any) -> None:
         if signum == signal.SIGHUP:
@@ -423,8 +426,7 @@ def run_workers(policy: Any, rs: Any, workers: int, *, options: Any = None, cpu_
         lc.remove_stale()
         for f in FEATURES:  # e.g. the address sets exist before a rule or a worker uses them
             f.start(gen.env)
-        opts, limits, audited, _ = rl.start_args
-        gen.start(opts, limits, audited)
+        gen.start(rl.pool_args)
         pool = gen.pool
         assert pool is not None
         rl.fork_lock = pool.fork_lock  # one lock for every generation's forks and the scrapes

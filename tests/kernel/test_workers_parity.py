@@ -317,3 +317,52 @@ def test_a_new_generation_whose_worker_cannot_bind_is_taken_down_again(nfh_lab, 
     assert eng.running(), eng.log()[-3000:]
     assert eng.stop() == 0
     assert nfh_lines(lab) == []
+
+
+PCAP_PORT = 7301
+PCAP_POLICY = '''\
+from nfhooks import Policy, accept
+
+policy = Policy("workers-pcap-{tag}")
+
+@policy.input(proto="udp", dport={port}, name="echo_{tag}")
+def echo(pkt):
+    return accept()
+'''
+
+
+@pytest.mark.timeout(120)
+def test_pcap_with_workers_records_each_workers_decisions_in_its_own_file(nfh_lab, tmp_path):
+    from nfhooks.pcap import read_packets
+
+    lab = nfh_lab
+    pol = tmp_path / "pcap_policy.py"
+    write(pol, PCAP_POLICY.format(tag=1, port=PCAP_PORT))
+    cap = tmp_path / "cap.pcapng"
+    for f in (4, 6):
+        lab.udp_server("router", PCAP_PORT, f, bind="::" if f == 6 else "0.0.0.0")
+    eng = lab.start_engine(str(pol), "--workers", "2", "--pcap", str(cap), "--queue-base", "70")
+    n = 3
+
+    def send(tag: int) -> None:
+        for fam in (4, 6):
+            for i in range(n):
+                msg = f"g{tag}-{fam}-{i}"
+                assert lab.udp_send("client", lab.addr("router", fam, facing="client"), PCAP_PORT, msg) == msg.encode()
+
+    send(1)
+    write(pol, PCAP_POLICY.format(tag=2, port=PCAP_PORT))
+    r = nfhooks(lab, "reload")
+    assert r.returncode == 0, r.stderr + eng.log()[-3000:]
+    send(2)
+    assert metric(lab, "nfhooks_pcap_packets_total") >= 2 * n  # the new generation's, summed
+    assert eng.stop() == 0
+    assert not cap.exists()  # the main process records nothing
+    files = sorted(p.name for p in tmp_path.glob("cap.pcapng.w*"))
+    assert files and all(re.fullmatch(r"cap\.pcapng\.w[01](\.g2)?", f) for f in files), files
+    comments = [c for p in tmp_path.glob("cap.pcapng.w*") for _, _, c in read_packets(p)]
+    for tag in (1, 2):
+        got = [c for c in comments if f"handler=echo_{tag} verdict=accept" in c]
+        assert len(got) == 2 * n, (tag, comments)
+    assert any(f.endswith(".g2") for f in files) and any(not f.endswith(".g2") for f in files), files
+    assert "Traceback" not in eng.log()
