@@ -76,10 +76,15 @@ def parse_lazy(raw: bytes, hook: str = "", mark: int = 0, iif_index: int = 0, oi
     if type(raw) is not bytes:
         raw = bytes(raw)
     captured = len(raw)
-    if captured >= 40 and raw[0] >> 4 == 6 and raw[6] not in _V6_EXT:
-        length = ((raw[4] << 8) | raw[5]) + 40
-    elif captured >= 20 and raw[0] == 0x45 and ((raw[2] << 8) | raw[3]) >= 20:
+    if captured < 20:
+        return parse(raw, hook, mark, iif_index, oif_index)
+    first = raw[0]
+    if first == 0x45:
         length = (raw[2] << 8) | raw[3]
+        if length < 20:
+            return parse(raw, hook, mark, iif_index, oif_index)
+    elif first >> 4 == 6 and captured >= 40 and raw[6] not in _V6_EXT:
+        length = ((raw[4] << 8) | raw[5]) + 40
     else:
         return parse(raw, hook, mark, iif_index, oif_index)
     p = _new(LazyPacket)
