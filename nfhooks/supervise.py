@@ -86,8 +86,9 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
     from .policy import self_marked
     from .policy_metrics import PolicyMetrics
     from .queue import QueueSet
-    from .worker_extras import worker_extras
-    from .worker_nat import NatClient
+    from .worker_extras import feature_encoders, worker_extras
+    from .worker_nat import Asker, NatClient
+    from .worker_routes import worker_encoders
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: main decides
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -102,11 +103,13 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
         metrics = Metrics()
         PolicyMetrics(metrics.registry).bind(policy)  # policy.counter()/gauge(): summed by the main process
         offload = FlowOffload(rs, policy) if getattr(rs, "flow_generation", 0) else None
-        nat = (NatClient(nat_conn, rs.layout, rs.nat_targets, generation=rs.generation)
-               if nat_conn is not None else None)
+        asker = Asker(nat_conn) if nat_conn is not None else None  # NAT targets, route slots: worker_routes
+        nat = (NatClient(asker, rs.layout, rs.nat_targets, generation=rs.generation)
+               if asker is not None and "nat" in rs.layout else None)
         audited, tap = worker_extras(index, rs.generation, metrics.registry, runtimes or {}, audit, pcap)
         disp = Dispatcher(policy=policy, ruleset=rs, metrics=metrics, budget=budget, watchdog=watchdog,
-                          offload=offload, nat=nat, audit=audited, tap=tap)
+                          offload=offload, nat=nat, audit=audited, tap=tap, encoders=worker_encoders(
+                              feature_encoders(runtimes or {}), asker))
         qs = QueueSet(options)
         for num, h in sorted(queues.items()):
             qs.bind(num, disp.callback(h), handler=h, fail_open=rs.fail_open[h.hook])
@@ -161,8 +164,8 @@ def worker_main(index: int, conn: Any, policy: Any, rs: Any, queues: dict[int, A
 
 class Pool:
     """The worker processes, started by fork, each with a duplex pipe to the main process
-    (control: ready, metrics, stop) and, when the policy has a ``nat`` mark field, a second
-    one for its NAT target requests (``nat_conns``, served by a NatServer).
+    (control: ready, metrics, stop) and, when the policy has a ``nat`` mark field or ``asks``
+    (on-demand route slots), a second one for its requests (``nat_conns``, served by a NatServer).
 
     Lists are indexed by worker; ``restart(i)`` replaces slot ``i``. ``pids[i]`` is 0 until
     worker ``i`` reported ready; a worker that is not ready is not scraped (its pipe carries
@@ -172,13 +175,13 @@ class Pool:
     def __init__(self, policy: Any, rs: Any, per_worker: list[dict[int, Any]], options: Any,
                  limits: tuple[float, float | None] = (0.0, None), runtimes: dict[str, Any] | None = None,
                  audit: bool = False, fork_lock: Any = None, extra_fds: list[int] | None = None,
-                 pcap: Any = None) -> None:
+                 pcap: Any = None, asks: bool = False) -> None:
         self.ctx = multiprocessing.get_context("fork")
         self.args = (policy, rs, options, limits)
         self.more = {"runtimes": runtimes, "audit": audit, "pcap": pcap}  # worker_main's keyword arguments
         self.per_worker = per_worker
         n = len(per_worker)
-        self.with_nat = "nat" in rs.layout
+        self.with_nat = "nat" in rs.layout or asks  # the request pipe: NAT targets, ``asks`` other topics
         self.procs: list[Any] = [None] * n
         self.conns: list[Any] = [None] * n
         self.nat_conns: list[Any] = [None] * n if self.with_nat else []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["pcap_path", "worker_extras"]
+__all__ = ["feature_encoders", "pcap_path", "worker_extras"]
 
 
 def pcap_path(path: str, worker: int, generation: int) -> str:
@@ -42,3 +42,11 @@ def worker_extras(index: int, generation: int, registry: Any, runtimes: dict[str
         path, max_bytes, files = pcap
         tap = PcapWriter(pcap_path(path, index, generation), max_bytes=max_bytes, files=files, registry=registry)
     return made, tap
+
+
+def feature_encoders(runtimes: dict[str, Any]) -> dict[str, Any]:
+    """Verdict kind -> encoder (Feature.encoders) of the runtimes the worker inherited; on-demand
+    parts are then asked of the main process (worker_routes.worker_encoders)."""
+    from .features.registry import FEATURES
+
+    return {k: e for f in FEATURES for k, e in f.encoders(runtimes.get(f.name)).items()}

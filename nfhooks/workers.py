@@ -58,14 +58,14 @@ then a new :class:`Generation` -- its workers forked for the other generation's 
 features handed over, its rules installed in front --, the old one stops stamping and, once
 its queues stayed empty, its rules go and its workers drain and stop.
 
-Not supported with workers, refused at start (or at reload) with the reason: routing/shaping
-(shared state in the main process that workers would have to ask for).
+Routing and shaping work with workers: the main process owns the routing runtime (features
+started before the rules, stopped after: ip rules, routes, sysctls, qdiscs) and answers each
+worker's on-demand route slot requests over the NAT request pipe; declared tables and classes
+are encoded by each worker from the plan (worker_routes.py).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 import signal
@@ -75,64 +75,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .nat import NatTargets
-from .rules import MAX_QUEUE
 from .supervise import Pool, Serialized, Supervisor
+from .worker_balance import MAX_WORKERS, WorkersError, balance, check_supported  # noqa: F401 -- re-exported
 from .worker_metrics import Current, Reloads, WorkerMetrics, balance_rule_packets  # noqa: F401 -- re-exported
+from .worker_routes import slot_topics
 from .worker_nat import NatClient, NatServer  # noqa: F401 -- NatClient re-exported (tests, users)
 
 log = logging.getLogger("nfhooks.workers")
-MAX_WORKERS = 64
-
-
-class WorkersError(ValueError):
-    """The policy or the options cannot be served by several workers (the text says why)."""
-
-
-def check_supported(rs: Any, workers: int, policy: Any = None) -> None:
-    if not 2 <= workers <= MAX_WORKERS:
-        raise WorkersError(f"--workers {workers}: give 2..{MAX_WORKERS} (1 is the ordinary engine)")
-    if not rs.queues:
-        raise WorkersError("the policy has no handlers: there is nothing for --workers to decide")
-    why = []
-    if getattr(rs, "routeshape", None) is not None:
-        why.append("routing/shaping")
-    if why:
-        raise WorkersError(f"--workers cannot serve a policy with {', '.join(why)} yet; run it "
-                           "without --workers")
-
-
-def balance(rs: Any, workers: int, cpu_fanout: bool = False) -> tuple[Any, list[dict[int, Any]]]:
-    """A copy of ``rs`` whose queue rules balance over ``workers`` queues per handler.
-
-    Handler queue ``q`` (``base + index``) becomes queues ``base + index*N .. + N-1``.
-    Returns the new rule set (``queues`` maps every new queue to its handler) and, per
-    worker, the queues it binds.
-    """
-    base = min(rs.queues) if rs.queues else 0
-    new_num = {q: base + (q - base) * workers for q in rs.queues}
-    last = max(new_num.values(), default=base) + workers - 1
-    if last > MAX_QUEUE:
-        raise WorkersError(f"{len(rs.queues)} handlers x {workers} workers need queues {base}..{last}, "
-                           f"beyond {MAX_QUEUE}: lower --queue-base or --workers")
-    out = copy.copy(rs)
-    out.rules = {}
-    for key, rules in rs.rules.items():
-        lst = []
-        for r in rules:
-            opts = dict(r.target_opts)
-            if r.target == "NFQUEUE" and "queue-num" in opts:
-                first = new_num[int(opts["queue-num"])]
-                topts: tuple[tuple[str, str], ...] = (("queue-balance", f"{first}:{first + workers - 1}"),)
-                if "queue-bypass" in opts:
-                    topts += (("queue-bypass", ""),)
-                if cpu_fanout:
-                    topts += (("queue-cpu-fanout", ""),)
-                r = dataclasses.replace(r, target_opts=topts)
-            lst.append(r)
-        out.rules[key] = lst
-    out.queues = {new_num[q] + w: h for q, h in rs.queues.items() for w in range(workers)}
-    per_worker = [{new_num[q] + w: h for q, h in rs.queues.items()} for w in range(workers)]
-    return out, per_worker
 
 
 # --------------------------------------------------------------------------- the main process
@@ -146,14 +95,17 @@ class Generation:
 
     def __init__(self, policy: Any, rs: Any, backend: Any, workers: int, cpu_fanout: bool,
                  runtimes: dict[str, Any] | None = None) -> None:
-        from .features.base import EngineEnv
+        from .features.base import EngineEnv, Feature
         from .features.registry import FEATURES
 
         self.policy, self.rs, self.workers = policy, rs, workers
         self.brs, self.per_worker = balance(rs, workers, cpu_fanout)
         self.env = EngineEnv(policy, self.brs, backend, None, {} if runtimes is None else runtimes)
-        if runtimes is None:
-            self.env.runtimes.update({f.name: f.runtime(self.env) for f in FEATURES if f.per_worker_collector})
+        if runtimes is None:  # the runtimes the workers use: collectors', and verdict encoders' (routes)
+            self.env.runtimes.update({f.name: f.runtime(self.env) for f in FEATURES
+                                      if f.per_worker_collector or type(f).encoders is not Feature.encoders})
+        #: verdict kind -> encoder, the owner runtimes (an on-demand route's slot: worker_routes.py)
+        self.encoders = {k: e for f in FEATURES for k, e in f.encoders(self.env.runtimes.get(f.name)).items()}
         self.pool: Pool | None = None
         self.nat: NatServer | None = None
         self.supervisor: Supervisor | None = None
@@ -166,12 +118,14 @@ class Generation:
         from .nat import backend_installer
 
         brs, backend = self.brs, self.env.backend
+        topics = slot_topics(self.encoders)  # on-demand route slots, asked over the same pipe as NAT
         self.pool = Pool(self.policy, brs, self.per_worker, runtimes=self.env.runtimes, fork_lock=fork_lock,
-                         extra_fds=extra_fds, **pool_args)
+                         extra_fds=extra_fds, asks=bool(topics), **pool_args)
         if self.pool.nat_conns:
-            targets = NatTargets(brs.layout, brs.nat_targets, generation=brs.generation,
-                                 installer=backend_installer(backend, brs.layout, brs.generation))
-            self.nat = NatServer(targets, self.pool.nat_conns, fork_lock=self.pool.fork_lock)
+            targets = None if "nat" not in brs.layout else NatTargets(
+                brs.layout, brs.nat_targets, generation=brs.generation,
+                installer=backend_installer(backend, brs.layout, brs.generation))
+            self.nat = NatServer(targets, self.pool.nat_conns, fork_lock=self.pool.fork_lock, topics=topics)
             self.nat.start()
         self.pool.wait_ready()
         self.supervisor = Supervisor(self.pool, on_start=self.nat.add if self.nat is not None else (lambda i, c: None),

@@ -75,9 +75,23 @@ class RouteShape:
                 raise RouteShapeError(f"returned {v}: no routing table {v.table!r} is declared "
                                       f"(tables: {', '.join(self.tables) or 'none'})")
             return self.route_field.encode(t.index)
-        return self.route_field.encode(self._dynamic(v, pkt.version))
+        return self.slot_bits(v, pkt.version)
 
-    def _dynamic(self, v: Any, family: int) -> int:
+    def on_demand(self, v: Any) -> bool:
+        """Whether ``v``'s bits come from ``slot_bits`` (an on-demand via/dev route: one owner
+        process) rather than from the plan (data, the same in every process)."""
+        return v.kind == "route" and v.table is None and self.route_field is not None
+
+    def slot_bits(self, v: Any, family: int) -> int:
+        """The route field's bits of an on-demand route for a packet of ``family``."""
+        assert self.route_field is not None
+        return self.route_field.encode(self.slot(v, family))
+
+    def slot(self, v: Any, family: int) -> int:
+        """The table slot of an on-demand ``route(via=..., dev=...)`` (its route added on first
+        use): the one part of encoding that must have a single owner process (under --workers
+        the main one, asked by each worker: worker_routes.py). Slots are never freed: a key's
+        answer, or its kernel refusal (``failed``), is final."""
         key = (v.via, v.dev)
         idx = self.dynamic.get(key)
         if idx is not None:

@@ -252,15 +252,14 @@ def test_workers_balance_rewrites_queue_rules(tmp_path):
         check_supported(rs, 1)
 
 
-def test_workers_refuse_routing_policies(tmp_path):
-    from nfhooks.workers import WorkersError, check_supported
+def test_workers_serve_routing_policies(tmp_path):
+    from nfhooks.workers import check_supported
 
     _, rs = _compiled("from nfhooks import Policy, route\npolicy = Policy()\n"
                       "policy.routing_table('up2', routes=['default via 10.0.2.1 dev up2'])\n"
                       "@policy.prerouting(proto='tcp', dport=80)\ndef r(pkt):\n"
                       "    return route('up2')\n", tmp_path)
-    with pytest.raises(WorkersError, match="routing"):
-        check_supported(rs, 2)
+    check_supported(rs, 2)  # no longer refused (worker_routes.py)
 
 
 def test_worker_metrics_sum_counters_and_keep_info_gauges():
