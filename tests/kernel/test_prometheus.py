@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -50,8 +51,12 @@ DASHBOARD = DEPLOY / "grafana" / "nfhooks-dashboard.json"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 POLICY = TEST_POLICIES / "observed.py"
+DASHBOARD_POLICY = TEST_POLICIES / "observed_conn.py"  # observed.py + a connection verdict
 
 PROM_ADDR = "127.0.0.1:9090"  # inside the router's namespace: never the host's port
+ENGINE_ARGS = ("--metrics-addr", DEFAULT_METRICS_ADDR)
+#: observed_conn.py needs 17 mark bits, one more than the default mask has
+DASHBOARD_ARGS = (*ENGINE_ARGS, "--mark-mask", "0xffffff00")
 POLL = 0.25  # API polling interval: also keeps the loopback traffic (INPUT decisions) low
 
 pytestmark = pytest.mark.skipif(
@@ -195,21 +200,39 @@ class Prometheus:
         return float(res[0]["value"][0])
 
 
-@pytest.fixture
-def observed(nfh_lab):
-    """The router runs tests/kernel/policies/observed.py, watched by Prometheus."""
-    lab = nfh_lab
+def servers(lab: Any) -> None:
+    """The listeners some_traffic() connects to."""
     lab.tcp_server("router", 7001)
+    lab.tcp_server("router", 7003)
     lab.tcp_server("server", 8080)
-    engine = lab.start_engine(str(POLICY), "--metrics-addr", DEFAULT_METRICS_ADDR)
+
+
+def _watched(lab: Any, policy: Path, args: tuple[str, ...]) -> tuple[Any, Any, Prometheus]:
+    servers(lab)
+    engine = lab.start_engine(str(policy), *args)
     prom = Prometheus(lab)
     prom.wait_ready()
     return lab, engine, prom
 
 
-def some_traffic(lab: Any) -> None:
-    """Healthy traffic through the engine: INPUT, FORWARD, a drop and a ping."""
+@pytest.fixture
+def observed(nfh_lab):
+    """The router runs tests/kernel/policies/observed.py, watched by Prometheus."""
+    return _watched(nfh_lab, POLICY, ENGINE_ARGS)
+
+
+@pytest.fixture
+def observed_conn(nfh_lab):
+    """observed.py plus a connection verdict (observed_conn.py): every dashboard panel's data."""
+    return _watched(nfh_lab, DASHBOARD_POLICY, DASHBOARD_ARGS)
+
+
+def some_traffic(lab: Any, conn_verdict: bool = False) -> None:
+    """Healthy traffic through the engine: INPUT, FORWARD, a drop and a ping; with
+    `conn_verdict`, a connection observed_conn.py's `inspected` decides with a connection verdict."""
     assert lab.tcp_connect("client", lab.addr("router"), 7001) == "ok"
+    if conn_verdict:
+        assert lab.tcp_connect("client", lab.addr("router"), 7003) == "ok"
     assert lab.tcp_connect("client", lab.addr("server"), 8080) == "ok"
     assert lab.ping("client", lab.addr("router"))
 
@@ -229,14 +252,14 @@ def assert_all_quiet(prom: Prometheus) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_every_dashboard_query_returns_data(observed):
-    lab, engine, prom = observed
+def test_every_dashboard_query_returns_data(observed_conn):
+    lab, engine, prom = observed_conn
     assert lab.tcp_connect("client", lab.addr("router"), 7002, timeout=0.5) == "timeout"
     queries = dashboard_queries(DASHBOARD)
     assert len(queries) >= 10
 
     def empty_queries() -> list[str]:
-        some_traffic(lab)  # traffic keeps flowing while we poll
+        some_traffic(lab, conn_verdict=True)  # traffic keeps flowing while we poll
         bad = []
         for q in queries:
             r = prom.query(q)
@@ -255,6 +278,20 @@ def test_every_dashboard_query_returns_data(observed):
     # real traffic, not just series at 0: the packet rate panel shows packets moving
     moving = prom.result('sum(rate(nfhooks_packets_total{job="nfhooks"}[1m])) > 0')
     assert moving, "the packet rate is 0 although traffic flows"
+    # a connection verdict at work: connections decided, their later packets accepted by the
+    # kernel (a rate needs two scrapes with connections between them: traffic while polling)
+    def moving_series(expr: str) -> list[dict[str, str]]:
+        some_traffic(lab, conn_verdict=True)
+        return [r["metric"] for r in prom.result(f"sum by (hook, verdict) ({expr}) > 0")]
+
+    assert lab.wait_for(lambda: moving_series(
+        'rate(nfhooks_connection_verdicts_total{job="nfhooks", handler="inspected"}[1m])'),
+        timeout=15, interval=POLL, what="connections decided by 'inspected'") == [
+        {"hook": "INPUT", "verdict": "accept"}]
+    assert lab.wait_for(lambda: moving_series(
+        'rate(nfhooks_connection_verdict_packets_total{job="nfhooks"}[1m])'),
+        timeout=15, interval=POLL, what="packets of decided connections") == [
+        {"hook": "INPUT", "verdict": "accept"}]
     # the dashboard's variables: label_values(metric, label) has values to offer
     variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
     for v in variables:
@@ -359,12 +396,11 @@ def test_down_alert_fires_when_the_engine_stops(observed):
 def test_reload_failed_alert_fires(nfh_lab, tmp_path):
     """A broken policy file reloaded: the old policy keeps running, Prometheus alerts."""
     lab = nfh_lab
-    lab.tcp_server("router", 7001)
-    lab.tcp_server("server", 8080)
+    servers(lab)
     pol = tmp_path / "observed.py"
     pol.write_text(POLICY.read_text())
     pol.chmod(0o644)
-    engine = lab.start_engine(str(pol), "--metrics-addr", DEFAULT_METRICS_ADDR)
+    engine = lab.start_engine(str(pol), *ENGINE_ARGS)
     prom = Prometheus(lab)
     prom.wait_ready()
     some_traffic(lab)
@@ -383,9 +419,8 @@ def test_fail_open_bypass_alert_fires(nfh_lab):
     """The same flood into a fail-open queue: the kernel accepts what does not fit, nfhooks
     derives how many, Prometheus alerts that packets went through unfiltered."""
     lab = nfh_lab
-    lab.tcp_server("router", 7001)
-    lab.tcp_server("server", 8080)
-    engine = lab.start_engine(str(POLICY), "--metrics-addr", DEFAULT_METRICS_ADDR, "--fail-open")
+    servers(lab)
+    engine = lab.start_engine(str(POLICY), *ENGINE_ARGS, "--fail-open")
     prom = Prometheus(lab)
     prom.wait_ready()
     some_traffic(lab)

@@ -48,12 +48,14 @@ def _exported_series(tmp_path: Path) -> set[str]:
     bound = {4: BoundQueue(4, "INPUT", "h", True, False, 4096, 1 << 20, _Budgeted(None))}  # type: ignore[arg-type]
     reg.register(OverloadCollector(bound, str(proc), saved=lambda: [
         '[7:420] -A NFH-INPUT -m comment --comment "nfhooks h" -j NFQUEUE --queue-num 4 --queue-bypass']))
-    # flow offload's collector (offload.py), for a policy with a flow=True handler
+    # flow offload's collector (offload.py), for a policy with a flow=True handler and one
+    # returning connection verdicts
     from nfhooks.offload import OffloadCollector
 
     class _Offload:
         def counters(self) -> dict:
-            return {"flowsave": {("INPUT", "h"): 1}, "offload": {("INPUT", "h"): 5}}
+            return {"flowsave": {("INPUT", "h"): 1}, "offload": {("INPUT", "h"): 5},
+                    "conn": {("INPUT", "h", "accept"): 2}, "connpkts": {("INPUT", "accept"): 9}}
 
     reg.register(OffloadCollector(lambda: _Offload()))
     # address sets' collector (features/sets.py), for a policy that declares a set
@@ -208,6 +210,7 @@ def test_dashboard_has_the_operator_panels(dashboard: dict) -> None:
         "nfhooks_malformed_packets_total", "nfhooks_queue_bypassed_packets_total",
         "nfhooks_handler_overruns_total", "nfhooks_queue_enobufs_total",
         "nfhooks_offloaded_flows_total", "nfhooks_offloaded_packets_total",
+        "nfhooks_connection_verdicts_total", "nfhooks_connection_verdict_packets_total",
         "sum by (hook, verdict, via)",  # a default-rule or error verdict (via label) is told apart
     ):
         assert needed in exprs, needed
@@ -224,7 +227,8 @@ def _kind(p: dict) -> str:
     if "nfhooks_bytes_total" in exprs:
         return "bytes/s"
     if re.search(r"rate\((nfhooks_(packets|handler_packets|handler_errors|handler_overruns|malformed_packets"
-                 r"|truncated_packets|offloaded_packets|queue_\w+_packets)_total)", exprs):
+                 r"|truncated_packets|offloaded_packets|connection_verdict_packets|queue_\w+_packets)"
+                 r"_total)", exprs):
         return "packets/s"
     return "count"
 
