@@ -145,3 +145,18 @@ def rule_counter(lab, comment: str, node: str = "router", family: int = 4) -> in
         if f'--comment "nfhooks {comment}"' in line:
             total += int(line.split("]")[0].strip("[").split(":")[0])
     return total
+
+
+@pytest.fixture
+def rs_lab(nfh_netns_reason):
+    """The routing/shaping lab (nfhooks/lab/routeshape.py: client -- router == up1/up2 == far),
+    for one engine's tests and --workers' alike."""
+    from nfhooks.lab.routeshape import build_lab
+
+    if nfh_netns_reason is not None:
+        pytest.skip(nfh_netns_reason)
+    lab = build_lab()
+    try:
+        yield lab
+    finally:
+        lab.close()

@@ -66,6 +66,29 @@ def write(path, text):
     path.chmod(0o644)
 
 
+def broken_reload_keeps_the_policy(lab, pol, router) -> None:
+    """After a reload to toggle2 (accepting): a broken file, and the command says so (file:line)
+    while the running policy stays in force (the engine's and --workers' reload alike)."""
+    write(pol, "from nfhooks import Policy\npolicy = Policy()\n\n@policy.input(\ndef oops(:\n")
+    r = nfhooks(lab, "reload")
+    assert r.returncode == 1 and "reload failed" in r.stderr and f"{pol}:5" in r.stderr, r.stderr
+    assert lab.tcp_connect("client", router, 8080) == "ok"
+    assert metric(lab, "nfhooks_policy_reload_errors_total") == 1
+    assert metric(lab, "nfhooks_policy_reloads_total") == 1
+    assert metric(lab, "nfhooks_policy_info", policy="toggle2") == 1
+
+
+def sighup_reloads_back_to_dropping(lab, eng, pol, router, timeout: float) -> None:
+    """SIGHUP does the same as the command: back to generation 1 and to dropping."""
+    write(pol, TOGGLE.format(tag=3, verdict="drop"))
+    eng.proc.send_signal(1)
+    eng.wait_log("reloaded policy toggle3", timeout=15)
+    assert lab.tcp_connect("client", router, 8080, timeout=1.0) == "timeout"
+    lab.wait_for(lambda: not any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab)),
+                 timeout=15, what="generation 2 chains removed")
+    assert metric(lab, "nfhooks_policy_reloads_total") == 2
+
+
 def test_reload_swaps_policy_and_keeps_it_on_errors(nfh_lab, tmp_path):
     lab = nfh_lab
     pol = tmp_path / "toggle.py"
@@ -84,23 +107,9 @@ def test_reload_swaps_policy_and_keeps_it_on_errors(nfh_lab, tmp_path):
                  timeout=15, what="generation 1 chains removed")
     assert any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab))
 
-    # a broken file: the command says so (file:line), the running policy stays in force
-    write(pol, "from nfhooks import Policy\npolicy = Policy()\n\n@policy.input(\ndef oops(:\n")
-    r = nfhooks(lab, "reload")
-    assert r.returncode == 1 and "reload failed" in r.stderr and f"{pol}:5" in r.stderr, r.stderr
-    assert lab.tcp_connect("client", router, 8080) == "ok"
-    assert metric(lab, "nfhooks_policy_reload_errors_total") == 1
-    assert metric(lab, "nfhooks_policy_reloads_total") == 1
-    assert metric(lab, "nfhooks_policy_info", policy="toggle2") == 1
+    broken_reload_keeps_the_policy(lab, pol, router)
 
-    # SIGHUP does the same as the command; back to generation 1 and to dropping
-    write(pol, TOGGLE.format(tag=3, verdict="drop"))
-    eng.proc.send_signal(1)
-    eng.wait_log("reloaded policy toggle3", timeout=15)
-    assert lab.tcp_connect("client", router, 8080, timeout=1.0) == "timeout"
-    lab.wait_for(lambda: not any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab)),
-                 timeout=15, what="generation 2 chains removed")
-    assert metric(lab, "nfhooks_policy_reloads_total") == 2
+    sighup_reloads_back_to_dropping(lab, eng, pol, router, timeout=15)
 
     assert eng.stop() == 0
     assert nfh_lines(lab) == []

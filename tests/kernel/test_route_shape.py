@@ -12,22 +12,11 @@ import sys
 import pytest
 
 from nfhooks.lab.routeshape import (
-    BALANCED_PORT, BULK_PORT, BULK_RATE, PLAIN_PORT, SHAPING_POLICY, UPLINKS_POLICY, Iperf, build_lab,
+    BALANCED_PORT, BULK_PORT, BULK_RATE, PLAIN_PORT, SHAPING_POLICY, UPLINKS_POLICY, Iperf,
     class_bytes, router_addr, rx_bytes, shaped_run, snapshot, uplink_args,
 )
 
 from .conftest import metric, saved
-
-
-@pytest.fixture
-def rs_lab(nfh_netns_reason):
-    if nfh_netns_reason is not None:
-        pytest.skip(nfh_netns_reason)
-    lab = build_lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 def test_uplink_per_connection_sticky_and_removed_on_exit(rs_lab):

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from .conftest import POLICIES, metric, nfh_lines, rule_counter
-from .test_reload import SENDER, STREAM, TOGGLE, nfhooks, write
+from .test_reload import (SENDER, STREAM, TOGGLE, broken_reload_keeps_the_policy, nfhooks,
+                          sighup_reloads_back_to_dropping, write)
 from .test_ssh_guard import members, ssh_packets
 
 needs_ipset = pytest.mark.skipif(shutil.which("ipset") is None,
@@ -123,23 +124,9 @@ def test_reload_with_workers_swaps_the_verdict_and_keeps_it_on_errors(nfh_lab, t
     assert "generation 1 retired, its workers stopped" in eng.log()
     assert metric(lab, "nfhooks_handler_packets_total", handler="port8080_2", verdict="accept") >= 1
 
-    # a broken file: the command says so (file:line), the running policy stays in force
-    write(pol, "from nfhooks import Policy\npolicy = Policy()\n\n@policy.input(\ndef oops(:\n")
-    r = nfhooks(lab, "reload")
-    assert r.returncode == 1 and "reload failed" in r.stderr and f"{pol}:5" in r.stderr, r.stderr
-    assert lab.tcp_connect("client", router, 8080) == "ok"
-    assert metric(lab, "nfhooks_policy_reload_errors_total") == 1
-    assert metric(lab, "nfhooks_policy_reloads_total") == 1
-    assert metric(lab, "nfhooks_policy_info", policy="toggle2") == 1
+    broken_reload_keeps_the_policy(lab, pol, router)
 
-    # SIGHUP to the main process does the same; back to generation 1 and to dropping
-    write(pol, TOGGLE.format(tag=3, verdict="drop"))
-    eng.proc.send_signal(1)
-    eng.wait_log("reloaded policy toggle3", timeout=30)
-    assert lab.tcp_connect("client", router, 8080, timeout=1.0) == "timeout"
-    lab.wait_for(lambda: not any(line.startswith(":NFH-INPUT-2 ") for line in nfh_lines(lab)),
-                 timeout=15, what="generation 2 chains removed")
-    assert metric(lab, "nfhooks_policy_reloads_total") == 2
+    sighup_reloads_back_to_dropping(lab, eng, pol, router, timeout=30)  # to the main process
     assert eng.running(), eng.log()[-3000:]
     assert eng.stop() == 0
     assert nfh_lines(lab) == []

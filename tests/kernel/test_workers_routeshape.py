@@ -14,24 +14,13 @@ import sys
 import pytest
 
 from nfhooks.lab.routeshape import (
-    BULK_PORT, PLAIN_PORT, SHAPING_POLICY, UPLINKS_POLICY, build_lab, class_bytes, router_addr, rx_bytes,
+    BULK_PORT, PLAIN_PORT, SHAPING_POLICY, UPLINKS_POLICY, class_bytes, router_addr, rx_bytes,
     snapshot, uplink_args,
 )
 
 from .conftest import metric
 
 WORKERS = ("--workers", "2", "--queue-base", "30")
-
-
-@pytest.fixture
-def rs_lab(nfh_netns_reason):
-    if nfh_netns_reason is not None:
-        pytest.skip(nfh_netns_reason)
-    lab = build_lab()
-    try:
-        yield lab
-    finally:
-        lab.close()
 
 
 @pytest.mark.timeout(180)
