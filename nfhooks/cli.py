@@ -140,10 +140,10 @@ def _serve_workers(engine, workers: int, cpu_fanout: bool, tap, metrics_addr: st
     raise typer.Exit(code)
 
 
-def _queue_options(maxlen: int, rcvbuf: Optional[int], gso: Optional[bool]):  # type: ignore[no-untyped-def]
+def _queue_options(maxlen: int, rcvbuf: Optional[int], gso: Optional[bool], batch: bool):  # type: ignore[no-untyped-def]
     from .queue import QueueOptions
     try:  # --gso / --no-gso force it; neither: auto (docs/gso.md)
-        return QueueOptions(maxlen=maxlen, rcvbuf=rcvbuf, gso="auto" if gso is None else gso)
+        return QueueOptions(maxlen=maxlen, rcvbuf=rcvbuf, gso="auto" if gso is None else gso, batch=batch)
     except ValueError as e:
         _fail(str(e))
 
@@ -171,6 +171,8 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                                                    "bytes per queue (SO_RCVBUFFORCE); default: room for a full queue"),
         gso: Optional[bool] = typer.Option(None, "--gso/--no-gso", help="GSO/GRO packets whole (NFQA_CFG_F_GSO) "
                                            "for header-only handlers; default: auto, guarded (docs/gso.md)"),
+        verdict_batch: bool = typer.Option(True, "--verdict-batch/--no-verdict-batch", help="answer a pass's "
+                                           "plain accepts with one batch verdict (docs/performance.md)"),
         workers: int = typer.Option(1, "--workers", help="processes deciding packets; each handler's "
                                     "traffic is spread over N queues by address (--queue-balance)"),
         queue_cpu_fanout: bool = typer.Option(False, "--queue-cpu-fanout", help="with --workers: pick the "
@@ -222,7 +224,7 @@ def run(policy: Path = POLICY_ARG, set_: List[str] = SET_OPT,
                         fail=_fail_mode(fail_open, fail_closed), mark_mask=_mask(mark_mask), audit=audit,
                         nat_targets=nat_targets, pcap=tap, backend=rules_backend,
                         loader=lambda: load_policy(policy, sets), status_file=status_path(),
-                        queue_options=_queue_options(queue_maxlen, queue_rcvbuf, gso),
+                        queue_options=_queue_options(queue_maxlen, queue_rcvbuf, gso, verdict_batch),
                         handler_budget=handler_budget / 1000, handler_timeout=handler_timeout or None)
     except PolicyError as e:
         _fail(str(e))

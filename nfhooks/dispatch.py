@@ -68,6 +68,7 @@ from .policy import Handler, Policy
 from .rules import RuleSet, reject_action
 from .verdict import (NAT_KINDS, ROUTESHAPE_KINDS, Accept, AcceptConnection, Drop, DropConnection, Mangle, Mark,
                       Nat, Reject, RejectConnection, Verdict, placement_kind)
+from .vbatch import VerdictBatch
 from .watchdog import HandlerTimeout, Watchdog
 
 __all__ = ["Dispatcher", "RateLimitedLog", "trimmed_traceback", "NONE_LABEL", "VERDICT_LABELS",
@@ -189,8 +190,15 @@ class Dispatcher:
         flow_save = self.offload.save(handler) if self.offload is not None else None
         fast_accept = "accept" in allowed and flow_save is None
 
+        # plain accepts held for one batch verdict per pass once queue.py arms it (vbatch.py);
+        # every other verdict settles them first, so packets leave in the order they came.
+        # Not under --audit/--pcap, whose wrappers hand on_packet a stand-in for the packet.
+        batch = VerdictBatch()
+        batch_accept, settle = batch.accept, batch.settle
+
         def fail(nfpkt: Any, mark: int, nbytes: int, message: str, exc: BaseException | None,
                  ctr: dict[str, Any] = failed_invalid) -> None:
+            settle()
             errors.inc()
             errlog.error(name, f"{handler.where}: handler {name!r} at {hook}: {message}; "
                                f"applied the {hook} default ({default.kind})", exc, pfile)
@@ -216,6 +224,7 @@ class Dispatcher:
                     nbytes = len(raw)
                     malformed.inc()
                     errlog.error(f"malformed:{hook}", f"malformed packet at {hook}: {e}; applied the default", None, pfile)
+                    settle()
                     apply_default(nfpkt, default, None, raw, mark, nbytes, failed_malformed)
                     return
                 nbytes = pkt.length  # the packet's own length: the copy may be headers only
@@ -228,6 +237,7 @@ class Dispatcher:
                         v = gso.call(func, pkt, nfpkt) if not blind and gso.active else func(pkt)
                 except GsoRepeat:  # a payload read on a packet taken whole: queued again, segmented
                     watch[0] = 0.0
+                    settle()
                     nfpkt.repeat()
                     return
                 except HandlerTimeout as e:
@@ -245,20 +255,24 @@ class Dispatcher:
                     errlog.error(f"overrun:{name}", f"{handler.where}: handler {name!r} at {hook} took "
                                  f"{(perf() - t0) * 1e3:.1f} ms, past --handler-budget {budget * 1e3:g} ms; "
                                  f"applied the {hook} default ({default.kind})", None, pfile)
+                    settle()
                     apply_default(nfpkt, default, pkt, raw, mark, nbytes, failed_overrun)
                     return
                 if type(v) is Accept and fast_accept:  # no checks, no applier: see docs/performance.md
                     accept_count(nbytes)
-                    nfpkt.accept()
+                    batch_accept(nfpkt)
                 elif v is None:
+                    settle()
                     continue_count(nbytes)
                     nfpkt.set_mark((mark & res_clear) | resume_bits)
                     nfpkt.repeat()
                 else:
+                    settle()
                     appliers.get(type(v), not_a_verdict)(nfpkt, v, pkt, raw, mark, nbytes, counters)
             except BaseException as e:  # noqa: BLE001 -- last resort: never leave a packet undecided
                 log.error("internal error deciding a packet at %s: %s", hook, e, exc_info=e)
                 try:
+                    settle()
                     nfpkt.accept() if type(default) is Accept else nfpkt.drop()
                 except BaseException:  # noqa: BLE001 -- verdict already given
                     pass
@@ -274,6 +288,8 @@ class Dispatcher:
                                       note=" audit=accepted" if self.audit is not None else "")
             accept_count, continue_count = counters["accept"].count, counters[NONE_LABEL].count
         on_packet.gso = gso  # type: ignore[attr-defined] -- for queue.py's bind
+        if self.audit is None and self.tap is None:
+            on_packet.batch = batch  # type: ignore[attr-defined] -- queue.py arms it
         return on_packet
 
     # -- appliers: one per verdict class, bound once per queue ----------------------------

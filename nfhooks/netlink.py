@@ -1,10 +1,11 @@
-"""The one nfnetlink_queue message nfhooks writes by hand: NFQNL_MSG_CONFIG with queue flags.
+"""The nfnetlink_queue messages nfhooks writes by hand: NFQNL_MSG_CONFIG with queue flags, and
+NFQNL_MSG_VERDICT_BATCH (one verdict for a run of packets: vbatch.py).
 
 Why by hand: NetfilterQueue 1.1.0 binds a queue, sets its copy mode and its length, and has
 no way to set the queue's flags (libnetfilter_queue's ``nfq_set_queue_flags`` is not wrapped);
 pyroute2 0.9.7 knows the nfnetlink subsystem number (``NFNL_SUBSYS_QUEUE = 3``) but has no
 nfqueue message class or socket (its nfnetlink package covers nftables, ipset and conntrack
-only). The message is four fixed headers and three u32 attributes, so it is built here with
+only). NetfilterQueue does not wrap ``nfq_set_verdict_batch`` either. The message is four fixed headers and three u32 attributes, so it is built here with
 ``struct`` (layouts from include/uapi/linux/netlink.h, netfilter/nfnetlink.h and
 netfilter/nfnetlink_queue.h) and sent on the very socket NetfilterQueue bound the queue with:
 the kernel accepts a config message for a queue only from the netlink port that owns it.
@@ -41,6 +42,7 @@ __all__ = [
     "parse_replies",
     "send_queue_config",
     "set_queue_config",
+    "verdict_batch_prefix",
 ]
 
 # include/uapi/linux/netlink.h
@@ -54,6 +56,8 @@ NFNETLINK_V0 = 0
 # include/uapi/linux/netfilter/nfnetlink_queue.h
 NFQNL_MSG_PACKET = 0
 NFQNL_MSG_CONFIG = 2
+NFQNL_MSG_VERDICT_BATCH = 3
+NFQA_VERDICT_HDR = 2
 NFQA_CFG_QUEUE_MAXLEN = 3
 NFQA_CFG_MASK = 4
 NFQA_CFG_FLAGS = 5
@@ -90,6 +94,19 @@ def config_message(queue: int, *, flags: int, mask: int, maxlen: int | None, seq
     kind = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG
     nl_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, nl_flags, seq, 0) + body
+
+
+def verdict_batch_prefix(queue: int) -> bytes:
+    """NFQNL_MSG_VERDICT_BATCH for ``queue`` up to its verdict header's attribute header: append
+    ``struct.pack("!II", verdict, max_id)`` (struct nfqnl_msg_verdict_hdr, big endian) to get
+    the message. No ACK asked: it goes on a socket that carries packet messages. The kernel
+    (nfqnl_recv_verdict_batch) gives ``verdict`` to every packet of the queue still waiting
+    with an id up to ``max_id`` (wrap-around safe), in queue order, and leaves marks alone."""
+    if not 0 <= queue <= 0xFFFF:
+        raise ValueError(f"queue number {queue} out of range")
+    body = _NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue) + _NLATTR.pack(4 + 8, NFQA_VERDICT_HDR)
+    kind = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT_BATCH
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body) + 8, kind, NLM_F_REQUEST, 0, 0) + body
 
 
 def parse_replies(data: bytes, seq: int) -> tuple[int | None, list[int]]:

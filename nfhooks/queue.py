@@ -50,6 +50,8 @@ Overload (what happens when packets come faster than the handlers decide):
   sees (IP total length > captured bytes) and mangle.py refuses to rewrite.
 * GSO (``--gso auto|on|off``, auto by default): a queue whose handler reads only headers
   takes GSO/GRO super-packets whole (NFQA_CFG_F_GSO), guarded at run time: see gso.py.
+* Verdict batching (``--no-verdict-batch`` turns it off): a pass's plain accepts are held
+  and answered with one batch verdict when the pass ends: see vbatch.py.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from .errors import KernelError
 from .gso import GSO_MODES, GsoCollector, GsoGuard, decide, gso_safe  # noqa: F401 -- gso_safe re-exported
 from .kstats import DEFAULT_PROC_PATH, read_queue_stats
 from .overload import OverloadCollector, bypassed, rule_packets  # noqa: F401 -- re-exported
+from .vbatch import BatchCollector, VerdictBatch
 
 log = logging.getLogger("nfhooks.queue")
 PROC_QUEUES = DEFAULT_PROC_PATH
@@ -94,6 +97,8 @@ class QueueOptions:
     #: NFQA_CFG_F_GSO (gso.decide): "auto" where the handler reads headers only, guarded at run
     #: time; "on" (``--gso``) the same, unguarded; "off" (``--no-gso``). A bool means on/off.
     gso: str | bool = "auto"
+    #: hold each pass's plain accepts for one batch verdict (vbatch.py); ``--no-verdict-batch``
+    batch: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.gso, bool):
@@ -124,7 +129,7 @@ class _Budgeted:
     ``left`` instead.
     """
 
-    __slots__ = ("sock", "left", "received", "enobufs", "fast", "by_callback")
+    __slots__ = ("sock", "left", "received", "enobufs", "fast", "by_callback", "batch")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -133,6 +138,7 @@ class _Budgeted:
         self.enobufs = 0
         self.fast = False  # the socket holds the whole queue: ENOBUFS cannot happen
         self.by_callback = False  # this pass runs in NetfilterQueue's C loop
+        self.batch: VerdictBatch | None = None  # the callback's held accepts, settled after each pass
 
     def recv(self, size: int) -> bytes:
         if self.left <= 0:
@@ -203,6 +209,7 @@ class BoundQueue:
     counter: _Budgeted
     bypassed_high: int = 0  # the derived bypass count exported so far (never goes down)
     guard: GsoGuard | None = None  # a GSO queue verified at run time (gso.py)
+    batch: VerdictBatch | None = None  # its accepts batched (vbatch.py)
 
 
 class QueueSet:
@@ -293,8 +300,14 @@ class QueueSet:
         self._epoll.register(sock.fileno(), select.EPOLLIN)
         if guard is not None and gso:
             guard.arm(lambda packet_id: self._gso_off(num, packet_id))
+        batch = getattr(callback, "batch", None) if opts.batch else None  # Dispatcher.callback's
+        if isinstance(batch, VerdictBatch):
+            batch.arm(sock, num)
+            budgeted.batch = batch
+        else:
+            batch = None
         self._set_bound({**self.bound, num: BoundQueue(num, hook, name, fail_open, gso, maxlen, granted, budgeted,
-                                                       guard=guard)})
+                                                       guard=guard, batch=batch)})
         log.debug("queue %d bound: maxlen %d, rcvbuf %d, %s, gso %s (%s)", num, maxlen, granted,
                   "fail-open" if fail_open else "fail-closed", "on" if gso else "off", why)
 
@@ -322,9 +335,9 @@ class QueueSet:
         collector = OverloadCollector(self.bound)
         registry.register(collector)
         self._exported.append((registry, collector))
-        gso = GsoCollector(self.bound)
-        registry.register(gso)
-        self._exported.append((registry, gso))
+        for extra in (GsoCollector(self.bound), BatchCollector(self.bound)):
+            registry.register(extra)
+            self._exported.append((registry, extra))
         return collector
 
     def stop(self) -> None:
@@ -402,6 +415,9 @@ class QueueSet:
                 q.run_socket(budgeted)
         except _PassOver:
             pass
+        finally:
+            if budgeted.batch is not None:
+                budgeted.batch.settle()  # the pass's held accepts: one message (vbatch.py)
 
     def close_intake(self) -> None:
         """Stop, step 1: no new packet enters our queues, every rule stays.
