@@ -191,6 +191,7 @@ class FakeQueuedPacket:
     calls: list[str] = field(default_factory=list)
     set_marks: list[int] = field(default_factory=list)
     new_payload: bytes | None = None
+    id: int = 1  # the kernel's packet id (a batch verdict answers every id up to one: vbatch.py)
 
     def get_payload(self) -> bytes:
         return self.payload
