@@ -23,6 +23,8 @@ nfhooks         ``nfhooks run policies/bench.py``: a handler that accepts unread
 nfhooks legacy  the same engine, policy and port with ``--backend legacy`` / ``--backend nft``
 nfhooks nft     (every other row uses the bench's ``--backend``): what each rule backend costs,
                 as a ratio of one run
+nfhooks         the "nfhooks" row with ``--no-verdict-batch``: a verdict message per packet,
+no-batch        as the bare script sends (the default batches a pass's accepts: vbatch.py)
 nfhooks fields  the same engine, the handler reads pkt.src / pkt.dport / pkt.proto first
 nfhooks 20      ``nfhooks run policies/bench20.py``: a realistic 20-handler INPUT policy; for the
 handlers        flood 19 kernel matches do not fire, one does (its handler accepts); default

@@ -12,7 +12,7 @@ from types import MappingProxyType
 
 __all__ = ["BACKEND_CASES", "BARE_QUEUE", "BENCH20_POLICY", "CASES", "CLK_TCK", "CPORT_BASE",
            "DEFAULT_POLICY", "ECHO_PORT", "FIELDS_PORT", "FLOW_POLICY", "FLOW_PORT", "LATENCY_RATE",
-           "NFHOOKS_CASES", "NOT_AVAILABLE", "NO_GSO_CASES", "PORT", "ROOT", "UDP_LEN", "backend_args",
+           "NFHOOKS_CASES", "NOT_AVAILABLE", "NO_BATCH_CASES", "NO_GSO_CASES", "PORT", "ROOT", "UDP_LEN", "backend_args",
            "engine_args"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,10 +27,12 @@ BARE_QUEUE = 100  # queue of the bare/scapy scripts (nfhooks uses 0..3)
 CPORT_BASE = 41000  # fixed client ports: one 5-tuple per flood
 UDP_LEN = 64
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks legacy", "nfhooks nft", "nfhooks fields",
+CASES = ("kernel", "bare", "scapy", "nfhooks", "nfhooks legacy", "nfhooks nft", "nfhooks no-batch", "nfhooks fields",
          "nfhooks 20 handlers", "nfhooks 20 handlers no-gso", "nfhooks flow offload", "nfhooks 2 workers")
 #: Rows run with --no-gso: what the default (GSO where safe, docs/gso.md) is compared with.
 NO_GSO_CASES = frozenset({"nfhooks 20 handlers no-gso"})
+#: Rows run with --no-verdict-batch: a verdict message per packet, as the bare script gives.
+NO_BATCH_CASES = frozenset({"nfhooks no-batch"})
 #: Cases compared with kernel and bare in the ratios, the markdown table and the chart.
 NFHOOKS_CASES = CASES[3:]
 LATENCY_RATE = 10_000.0
@@ -47,8 +49,9 @@ def engine_args(case: str) -> list[str]:
     a full queue drops in both, so a row's throughput is what its consumer decided (fail-open,
     the kernel would accept the overflow unasked and it would count as delivered). Default
     options otherwise (GSO where safe), ``--no-gso`` for the NO_GSO_CASES, the backend rows'
-    ``--backend``."""
-    return ["--fail-closed", *(["--no-gso"] if case in NO_GSO_CASES else []), *backend_args(case)]
+    ``--backend``, ``--no-verdict-batch`` for the NO_BATCH_CASES."""
+    return ["--fail-closed", *(["--no-gso"] if case in NO_GSO_CASES else []),
+            *(["--no-verdict-batch"] if case in NO_BATCH_CASES else []), *backend_args(case)]
 
 
 def backend_args(case: str) -> list[str]:

@@ -419,6 +419,8 @@ class Bench:
         for case in BACKEND_CASES:  # the same policy and port under each backend
             rows += self.policy_rows(case, self.policy, PORT, protos)
         if more:
+            # what verdict batching gains: the same engine, a verdict message per packet as bare's
+            rows += self.policy_rows("nfhooks no-batch", self.policy, PORT, protos)
             rows += self.policy_rows("nfhooks 20 handlers", BENCH20_POLICY, PORT, protos)
             if "tcp" in protos:  # what the default GSO gains: the same policy with --no-gso
                 rows += self.policy_rows("nfhooks 20 handlers no-gso", BENCH20_POLICY, PORT, ("tcp",))

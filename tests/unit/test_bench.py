@@ -265,6 +265,8 @@ def test_every_engine_row_is_fail_closed_and_the_no_gso_row_says_so():
     assert "--no-gso" in engine_args("nfhooks 20 handlers no-gso")
     assert "--no-gso" not in engine_args("nfhooks 20 handlers")  # default options: GSO where safe
     assert engine_args("nfhooks nft") == ["--fail-closed", "--backend", "nft"]
+    assert engine_args("nfhooks no-batch") == ["--fail-closed", "--no-verdict-batch"]
+    assert "--no-verdict-batch" not in engine_args("nfhooks")
 
 
 def _rounds():
