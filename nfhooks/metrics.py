@@ -160,7 +160,7 @@ _BYTES_HELP: Final = "Bytes of the packets decided, by hook, table and verdict."
 _HANDLER_PACKETS_HELP: Final = (
     f"Packets decided per handler ({DEFAULT_HANDLER_LABEL} is the hook's default verdict)."
 )
-_DECISION_HELP: Final = "Time from reading a queued packet to giving its verdict."
+_DECISION_HELP: Final = "Time from reading a queued packet to its verdict: given, or held for the pass's batch verdict (vbatch.py)."
 
 
 class PacketCollector:

@@ -108,7 +108,8 @@ def markdown(rows: Sequence[Row], lat: Mapping[str, Mapping[str, Any]], meta: Ma
                        f"| {fmt(st.get('cpu_us_per_probe'), '.1f')} |")
         if eng.get("decision_p99_le_us") is not None:
             out += ["", f"The engine's own time per probe (`nfhooks_decision_seconds` at INPUT: callback "
-                        "entry to the verdict's return, which includes the kernel re-injecting the packet): "
+                        "entry to the verdict, given or held for the pass's batch verdict; a given verdict includes the "
+                        "kernel re-injecting the packet, a held one is sent after the pass): "
                         f"p50 <= {fmt(eng.get('decision_p50_le_us'), 'g')} us, "
                         f"p99 <= {fmt(eng['decision_p99_le_us'], 'g')} us (bucket bounds). The rest of the "
                         "added round trip is handing the packet to userspace and waking the engine; a p99 far "

@@ -287,7 +287,7 @@ def test_families_keep_names_types_labels_and_help(metrics: Metrics, registry: C
         "nfhooks_handler_packets": (
             "counter", "Packets decided per handler ((default) is the hook's default verdict).",
             {"hook", "handler", "verdict"}),
-        "nfhooks_decision_seconds": ("histogram", "Time from reading a queued packet to giving its verdict.",
+        "nfhooks_decision_seconds": ("histogram", "Time from reading a queued packet to its verdict: given, or held for the pass's batch verdict (vbatch.py).",
                                      {"hook"}),
     }
     for name, (type_, help_, labels) in expected.items():
