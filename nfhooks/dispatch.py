@@ -192,7 +192,8 @@ class Dispatcher:
 
         # plain accepts held for one batch verdict per pass once queue.py arms it (vbatch.py);
         # every other verdict settles them first, so packets leave in the order they came.
-        # Not under --audit/--pcap, whose wrappers hand on_packet a stand-in for the packet.
+        # Not under --audit, whose wrapper hands on_packet a stand-in for the packet (--pcap's
+        # passes the packet itself and records it before the callback returns: batched too).
         batch = VerdictBatch()
         batch_accept, settle = batch.accept, batch.settle
 
@@ -288,7 +289,7 @@ class Dispatcher:
                                       note=" audit=accepted" if self.audit is not None else "")
             accept_count, continue_count = counters["accept"].count, counters[NONE_LABEL].count
         on_packet.gso = gso  # type: ignore[attr-defined] -- for queue.py's bind
-        if self.audit is None and self.tap is None:
+        if self.audit is None:
             on_packet.batch = batch  # type: ignore[attr-defined] -- queue.py arms it
         return on_packet
 

@@ -5,7 +5,8 @@ what the handler decided -- none of the dropped ones (a batch accepts every wait
 up to an id: it must not take the ones given their own drop), every accepted and marked one,
 in the order sent (a mark verdict settles the held accepts first). The metrics must show
 batches of more than one packet, else this test proved nothing. ``--no-verdict-batch``
-turns it off. IPv4 and IPv6, both backends."""
+turns it off; under ``--pcap`` every decided packet is recorded with its verdict. IPv4 and
+IPv6, both backends."""
 
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ for i in range(n):
 """
 
 
-def _run(lab, tmp_path, family: int, *args: str) -> tuple[list[int], float, float, float, float]:
+def _run(lab, tmp_path, family: int, *args: str):
+    """(received numbers, accepted + marked, dropped, batch messages, batched accepts, engine)."""
     pol = tmp_path / "numbered.py"
     pol.write_text(_POLICY)
     # the whole stream fits in the queue: none is lost to a full queue, so every packet is decided
-    lab.start_engine(str(pol), "--fail-closed", "--queue-maxlen", str(2 * N), *args)
+    eng = lab.start_engine(str(pol), "--fail-closed", "--queue-maxlen", str(2 * N), *args)
     addr = lab.addr("router", family)
     ready = tmp_path / f"ready{family}"
     recv = lab.popen("router", sys.executable, "-c", _RECEIVER, family, addr, PORT, ready,
@@ -82,13 +84,13 @@ def _run(lab, tmp_path, family: int, *args: str) -> tuple[list[int], float, floa
                for v in ("accept", "drop", "mark")}
     batches = metric(lab, "nfhooks_queue_verdict_batches_total", handler="numbered")
     batched = metric(lab, "nfhooks_queue_batched_verdicts_total", handler="numbered")
-    return seqs, decided["accept"] + decided["mark"], decided["drop"], batches, batched
+    return seqs, decided["accept"] + decided["mark"], decided["drop"], batches, batched, eng
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_batched_accepts_deliver_exactly_what_the_handler_decided_in_order(nfh_lab, tmp_path, family):
-    seqs, passed, dropped, batches, batched = _run(nfh_lab, tmp_path, family)
+    seqs, passed, dropped, batches, batched, _ = _run(nfh_lab, tmp_path, family)
     print(f"IPv{family}: {len(seqs)} received, {passed:.0f} accepted or marked, {dropped:.0f} dropped; "
           f"{batched:.0f} accepts in {batches:.0f} batch verdicts")
     assert batches > 0, (batches, batched)  # batch verdicts sent (each for 2 packets or more)
@@ -100,7 +102,26 @@ def test_batched_accepts_deliver_exactly_what_the_handler_decided_in_order(nfh_l
 
 @pytest.mark.timeout(180)
 def test_no_verdict_batch_gives_each_packet_its_own_verdict(nfh_lab, tmp_path):
-    seqs, passed, dropped, batches, batched = _run(nfh_lab, tmp_path, 4, "--no-verdict-batch")
+    seqs, passed, dropped, batches, batched, _ = _run(nfh_lab, tmp_path, 4, "--no-verdict-batch")
     assert batches == 0 and batched == 0
     assert not [s for s in seqs if s % 5 == 0] and len(seqs) == passed
     assert seqs == sorted(seqs)
+
+
+@pytest.mark.timeout(180)
+def test_under_pcap_batched_packets_are_recorded_with_their_verdicts(nfh_lab, tmp_path):
+    from nfhooks.pcap import read_packets
+
+    cap = nfh_lab.tmpdir / "batched.pcapng"
+    seqs, passed, dropped, batches, _, eng = _run(nfh_lab, tmp_path, 4, "--pcap", str(cap),
+                                             "--pcap-max-bytes", str(256 << 20))
+    assert batches > 0 and not [s for s in seqs if s % 5 == 0] and len(seqs) == passed
+    assert seqs == sorted(seqs)
+    assert eng.stop() == 0  # flushes the capture
+    got: dict[str, int] = {}
+    for _, raw, comment in read_packets(cap):
+        seq = int.from_bytes(raw[28:32], "big")  # IPv4 20 + UDP 8: the datagram's number
+        verdict = "drop" if "verdict=drop" in comment else "pass"
+        assert (verdict == "drop") == (seq % 5 == 0), (seq, comment)
+        got[verdict] = got.get(verdict, 0) + 1
+    assert got == {"pass": passed, "drop": dropped}, got

@@ -1,7 +1,7 @@
 """vbatch.py and its message (netlink.verdict_batch_prefix) without root: the bytes against the
 uapi layouts, what is held and when it is settled, the fallback when the message cannot be
 sent, and the dispatcher's part -- plain accepts held, every other verdict settling the held
-ones first (the order packets leave in), no batching under --audit or --pcap. The kernel's
+ones first (the order packets leave in), no batching under --audit (--pcap batches). The kernel's
 side is tests/kernel/test_vbatch.py."""
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_the_dispatcher_holds_plain_accepts_and_settles_them_before_any_other_ve
     assert d.sample("nfhooks_packets_total", labels) == 5  # counted when decided, as before
 
 
-def test_no_batch_for_the_queue_under_audit_or_pcap(dispatch):
+def test_no_batch_under_audit_and_batched_under_pcap(dispatch):
     d = dispatch(defaults={"INPUT": "drop"})
     d.add("INPUT", _numbered, proto="udp", dport=53)
     assert isinstance(d.callback().batch, VerdictBatch)
@@ -132,10 +132,10 @@ def test_no_batch_for_the_queue_under_audit_or_pcap(dispatch):
         def wrap(self, on_packet, *a, **kw):
             return lambda nfpkt: on_packet(nfpkt)
 
-    for kw in ({"audit": Wrap()}, {"tap": Wrap()}):
+    for kw, batched in (({"audit": Wrap()}, False), ({"tap": Wrap()}, True)):
         d = dispatch(defaults={"INPUT": "drop"}).use(**kw)
         d.add("INPUT", _numbered, proto="udp", dport=53)
-        assert getattr(d.callback(), "batch", None) is None
+        assert isinstance(getattr(d.callback(), "batch", None), VerdictBatch) is batched, kw
 
 
 def test_the_collector_reads_each_batched_queue():
