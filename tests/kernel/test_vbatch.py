@@ -125,3 +125,11 @@ def test_under_pcap_batched_packets_are_recorded_with_their_verdicts(nfh_lab, tm
         assert (verdict == "drop") == (seq % 5 == 0), (seq, comment)
         got[verdict] = got.get(verdict, 0) + 1
     assert got == {"pass": passed, "drop": dropped}, got
+
+
+@pytest.mark.timeout(180)
+def test_workers_batch_and_the_main_endpoint_counts_it(nfh_lab, tmp_path):
+    seqs, passed, dropped, batches, batched, _ = _run(nfh_lab, tmp_path, 4, "--workers", "2")
+    assert batches > 0 and batched > batches, (batches, batched)  # summed over the workers
+    assert not [s for s in seqs if s % 5 == 0] and len(seqs) == passed
+    assert seqs == sorted(seqs)
