@@ -42,6 +42,7 @@ from typing import Any, Final
 from .introspect import Source
 from .introspect import parse as parse_source
 from .packet import Packet
+from .qcounters import QueueCounters
 from .verdict import Accept, Mangle
 
 __all__ = ["GSO_MODES", "GsoCollector", "GsoGuard", "GsoRepeat", "GsoView", "decide", "differs", "gso_safe",
@@ -305,35 +306,13 @@ class GsoGuard:
         raise GsoRepeat(self.reason)
 
 
-class GsoCollector:
+class GsoCollector(QueueCounters):
     """``nfhooks_queue_gso_switch_offs_total`` and ``nfhooks_queue_gso_repeated_packets_total``
     per guarded queue, read at scrape time from the guards (queue.py's ``BoundQueue.guard``)."""
 
     def __init__(self, bound: Any) -> None:
-        self.bound = bound  # replaced whole by the queue set, never mutated
-
-    def describe(self) -> Any:
-        return iter(self._families())
-
-    @staticmethod
-    def _families() -> tuple[Any, Any]:
-        from prometheus_client.metrics_core import CounterMetricFamily  # noqa: PLC0415
-
-        labels = ["queue", "hook", "handler"]
-        return (CounterMetricFamily("nfhooks_queue_gso_switch_offs",
-                                    "Queues taken off GSO at run time: their handler read the payload of "
-                                    "a packet taken whole (docs/gso.md).", labels=labels),
-                CounterMetricFamily("nfhooks_queue_gso_repeated_packets",
-                                    "Packets answered NF_REPEAT to be queued again, segmented, after "
-                                    "their handler read the payload of a packet taken whole.", labels=labels))
-
-    def collect(self) -> Any:
-        offs, repeats = self._families()
-        guarded = [(n, b) for n, b in sorted(dict(self.bound).items()) if getattr(b, "guard", None) is not None]
-        for num, b in guarded:
-            labels = [str(num), b.hook, b.handler or "(default)"]
-            offs.add_metric(labels, b.guard.switch_offs)
-            repeats.add_metric(labels, b.guard.repeats)
-        if guarded:
-            yield offs
-            yield repeats
+        super().__init__(bound, "guard", (
+            ("nfhooks_queue_gso_switch_offs", "Queues taken off GSO at run time: their handler read the "
+             "payload of a packet taken whole (docs/gso.md).", "switch_offs"),
+            ("nfhooks_queue_gso_repeated_packets", "Packets answered NF_REPEAT to be queued again, segmented, "
+             "after their handler read the payload of a packet taken whole.", "repeats")))

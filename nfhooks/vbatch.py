@@ -28,12 +28,10 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily
-
 from .netlink import verdict_batch_prefix
+from .qcounters import QueueCounters
 
 __all__ = ["BatchCollector", "VerdictBatch", "NF_ACCEPT"]
 
@@ -86,31 +84,13 @@ class VerdictBatch:
         self.batched += len(held)
 
 
-class BatchCollector:
+class BatchCollector(QueueCounters):
     """``nfhooks_queue_verdict_batches_total`` and ``nfhooks_queue_batched_verdicts_total`` per
-    queue, read at scrape time from queue.py's ``BoundQueue.batch`` (as gso.GsoCollector)."""
+    queue, read at scrape time from queue.py's ``BoundQueue.batch``."""
 
     def __init__(self, bound: Any) -> None:
-        self.bound = bound  # replaced whole by the queue set, never mutated
-
-    def describe(self) -> Iterable[CounterMetricFamily]:
-        return iter(self._families())
-
-    @staticmethod
-    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
-        labels = ["queue", "hook", "handler"]
-        return (CounterMetricFamily("nfhooks_queue_verdict_batches", "Batch verdict messages sent: each "
-                                    "accepted a run of a queue's packets at once (vbatch.py).", labels=labels),
-                CounterMetricFamily("nfhooks_queue_batched_verdicts", "Packets accepted by a batch verdict "
-                                    "message instead of a message each.", labels=labels))
-
-    def collect(self) -> Iterable[CounterMetricFamily]:
-        msgs, pkts = self._families()
-        batched = [(n, b) for n, b in sorted(dict(self.bound).items()) if getattr(b, "batch", None) is not None]
-        for num, b in batched:
-            labels = [str(num), b.hook, b.handler or "(default)"]
-            msgs.add_metric(labels, b.batch.batches)
-            pkts.add_metric(labels, b.batch.batched)
-        if batched:
-            yield msgs
-            yield pkts
+        super().__init__(bound, "batch", (
+            ("nfhooks_queue_verdict_batches", "Batch verdict messages sent: each accepted a run of a queue's "
+             "packets at once (vbatch.py).", "batches"),
+            ("nfhooks_queue_batched_verdicts", "Packets accepted by a batch verdict message instead of a "
+             "message each.", "batched")))

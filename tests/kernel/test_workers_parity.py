@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from .conftest import POLICIES, metric, nfh_lines, rule_counter
-from .test_reload import (SENDER, STREAM, TOGGLE, broken_reload_keeps_the_policy, nfhooks,
-                          sighup_reloads_back_to_dropping, write)
+from .test_reload import (STREAM, TOGGLE, broken_reload_keeps_the_policy, nfhooks,
+                          sighup_reloads_back_to_dropping, stream_decided, stream_through_reloads, write)
 from .test_ssh_guard import members, ssh_packets
 
 needs_ipset = pytest.mark.skipif(shutil.which("ipset") is None,
@@ -167,37 +167,14 @@ def test_reload_with_workers_under_traffic_decides_every_packet_once(nfh_lab, tm
     pol = tmp_path / "stream.py"
     write(pol, STREAM.format(tag=1))
     eng = lab.start_engine(str(pol), "--workers", "2", "--queue-base", "50")
-    server = lab.udp_server("router", 7000, bind="0.0.0.0")
-    n, rate = 3000, 1000.0
-    sender = lab.popen("client", sys.executable, "-c", SENDER, lab.addr("router", facing="client"), str(n),
-                       str(rate), text=True, stdout=subprocess.PIPE)
-    tags = [2, 1, 2, 1]
-    try:
-        for tag in tags:
-            seen = len(server.datagrams())
-            lab.wait_for(lambda: len(server.datagrams()) >= seen + 200, timeout=20,
-                         what="traffic under the current generation")
-            write(pol, STREAM.format(tag=tag))
-            r = nfhooks(lab, "reload")
-            assert r.returncode == 0, r.stderr + eng.log()[-3000:]
-        assert sender.wait(timeout=60) == 0
-    finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
-    got = server.wait_datagrams(n, timeout=20)
-    seqs = {int(p.split()[1]) for _, p in got}
-    assert seqs == set(range(n)), f"{n - len(seqs)} datagram(s) never arrived"
+    n, tags = 3000, [2, 1, 2, 1]
+    stream_through_reloads(lab, eng, pol, tags, n)
     lab.wait_for(lambda: "generation 2 retired" in eng.log().rsplit("reloaded policy stream1", 1)[-1],
                  timeout=20, what="the last old generation retired")
 
-    def decided(prefix, verdict):
-        return sum(metric(lab, "nfhooks_handler_packets_total", handler=f"{prefix}{t}", verdict=verdict)
-                   for t in (1, 2))
-
-    assert decided("pre", "mark") == n  # one PREROUTING verdict per packet, summed over generations
-    assert decided("in", "accept") == n  # and one INPUT verdict, from the same generation
-    assert decided("in", "drop") == 0
+    assert stream_decided(lab, "pre", "mark") == n  # one PREROUTING verdict per packet, summed over generations
+    assert stream_decided(lab, "in", "accept") == n  # and one INPUT verdict, from the same generation
+    assert stream_decided(lab, "in", "drop") == 0
     for t in (1, 2):
         assert metric(lab, "nfhooks_handler_packets_total", handler=f"in{t}") > 100
     assert metric(lab, "nfhooks_policy_reloads_total") == len(tags)
